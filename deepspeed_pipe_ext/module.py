@@ -1,0 +1,423 @@
+"""PipelineModule, LayerSpec and TiedLayerSpec: DeepSpeed's user API.
+
+The classes subclass DeepSpeed's, so `deepspeed.initialize` and code written
+against `deepspeed.pipe` accept them; the partitioning is solved in C++ and the
+process groups come from the C++ topology.
+"""
+import math
+import os
+import re
+import statistics
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.runtime import utils as ds_utils
+from deepspeed.runtime.activation_checkpointing import checkpointing
+from deepspeed.runtime.pipe import module as ds_module
+
+from . import partition as _partition
+from .topology import PipeDataParallelTopology, PipelineParallelGrid, as_topology, _require_dist
+
+__all__ = ["PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineError", "PARTITION_METHODS"]
+
+PipelineError = ds_module.PipelineError
+
+PARTITION_METHODS = ("parameters", "uniform", "type:REGEX", "parameters-minmax", "profile",
+                     "[explicit boundaries]")
+
+
+def _global_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else -1
+
+
+def _check_module_type(typename):
+    if not (isinstance(typename, type) and issubclass(typename, nn.Module)):
+        raise TypeError(f"LayerSpec needs a torch.nn.Module subclass, got {typename!r}; "
+                        "put plain functions straight into the layer list instead")
+
+
+class LayerSpec(ds_module.LayerSpec):
+    """Describes a layer to build only on the stage that owns it:
+    `LayerSpec(nn.Linear, 4, 8)` builds `nn.Linear(4, 8)` there."""
+
+    def __init__(self, typename, *module_args, **module_kwargs):
+        _check_module_type(typename)
+        self.typename = typename
+        self.module_args = module_args
+        self.module_kwargs = module_kwargs
+        self.global_rank = _global_rank()
+
+
+class TiedLayerSpec(ds_module.TiedLayerSpec):
+    """A layer whose module (and the weights named by `tied_weight_attr`) is
+    shared by every layer with the same `key`, across stages."""
+
+    def __init__(self, key, typename, *module_args, forward_fn=None, tied_weight_attr=['weight'], **module_kwargs):
+        LayerSpec.__init__(self, typename, *module_args, **module_kwargs)
+        self.key = key
+        self.forward_fn = forward_fn
+        self.tied_weight_attr = [tied_weight_attr] if isinstance(tied_weight_attr, str) else list(tied_weight_attr)
+
+
+def _layer_name(layer):
+    if isinstance(layer, ds_module.LayerSpec):
+        return layer.typename.__name__
+    if isinstance(layer, nn.Module):
+        return layer.__class__.__name__
+    return getattr(layer, '__name__', None)
+
+
+def _check_layers(specs):
+    for idx, layer in enumerate(specs):
+        if isinstance(layer, ds_module.PipelineModule):
+            raise NotImplementedError(f"layer {idx} is itself a PipelineModule: nested pipelines are not supported; "
+                                      "pass its layers instead")
+        if not (isinstance(layer, (nn.Module, ds_module.LayerSpec)) or callable(layer)):
+            raise TypeError(f"layer {idx} is a {type(layer).__name__} ({layer!r}): each layer must be an nn.Module, "
+                            "a LayerSpec/TiedLayerSpec, or a callable taking the previous layer's output")
+
+
+class PipelineModule(ds_module.PipelineModule):
+    """A sequence of layers split into pipeline stages.
+
+    Takes DeepSpeed's arguments. `partition_method` accepts DeepSpeed's
+    'parameters', 'uniform' and 'type:REGEX' (same layouts as DeepSpeed), and
+    also 'parameters-minmax' (the partition whose heaviest stage has the fewest
+    parameters), 'profile' (measured forward+backward time per layer on
+    `profile_inputs`, a sample micro-batch, then the min-max partition), or an
+    explicit list of num_stages + 1 layer boundaries.
+    """
+
+    def __init__(self,
+                 layers,
+                 num_stages=None,
+                 topology=None,
+                 loss_fn=None,
+                 seed_layers=False,
+                 seed_fn=None,
+                 base_seed=1234,
+                 partition_method='parameters',
+                 activation_checkpoint_interval=0,
+                 activation_checkpoint_func=checkpointing.checkpoint,
+                 checkpointable_layers=None,
+                 dynamic_shape=False,
+                 *,
+                 profile_inputs=None,
+                 profile_repeats=3):
+        # DeepSpeed's __init__ is not called: everything it sets is set here,
+        # with our topology, grid and partition solver.
+        nn.Module.__init__(self)
+        if num_stages is None and topology is None:
+            raise RuntimeError('must provide num_stages or topology')
+        _require_dist()
+        if checkpointable_layers is not None and not isinstance(checkpointable_layers, list):
+            raise TypeError("checkpointable_layers must be a list of layer class names")
+        if activation_checkpoint_interval < 0:
+            raise ValueError(f"activation_checkpoint_interval must be >= 0, got {activation_checkpoint_interval}")
+
+        self.micro_offset = 0
+        self.loss_fn = loss_fn
+        self.checkpointable_layers = checkpointable_layers
+        self.seed_layers = seed_layers
+        self.seed_fn = seed_fn
+        self.base_seed = base_seed
+        self.profile_inputs = profile_inputs
+        self.profile_repeats = profile_repeats
+
+        self.world_group = dist.group.WORLD
+        self.global_rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+        if topology is not None:
+            self._topo = as_topology(topology)
+            self.num_stages = self._topo.get_dim('pipe')
+            if num_stages is not None and num_stages != self.num_stages:
+                raise ValueError(f"num_stages={num_stages} disagrees with the topology's pipe dim "
+                                 f"({self.num_stages}); pass only one of them")
+        else:
+            if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+                raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+            self.num_stages = num_stages
+            if self.world_size % num_stages != 0:
+                raise RuntimeError(f'num_stages ({num_stages}) must divide distributed world size '
+                                   f'({self.world_size}): launch a multiple of {num_stages} processes')
+            self._topo = PipeDataParallelTopology(num_pp=num_stages, num_dp=self.world_size // num_stages)
+        self._grid = PipelineParallelGrid(process_group=self.world_group, topology=self._topo)
+        self.stage_id = self._grid.get_stage_id()
+
+        self._layer_specs = list(layers)
+        _check_layers(self._layer_specs)
+        self._num_layers = len(self._layer_specs)
+        self._local_start = 0
+        self._local_stop = None
+        self._partition_layers(method=partition_method)
+
+        self.forward_funcs = []
+        self.fwd_map = {}
+        self.tied_modules = nn.ModuleDict()
+        self.tied_weight_attrs = {}
+        self.activation_checkpoint_interval = activation_checkpoint_interval
+        self.activation_checkpoint_func = activation_checkpoint_func
+        self.is_checkpointable_results = []
+        self.is_checkpointable_results_interval = None
+
+        self._build()
+        self.to(self._device())
+        self.tied_comms = self._index_tied_modules()
+        self._synchronize_tied_weights()
+        self.dynamic_shape = dynamic_shape
+
+    def _device(self):
+        from deepspeed.accelerator import get_accelerator
+        return get_accelerator().device_name(self.local_rank)
+
+    # ------------------------------------------------------------------ partitioning
+    def _partition_weights(self, method):
+        """Per-layer weights for a weight-based method, and the solver to use."""
+        if method == 'parameters':
+            # Builds every LayerSpec once, as DeepSpeed does (same RNG use, so
+            # the same initial weights as DeepSpeed's engine).
+            return self._count_layer_params(), _partition.partition_balanced
+        if method == 'parameters-minmax':
+            return self._count_layer_params_on_meta(), _partition.partition_minmax
+        if method.startswith('type:'):
+            pattern = method.split(':', 1)[1]
+            weights = [0] * self._num_layers
+            for idx in self._find_layer_type(pattern):
+                weights[idx] = 1
+            return weights, _partition.partition_balanced
+        if method == 'profile':
+            return self._profile_layer_costs(), _partition.partition_minmax
+        raise ValueError(f"unknown partition_method {method!r}: use one of 'parameters', 'uniform', "
+                         "'type:REGEX', 'parameters-minmax', 'profile', or a list of num_stages + 1 layer boundaries")
+
+    def _partition_layers(self, method='uniform'):
+        num_stages = self.num_stages
+        if isinstance(method, (list, tuple)):
+            self.partition_weights = None
+            self.parts = self._check_explicit_boundaries(method)
+        elif not isinstance(method, str):
+            raise TypeError(f"partition_method must be a string or a list of boundaries, got {type(method).__name__}")
+        else:
+            method = method.lower()
+            if method == 'uniform':
+                self.partition_weights = [1] * self._num_layers
+                self.parts = _partition.partition_uniform(self._num_layers, num_stages)
+            else:
+                weights, solve = self._partition_weights(method)
+                self.partition_weights = weights
+                self.parts = solve(weights, num_stages)
+        self.partition_method = method
+        for stage in range(num_stages):
+            if self.parts[stage] == self.parts[stage + 1]:
+                raise ValueError(f"stage {stage} gets no layers ({self._num_layers} layers into {num_stages} stages, "
+                                 f"boundaries {self.parts}): use fewer stages or more layers")
+        self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+
+    def _check_explicit_boundaries(self, bounds):
+        bounds = list(bounds)
+        n, s = self._num_layers, self.num_stages
+        if len(bounds) != s + 1 or any(isinstance(b, bool) or not isinstance(b, int) for b in bounds):
+            raise ValueError(f"explicit partition must be {s + 1} ints (one boundary per stage plus the end), "
+                             f"got {bounds!r}")
+        if bounds[0] != 0 or bounds[-1] != n:
+            raise ValueError(f"explicit partition must start at 0 and end at the number of layers ({n}), got {bounds}")
+        for stage in range(s):
+            if bounds[stage] >= bounds[stage + 1]:
+                raise ValueError(f"explicit partition {bounds}: stage {stage} gets layers "
+                                 f"[{bounds[stage]}, {bounds[stage + 1]}); boundaries must increase strictly")
+        return bounds
+
+    def _find_layer_type(self, layername):
+        typeregex = re.compile(layername, re.IGNORECASE)
+        idxs = [idx for idx, layer in enumerate(self._layer_specs)
+                if _layer_name(layer) is not None and typeregex.search(_layer_name(layer))]
+        if not idxs:
+            names = sorted({_layer_name(l) for l in self._layer_specs if _layer_name(l) is not None})
+            raise RuntimeError(f"Partitioning 'type:{layername}' found no valid layers to partition: "
+                               f"the regex matches none of the layer types {names}")
+        return idxs
+
+    def _count_layer_params_on_meta(self):
+        """Trainable parameter count per layer, building LayerSpecs on the meta
+        device (no memory, no RNG use); falls back to a real build."""
+        counts = [0] * self._num_layers
+        for idx, layer in enumerate(self._layer_specs):
+            if isinstance(layer, ds_module.LayerSpec):
+                try:
+                    with torch.device('meta'):
+                        module = layer.build()
+                except Exception:  # a module whose constructor needs real tensors
+                    with torch.random.fork_rng(devices=[]):
+                        module = layer.build()
+            elif isinstance(layer, nn.Module):
+                module = layer
+            else:
+                continue
+            counts[idx] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        return counts
+
+    def _profile_layer_costs(self):
+        """Seconds of forward+backward per layer on `profile_inputs`, measured on
+        rank 0 and broadcast so every rank solves the same partition."""
+        if self.profile_inputs is None:
+            raise ValueError("partition_method='profile' needs profile_inputs=<a sample micro-batch "
+                             "(a tensor or tuple of tensors)> to time each layer's forward and backward on")
+        costs = [None]
+        if self.global_rank == 0:
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                costs[0] = _time_layers(self._layer_specs, self.profile_inputs, self._device(), self.profile_repeats)
+        dist.broadcast_object_list(costs, src=0)
+        self.layer_costs = costs[0]
+        return self.layer_costs
+
+    def describe_partition(self):
+        """A text table of the partition: each stage's layers and weight, and the bottleneck."""
+        weights = self.partition_weights
+        lines = [f"partition_method={self.partition_method!r} stages={self.num_stages} layers={self._num_layers}"]
+        totals = []
+        for stage in range(self.num_stages):
+            start, stop = self.parts[stage], self.parts[stage + 1]
+            total = sum(weights[start:stop]) if weights is not None else None
+            totals.append(total)
+            names = ", ".join(f"{i}:{_layer_name(self._layer_specs[i]) or type(self._layer_specs[i]).__name__}"
+                              for i in range(start, stop))
+            weight = "" if total is None else f" weight={total:g}"
+            lines.append(f"  stage {stage}: layers [{start}, {stop}){weight}  {names}")
+        if weights is not None and any(t > 0 for t in totals):
+            worst = max(range(self.num_stages), key=lambda s: totals[s])
+            mean = sum(totals) / self.num_stages
+            lines.append(f"  bottleneck: stage {worst} ({totals[worst] / mean:.3f}x the mean stage)")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ building
+    def _build(self):
+        for local_idx, layer in enumerate(self._layer_specs[self._local_start:self._local_stop]):
+            layer_idx = local_idx + self._local_start
+            if self.seed_layers:
+                if self.seed_fn:
+                    self.seed_fn(self.base_seed + layer_idx)
+                else:
+                    ds_utils.set_random_seed(self.base_seed + layer_idx)
+            if isinstance(layer, nn.Module):
+                name = str(layer_idx)
+                self.forward_funcs.append(layer)
+                self.fwd_map[name] = len(self.forward_funcs) - 1
+                self.add_module(name, layer)
+            elif isinstance(layer, ds_module.TiedLayerSpec):
+                if layer.key not in self.tied_modules:
+                    self.tied_modules[layer.key] = layer.build()
+                    self.tied_weight_attrs[layer.key] = layer.tied_weight_attr
+                module = self.tied_modules[layer.key]
+                self.forward_funcs.append(module if layer.forward_fn is None else partial(layer.forward_fn, module))
+            elif isinstance(layer, ds_module.LayerSpec):
+                module = layer.build()
+                name = str(layer_idx)
+                self.forward_funcs.append(module)
+                self.fwd_map[name] = len(self.forward_funcs) - 1
+                self.add_module(name, module)
+            else:
+                self.forward_funcs.append(layer)
+        # DeepSpeed's fp16 optimizer treats every pipeline parameter as model parallel.
+        for p in self.parameters():
+            p.ds_pipe_replicated = False
+
+    def _index_tied_modules(self):
+        """One process group per tied key and data/model-parallel replica,
+        spanning the stages that hold a layer with that key."""
+        tied_comms = {}
+        if self._topo.get_dim('pipe') == 1:
+            return tied_comms
+        specs = self._layer_specs
+        keys = sorted({s.key for s in specs if isinstance(s, ds_module.TiedLayerSpec)})
+        mp_size = self._grid.get_slice_parallel_world_size()
+        for key in keys:
+            stages = sorted({self.stage_owner(i) for i, s in enumerate(specs)
+                             if isinstance(s, ds_module.TiedLayerSpec) and s.key == key})
+            for dp in range(self._grid.data_parallel_size):
+                for mp in range(mp_size):
+                    extra = {'data': dp, 'model': mp} if mp_size > 1 else {'data': dp}
+                    ranks = [self._grid.stage_to_global(stage_id=s, **extra) for s in stages]
+                    group = dist.new_group(ranks=ranks)
+                    if self.global_rank in ranks:
+                        tied_comms[key] = {
+                            'ranks': ranks,
+                            'group': group,
+                            'weight_attr': self.tied_weight_attrs[key],
+                            'module': self.tied_modules[key],
+                        }
+                        # Count a tied module once in the eyes of the fp16 optimizer.
+                        if self.global_rank != ranks[0]:
+                            for p in self.tied_modules[key].parameters():
+                                p.ds_pipe_replicated = True
+        return tied_comms
+
+    def _synchronize_tied_weights(self):
+        for comm in self.tied_comms.values():
+            for attr_name in comm['weight_attr']:
+                weight = self._recursive_getattr(comm['module'], attr_name)
+                dist.broadcast(weight.data, src=min(comm['ranks']), group=comm['group'])
+
+    def allreduce_tied_weight_gradients(self):
+        """Sum the gradients of tied weights over the stages that share them."""
+        for key, comm in self.tied_comms.items():
+            for attr_name in comm['weight_attr']:
+                weight = self._recursive_getattr(self.tied_modules[key], attr_name)
+                dist.all_reduce(weight.grad, group=comm['group'])
+
+
+def _time_layers(specs, sample, device, repeats):
+    """Median seconds of forward+backward for each layer, run in sequence on `sample`."""
+    def to_device(x):
+        if torch.is_tensor(x):
+            x = x.detach().to(device)
+            return x.requires_grad_() if x.is_floating_point() else x
+        if isinstance(x, (tuple, list)):
+            return type(x)(to_device(v) for v in x)
+        return x
+
+    def sync():
+        if str(device).startswith('cuda'):
+            torch.cuda.synchronize()
+
+    def run(fn, inputs):
+        out = fn(inputs)
+        flat = list(out) if isinstance(out, (tuple, list)) else [out]
+        grads = [t for t in flat if torch.is_tensor(t) and t.requires_grad]
+        if grads:
+            torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
+        return out
+
+    costs = []
+    x = to_device(sample)
+    built = {}
+    for idx, layer in enumerate(specs):
+        if isinstance(layer, ds_module.TiedLayerSpec):
+            if layer.key not in built:
+                built[layer.key] = layer.build().to(device)
+            module = built[layer.key]
+            fn = module if layer.forward_fn is None else partial(layer.forward_fn, module)
+        elif isinstance(layer, ds_module.LayerSpec):
+            fn = layer.build().to(device)
+        else:
+            fn = layer
+        try:
+            out = run(fn, x)  # warm-up
+            times = []
+            for _ in range(max(1, repeats)):
+                sync()
+                start = time.perf_counter()
+                run(fn, x)
+                sync()
+                times.append(time.perf_counter() - start)
+        except Exception as err:
+            raise RuntimeError(f"profiling layer {idx} ({_layer_name(layer)}) on profile_inputs failed: {err}") from err
+        cost = statistics.median(times)
+        costs.append(cost if math.isfinite(cost) else 0.0)
+        x = to_device(out)
+    return costs
