@@ -1,0 +1,82 @@
+"""Runs a function on N real processes joined by a gloo process group.
+
+Every test that needs torch.distributed goes through `run_ranks`: free port
+per call, OMP_NUM_THREADS=1, and a hard timeout so a hang fails the test
+instead of blocking CI. Put many checks in one call: starting processes that
+import torch and deepspeed is the expensive part on a 2-core machine.
+"""
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, results, args):
+    os.environ.update({
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "OMP_NUM_THREADS": "1",
+    })
+    try:
+        import torch
+        torch.set_num_threads(1)
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        out = fn(rank, world_size, *args)
+        results.put((rank, "ok", out))
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # report everything, including assertion errors
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_ranks(fn, world_size, *args, timeout=240):
+    """fn(rank, world_size, *args) on every rank; returns the results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    outcome = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcome) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outcome))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout}s")
+            try:
+                rank, status, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome]
+                if dead and results.empty():
+                    time.sleep(0.5)
+                    if results.empty():
+                        raise RuntimeError(f"ranks {dead} exited without a result "
+                                           f"(exit codes {[procs[r].exitcode for r in dead]})")
+                continue
+            outcome[rank] = (status, value)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = {r: v for r, (s, v) in outcome.items() if s == "error"}
+    if errors:
+        raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
+    return [outcome[r][1] for r in range(world_size)]
