@@ -1,4 +1,6 @@
 """Loads the compiled extension with an error that says how to build it."""
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from . import _C  # noqa: F401
 except ImportError as err:  # pragma: no cover - only when the build is missing

@@ -1,0 +1,104 @@
+"""`make demo`: pipeline-parallel training of a small classifier on the CPU.
+
+Trains an MLP on scikit-learn's bundled handwritten digits (1,797 8x8 images,
+no download) with 2 pipeline stages in 2 processes over gloo. The model is a
+deepspeed_pipe_ext.PipelineModule (partition solved in C++, process groups
+from the C++ topology); `deepspeed.initialize` wraps it in DeepSpeed's
+PipelineEngine.
+
+    python -m deepspeed_pipe_ext.demo [--steps 60] [--stages 2]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args):
+    """Start one worker per stage with torchrun, as a user would."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.stages}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "deepspeed_pipe_ext.demo",
+           "--worker", f"--steps={args.steps}", f"--stages={args.stages}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.call(cmd, env=env)
+
+
+def digits_batches(micro_batch, seed):
+    import torch
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(x), generator=g)
+        for start in range(0, len(order) - micro_batch + 1, micro_batch):
+            idx = order[start:start + micro_batch]
+            yield x[idx], y[idx]
+
+
+def worker(args):
+    import torch
+    import torch.nn as nn
+    import deepspeed
+    import deepspeed_pipe_ext as dpe
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)
+    hidden = 128
+    layers = [dpe.LayerSpec(nn.Linear, 64, hidden), nn.GELU()]
+    for _ in range(6):
+        layers += [dpe.LayerSpec(nn.Linear, hidden, hidden), nn.GELU()]
+    layers += [dpe.LayerSpec(nn.Linear, hidden, 10)]
+    net = dpe.PipelineModule(layers=layers, num_stages=args.stages, loss_fn=nn.CrossEntropyLoss(),
+                             partition_method="parameters-minmax")
+    if rank == 0:
+        print(net.describe_partition(), flush=True)
+
+    micro_batch, micro_batches = 16, 8
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": micro_batches,
+        "steps_per_print": 10**9,
+        "pipeline": {"activation_checkpoint_interval": 0},
+    }
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    engine, _, _, _ = deepspeed.initialize(model=net, config=config, optimizer=optimizer,
+                                           model_parameters=net.parameters())
+    data = digits_batches(micro_batch, seed=engine.grid.data_parallel_id)
+    samples = micro_batch * micro_batches * engine.grid.data_parallel_size
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(1, args.steps + 1):
+        loss = engine.train_batch(data_iter=data)
+        window_steps += 1
+        if rank == 0 and (step % 10 == 0 or step == 1):
+            rate = window_steps * samples / (time.perf_counter() - window_start)
+            print(f"step {step:4d}  loss {loss.item():.4f}  {rate:8.1f} samples/s", flush=True)
+            window_start, window_steps = time.perf_counter(), 0
+    torch.distributed.barrier()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+    else:
+        sys.exit(launch(args))
+
+
+if __name__ == "__main__":
+    main()
