@@ -1,0 +1,392 @@
+#include "schedule.h"
+
+#include <algorithm>
+#include <deque>
+#include <map>
+#include <stdexcept>
+
+namespace dpe::core {
+
+namespace {
+
+constexpr const char* kOpNames[kNumOps] = {
+    "LoadMicroBatch", "ForwardPass", "BackwardPass", "BackwardInput", "BackwardWeight", "SendActivation",
+    "RecvActivation", "SendGrad",    "RecvGrad",     "ReduceTiedGrads", "ReduceGrads", "OptimizerStep"};
+
+struct KindName {
+  ScheduleKind kind;
+  const char* name;
+};
+constexpr KindName kKindNames[] = {
+    {ScheduleKind::Train1F1B, "1f1b"},
+    {ScheduleKind::Inference, "inference"},
+    {ScheduleKind::DataParallel, "data-parallel"},
+    {ScheduleKind::GPipe, "gpipe"},
+    {ScheduleKind::Interleaved1F1B, "interleaved-1f1b"},
+    {ScheduleKind::ZeroBubbleH1, "zb-h1"},
+};
+
+Instruction buffered(Op op, int64_t buffer, int64_t micro_batch, int64_t chunk = 0) {
+  return Instruction{op, static_cast<int32_t>(buffer), static_cast<int32_t>(micro_batch), static_cast<int32_t>(chunk)};
+}
+Instruction plain(Op op) { return Instruction{op, -1, -1, 0}; }
+
+// ---------------------------------------------------------------- DeepSpeed's schedules
+
+int64_t ds_train_buffers(const ScheduleSpec& s, int64_t stage_id) {
+  return std::max<int64_t>(2, std::min(s.stages - stage_id, s.micro_batches));
+}
+
+// DeepSpeed's TrainSchedule._step_to_micro_batch, for non-negative step ids.
+std::pair<int64_t, bool> ds_step_to_micro_batch(int64_t step, int64_t stage_id, int64_t stages) {
+  const bool even_step = step % 2 == 0, even_stage = stage_id % 2 == 0;
+  if (even_step && even_stage) return {step / 2 - stage_id / 2, true};
+  if (!even_step && !even_stage) return {(step - 1) / 2 - stage_id / 2, true};
+  if (even_step && !even_stage) return {step / 2 - stages + (stage_id + 1) / 2, false};
+  return {((step - 1) / 2) - stages + 1 + stage_id / 2, false};
+}
+
+Steps ds_train_steps(const ScheduleSpec& s, int64_t stage_id) {
+  const int64_t M = s.micro_batches, S = s.stages, nbuf = ds_train_buffers(s, stage_id);
+  const bool has_prev = stage_id - 1 >= 0, has_next = stage_id + 1 < S;
+  auto valid = [M](int64_t mb) { return 0 <= mb && mb < M; };
+  const int64_t total = 2 * (M + S - 1);
+  Steps steps;
+  steps.reserve(total);
+  int64_t prev_mb = -1;
+  for (int64_t step = 0; step < total; ++step) {
+    auto [mb, is_forward] = ds_step_to_micro_batch(step, stage_id, S);
+    const int64_t prev_buf = valid(prev_mb) ? prev_mb % nbuf : -1, cur_buf = valid(mb) ? mb % nbuf : -1;
+    Step cmds;
+    if (is_forward) {
+      if (valid(prev_mb) && has_prev) cmds.push_back(buffered(Op::SendGrad, prev_buf, prev_mb));
+      if (valid(mb) && has_prev) cmds.push_back(buffered(Op::RecvActivation, cur_buf, mb));
+    } else {
+      if (valid(mb) && has_next) cmds.push_back(buffered(Op::RecvGrad, cur_buf, mb));
+      if (valid(prev_mb) && has_next) cmds.push_back(buffered(Op::SendActivation, prev_buf, prev_mb));
+    }
+    if ((stage_id == 0 || stage_id == S - 1) && is_forward && valid(mb)) {
+      cmds.push_back(buffered(Op::LoadMicroBatch, cur_buf, mb));
+    }
+    if (valid(mb)) cmds.push_back(buffered(is_forward ? Op::ForwardPass : Op::BackwardPass, cur_buf, mb));
+    if (step == total - 1) {
+      cmds.push_back(plain(Op::ReduceTiedGrads));
+      cmds.push_back(plain(Op::ReduceGrads));
+      cmds.push_back(plain(Op::OptimizerStep));
+    }
+    prev_mb = mb;
+    steps.push_back(std::move(cmds));
+  }
+  return steps;
+}
+
+Steps ds_inference_steps(const ScheduleSpec& s, int64_t stage_id) {
+  const int64_t M = s.micro_batches, S = s.stages;
+  const bool has_prev = stage_id - 1 >= 0, has_next = stage_id + 1 < S, even_stage = stage_id % 2 == 0;
+  auto valid = [M](int64_t mb) { return 0 <= mb && mb < M; };
+  Steps steps;
+  for (int64_t step = 0; step < M + S - 1; ++step) {
+    const int64_t mb = step - stage_id;
+    const int64_t recv_buf = even_stage ? step % 2 : (step + 1) % 2;
+    const int64_t send_buf = even_stage ? (step + 1) % 2 : step % 2;
+    Step cmds;
+    if ((stage_id == 0 || stage_id == S - 1) && valid(mb)) cmds.push_back(buffered(Op::LoadMicroBatch, recv_buf, mb));
+    auto send = [&] {
+      if (has_next && valid(mb - 1)) cmds.push_back(buffered(Op::SendActivation, send_buf, mb - 1));
+    };
+    auto recv = [&] {
+      if (has_prev && valid(mb)) cmds.push_back(buffered(Op::RecvActivation, recv_buf, mb));
+    };
+    if (even_stage) {
+      send();
+      recv();
+    } else {
+      recv();
+      send();
+    }
+    if (valid(mb)) cmds.push_back(buffered(Op::ForwardPass, recv_buf, mb));
+    steps.push_back(std::move(cmds));
+  }
+  return steps;
+}
+
+Steps ds_data_parallel_steps(const ScheduleSpec& s) {
+  Steps steps;
+  for (int64_t mb = 0; mb < s.micro_batches; ++mb) {
+    Step cmds = {buffered(Op::LoadMicroBatch, 0, mb), buffered(Op::ForwardPass, 0, mb),
+                 buffered(Op::BackwardPass, 0, mb)};
+    if (mb == s.micro_batches - 1) {
+      cmds.push_back(plain(Op::ReduceGrads));
+      cmds.push_back(plain(Op::OptimizerStep));
+    }
+    steps.push_back(std::move(cmds));
+  }
+  return steps;
+}
+
+// ---------------------------------------------------------------- compute orders
+
+enum class Compute : uint8_t { F, B, BInput, W };
+struct ComputeOp {
+  Compute what;
+  int64_t micro_batch;
+  int64_t chunk;
+};
+using ComputeOrder = std::vector<ComputeOp>;
+
+ComputeOrder gpipe_order(const ScheduleSpec& s) {
+  ComputeOrder order;
+  for (int64_t mb = 0; mb < s.micro_batches; ++mb) order.push_back({Compute::F, mb, 0});
+  for (int64_t mb = 0; mb < s.micro_batches; ++mb) order.push_back({Compute::B, mb, 0});
+  return order;
+}
+
+// Megatron's interleaved order, generalised to micro-batch counts that are not
+// a multiple of the stage count: micro-batches go in rounds of `stages`; within
+// a round every chunk runs over the round's micro-batches (backward: chunks in
+// reverse). The k-th forward/backward of a rank is the k-th entry of these lists.
+ComputeOrder interleaved_order(const ScheduleSpec& s, int64_t stage_id) {
+  const int64_t M = s.micro_batches, S = s.stages, V = s.chunks;
+  std::vector<std::pair<int64_t, int64_t>> fwd, bwd;  // (micro_batch, chunk)
+  for (int64_t round_start = 0; round_start < M; round_start += S) {
+    const int64_t round_end = std::min(M, round_start + S);
+    for (int64_t c = 0; c < V; ++c)
+      for (int64_t mb = round_start; mb < round_end; ++mb) fwd.push_back({mb, c});
+    for (int64_t c = V - 1; c >= 0; --c)
+      for (int64_t mb = round_start; mb < round_end; ++mb) bwd.push_back({mb, c});
+  }
+  const int64_t total = M * V;
+  const int64_t warmup = std::min(total, (S - stage_id - 1) * 2 + (V - 1) * S);
+  ComputeOrder order;
+  int64_t f = 0, b = 0;
+  for (; f < warmup; ++f) order.push_back({Compute::F, fwd[f].first, fwd[f].second});
+  while (f < total) {
+    order.push_back({Compute::F, fwd[f].first, fwd[f].second});
+    ++f;
+    order.push_back({Compute::B, bwd[b].first, bwd[b].second});
+    ++b;
+  }
+  for (; b < total; ++b) order.push_back({Compute::B, bwd[b].first, bwd[b].second});
+  return order;
+}
+
+// ZB-H1 (Qi et al., ICLR 2024), built by list scheduling the whole pipeline
+// under unit costs: a stage runs a ready B first (it is on the critical path),
+// else the next F if fewer than (stages - stage_id) micro-batches are between
+// F and B (1F1B's activation bound), else a deferred W (which fills what would
+// be a bubble). The resulting per-stage order is the schedule; its validity
+// does not depend on the costs (the simulator checks it under any).
+std::vector<ComputeOrder> zero_bubble_h1_orders(const ScheduleSpec& s) {
+  const int64_t M = s.micro_batches, S = s.stages;
+  constexpr int64_t kNever = INT64_MAX / 4;
+  std::vector<ComputeOrder> orders(S);
+  // act_ready[i][mb]: time the activation of mb is available at stage i.
+  std::vector<std::vector<int64_t>> act_ready(S, std::vector<int64_t>(M, kNever));
+  std::vector<std::vector<int64_t>> grad_ready(S, std::vector<int64_t>(M, kNever));
+  for (int64_t mb = 0; mb < M; ++mb) act_ready[0][mb] = 0;
+  std::vector<int64_t> next_f(S, 0), next_b(S, 0), busy_until(S, 0);
+  std::vector<std::deque<int64_t>> pending_w(S);
+  int64_t remaining = S * M * 3;
+  const int64_t time_limit = 3 * (M + S) * 3 + 16;  // far beyond any makespan of this construction
+  for (int64_t t = 0; remaining > 0; ++t) {
+    if (t > time_limit) throw std::logic_error("zb-h1 construction did not finish: please report this");
+    for (int64_t i = 0; i < S; ++i) {
+      if (busy_until[i] > t) continue;
+      const int64_t in_flight = next_f[i] - next_b[i];
+      if (next_b[i] < next_f[i] && grad_ready[i][next_b[i]] <= t) {
+        const int64_t mb = next_b[i]++;
+        orders[i].push_back({Compute::BInput, mb, 0});
+        if (i > 0) grad_ready[i - 1][mb] = t + 1;
+        pending_w[i].push_back(mb);
+      } else if (next_f[i] < M && act_ready[i][next_f[i]] <= t && in_flight < S - i) {
+        const int64_t mb = next_f[i]++;
+        orders[i].push_back({Compute::F, mb, 0});
+        if (i + 1 < S) {
+          act_ready[i + 1][mb] = t + 1;
+        } else {
+          grad_ready[i][mb] = t + 1;  // the loss is computed with the forward
+        }
+      } else if (!pending_w[i].empty()) {
+        orders[i].push_back({Compute::W, pending_w[i].front(), 0});
+        pending_w[i].pop_front();
+      } else {
+        continue;
+      }
+      busy_until[i] = t + 1;
+      --remaining;
+    }
+  }
+  return orders;
+}
+
+// Turns a compute order into steps: each compute op becomes one step with its
+// loads/receives before and its sends after. Buffers are allocated when a
+// micro-batch's input arrives and freed after its last backward op, lowest
+// free id first; `peak` returns the most buffers live at once.
+Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, int64_t* peak) {
+  const int64_t S = s.stages, V = s.chunks, last_virtual = S * V - 1;
+  std::map<std::pair<int64_t, int64_t>, int64_t> buffer_of;  // (mb, chunk) -> buffer
+  std::vector<bool> in_use;
+  int64_t most = 0;
+  Steps steps;
+  steps.reserve(order.size());
+  for (const ComputeOp& op : order) {
+    const int64_t vs = op.chunk * S + stage_id;
+    const auto key = std::make_pair(op.micro_batch, op.chunk);
+    Step cmds;
+    if (op.what == Compute::F) {
+      int64_t buf = std::find(in_use.begin(), in_use.end(), false) - in_use.begin();
+      if (buf == static_cast<int64_t>(in_use.size())) in_use.push_back(false);
+      in_use[buf] = true;
+      buffer_of[key] = buf;
+      most = std::max<int64_t>(most, std::count(in_use.begin(), in_use.end(), true));
+      if (vs == 0 || vs == last_virtual) cmds.push_back(buffered(Op::LoadMicroBatch, buf, op.micro_batch, op.chunk));
+      if (vs > 0) cmds.push_back(buffered(Op::RecvActivation, buf, op.micro_batch, op.chunk));
+      cmds.push_back(buffered(Op::ForwardPass, buf, op.micro_batch, op.chunk));
+      if (vs < last_virtual) cmds.push_back(buffered(Op::SendActivation, buf, op.micro_batch, op.chunk));
+    } else if (op.what == Compute::W) {
+      const int64_t buf = buffer_of.at(key);
+      cmds.push_back(buffered(Op::BackwardWeight, buf, op.micro_batch, op.chunk));
+      in_use[buf] = false;
+    } else {
+      const int64_t buf = buffer_of.at(key);
+      if (vs < last_virtual) cmds.push_back(buffered(Op::RecvGrad, buf, op.micro_batch, op.chunk));
+      const Op backward = op.what == Compute::B ? Op::BackwardPass : Op::BackwardInput;
+      cmds.push_back(buffered(backward, buf, op.micro_batch, op.chunk));
+      if (vs > 0) cmds.push_back(buffered(Op::SendGrad, buf, op.micro_batch, op.chunk));
+      if (op.what == Compute::B) in_use[buf] = false;
+    }
+    steps.push_back(std::move(cmds));
+  }
+  if (steps.empty()) steps.emplace_back();
+  steps.back().push_back(plain(Op::ReduceTiedGrads));
+  steps.back().push_back(plain(Op::ReduceGrads));
+  steps.back().push_back(plain(Op::OptimizerStep));
+  if (peak) *peak = most;
+  return steps;
+}
+
+std::vector<ComputeOrder> compute_orders(const ScheduleSpec& s) {
+  switch (s.kind) {
+    case ScheduleKind::GPipe:
+      return std::vector<ComputeOrder>(s.stages, gpipe_order(s));
+    case ScheduleKind::Interleaved1F1B: {
+      std::vector<ComputeOrder> orders;
+      for (int64_t i = 0; i < s.stages; ++i) orders.push_back(interleaved_order(s, i));
+      return orders;
+    }
+    case ScheduleKind::ZeroBubbleH1:
+      return zero_bubble_h1_orders(s);
+    default:
+      throw std::logic_error("compute_orders: not a compute-order schedule");
+  }
+}
+
+bool is_compute_order_kind(ScheduleKind k) {
+  return k == ScheduleKind::GPipe || k == ScheduleKind::Interleaved1F1B || k == ScheduleKind::ZeroBubbleH1;
+}
+
+}  // namespace
+
+const char* op_name(Op op) { return kOpNames[static_cast<int>(op)]; }
+
+bool op_has_buffer(Op op) {
+  return op != Op::ReduceTiedGrads && op != Op::ReduceGrads && op != Op::OptimizerStep;
+}
+
+ScheduleKind parse_schedule_kind(const std::string& name) {
+  for (const auto& k : kKindNames)
+    if (name == k.name) return k.kind;
+  std::string names;
+  for (const auto& k : kKindNames) names += (names.empty() ? "" : ", ") + std::string(k.name);
+  throw std::invalid_argument("unknown schedule kind '" + name + "': choose one of " + names);
+}
+
+const char* schedule_kind_name(ScheduleKind kind) {
+  for (const auto& k : kKindNames)
+    if (k.kind == kind) return k.name;
+  return "?";
+}
+
+std::vector<std::string> schedule_kind_names() {
+  std::vector<std::string> out;
+  for (const auto& k : kKindNames) out.push_back(k.name);
+  return out;
+}
+
+void validate(const ScheduleSpec& s) {
+  if (s.micro_batches < 1) {
+    throw std::invalid_argument("micro_batches must be >= 1, got " + std::to_string(s.micro_batches));
+  }
+  if (s.stages < 1) throw std::invalid_argument("stages must be >= 1, got " + std::to_string(s.stages));
+  if (s.chunks < 1) throw std::invalid_argument("chunks must be >= 1, got " + std::to_string(s.chunks));
+  if (s.chunks > 1 && s.kind != ScheduleKind::Interleaved1F1B) {
+    throw std::invalid_argument(std::string("chunks=") + std::to_string(s.chunks) + " needs the interleaved-1f1b "
+                                "schedule; '" + schedule_kind_name(s.kind) + "' runs one model chunk per stage");
+  }
+  if (s.kind == ScheduleKind::DataParallel && s.stages != 1) {
+    // DeepSpeed's DataParallelSchedule ignores stages; keep its behaviour.
+  }
+}
+
+void validate_stage(const ScheduleSpec& s, int64_t stage_id) {
+  validate(s);
+  if (stage_id < 0 || stage_id >= s.stages) {
+    throw std::invalid_argument("stage_id " + std::to_string(stage_id) + " is out of range for " +
+                                std::to_string(s.stages) + " stages (valid: 0.." + std::to_string(s.stages - 1) + ")");
+  }
+}
+
+Steps generate_steps(const ScheduleSpec& s, int64_t stage_id) {
+  validate_stage(s, stage_id);
+  switch (s.kind) {
+    case ScheduleKind::Train1F1B:
+      return ds_train_steps(s, stage_id);
+    case ScheduleKind::Inference:
+      return ds_inference_steps(s, stage_id);
+    case ScheduleKind::DataParallel:
+      return ds_data_parallel_steps(s);
+    case ScheduleKind::GPipe:
+      return lower(s, stage_id, gpipe_order(s), nullptr);
+    case ScheduleKind::Interleaved1F1B:
+      return lower(s, stage_id, interleaved_order(s, stage_id), nullptr);
+    case ScheduleKind::ZeroBubbleH1:
+      return lower(s, stage_id, zero_bubble_h1_orders(s)[stage_id], nullptr);
+  }
+  throw std::logic_error("unhandled schedule kind");
+}
+
+std::vector<Steps> generate_all_steps(const ScheduleSpec& s) {
+  validate(s);
+  std::vector<Steps> all;
+  all.reserve(s.stages);
+  if (is_compute_order_kind(s.kind)) {
+    const auto orders = compute_orders(s);
+    for (int64_t i = 0; i < s.stages; ++i) all.push_back(lower(s, i, orders[i], nullptr));
+  } else {
+    for (int64_t i = 0; i < s.stages; ++i) all.push_back(generate_steps(s, i));
+  }
+  return all;
+}
+
+int64_t num_pipe_buffers(const ScheduleSpec& s, int64_t stage_id) {
+  validate_stage(s, stage_id);
+  switch (s.kind) {
+    case ScheduleKind::Train1F1B:
+      return ds_train_buffers(s, stage_id);
+    case ScheduleKind::Inference:
+      return 2;
+    case ScheduleKind::DataParallel:
+      return 1;
+    default: {
+      int64_t peak = 0;
+      const ComputeOrder order = s.kind == ScheduleKind::ZeroBubbleH1 ? zero_bubble_h1_orders(s)[stage_id]
+                                 : s.kind == ScheduleKind::GPipe     ? gpipe_order(s)
+                                                                     : interleaved_order(s, stage_id);
+      lower(s, stage_id, order, &peak);
+      return peak;
+    }
+  }
+}
+
+}  // namespace dpe::core

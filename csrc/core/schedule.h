@@ -1,0 +1,78 @@
+// The schedule IR: one instruction set for every pipeline schedule, and the
+// generators that produce each stage's instruction stream. This is the only
+// place schedule logic lives: the runtime executes these streams, the
+// simulator checks them, Python shows and draws them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dpe::core {
+
+enum class Op : uint8_t {
+  LoadMicroBatch,
+  ForwardPass,
+  BackwardPass,    // full backward: input and weight gradients
+  BackwardInput,   // B: gradients w.r.t. the stage input only
+  BackwardWeight,  // W: gradients w.r.t. the weights (after B of the same micro-batch)
+  SendActivation,
+  RecvActivation,
+  SendGrad,
+  RecvGrad,
+  ReduceTiedGrads,
+  ReduceGrads,
+  OptimizerStep,
+};
+constexpr int kNumOps = 12;
+
+const char* op_name(Op op);
+bool op_has_buffer(Op op);  // false for the reductions and the optimizer step
+
+struct Instruction {
+  Op op;
+  int32_t buffer_id = -1;    // -1 for instructions without a buffer
+  int32_t micro_batch = -1;  // which micro-batch the instruction acts on (-1: none)
+  int32_t chunk = 0;         // model chunk (virtual stage = chunk * stages + stage_id)
+  bool operator==(const Instruction& o) const {
+    return op == o.op && buffer_id == o.buffer_id && micro_batch == o.micro_batch && chunk == o.chunk;
+  }
+};
+
+using Step = std::vector<Instruction>;
+using Steps = std::vector<Step>;
+
+enum class ScheduleKind : uint8_t {
+  Train1F1B,       // DeepSpeed's TrainSchedule, instruction for instruction
+  Inference,       // DeepSpeed's InferenceSchedule
+  DataParallel,    // DeepSpeed's DataParallelSchedule
+  GPipe,           // all forwards, then all backwards
+  Interleaved1F1B, // Megatron's virtual pipeline stages, `chunks` per rank
+  ZeroBubbleH1,    // ZB-H1: backward split into B and W, W fills the bubbles
+};
+
+ScheduleKind parse_schedule_kind(const std::string& name);  // throws, listing the names
+const char* schedule_kind_name(ScheduleKind kind);
+std::vector<std::string> schedule_kind_names();
+
+struct ScheduleSpec {
+  ScheduleKind kind = ScheduleKind::Train1F1B;
+  int64_t micro_batches = 1;
+  int64_t stages = 1;
+  int64_t chunks = 1;  // model chunks per rank; > 1 only for Interleaved1F1B
+};
+
+// Throws std::invalid_argument with a message naming the bad field.
+void validate(const ScheduleSpec& spec);
+void validate_stage(const ScheduleSpec& spec, int64_t stage_id);
+
+// The steps of one stage.
+Steps generate_steps(const ScheduleSpec& spec, int64_t stage_id);
+// The steps of every stage (cheaper than calling generate_steps per stage for
+// schedules whose construction looks at the whole pipeline).
+std::vector<Steps> generate_all_steps(const ScheduleSpec& spec);
+// Activation buffers the stage needs (DeepSpeed's num_pipe_buffers() for the
+// DeepSpeed-named schedules; the peak of live buffers for the others).
+int64_t num_pipe_buffers(const ScheduleSpec& spec, int64_t stage_id);
+
+}  // namespace dpe::core

@@ -1,0 +1,58 @@
+// Discrete-event simulation of a whole pipeline's instruction streams: proves
+// a schedule (matching sends and receives, no deadlock, each micro-batch's
+// passes exactly once, buffers never overwritten while needed, optimizer step
+// last) and measures it (makespan, bubble, peak activations).
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "schedule.h"
+
+namespace dpe::core {
+
+// Thrown when a schedule is invalid; the message names stage, step and instruction.
+class ScheduleError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Per micro-batch costs of one whole stage; with chunks > 1 each chunk costs
+// 1/chunks of it. BackwardPass costs backward_input + backward_weight. Sends
+// are asynchronous; a message arrives send_latency after it was sent.
+struct OpCosts {
+  double forward = 1.0;
+  double backward_input = 1.0;
+  double backward_weight = 1.0;
+  double send_latency = 0.0;
+};
+
+struct TimedOp {
+  double start;
+  double end;
+  Op op;
+  int32_t micro_batch;
+  int32_t chunk;
+};
+
+struct SimulationResult {
+  double makespan = 0;
+  std::vector<double> busy;                // compute time per stage
+  std::vector<double> idle_fraction;       // 1 - busy / makespan, per stage
+  std::vector<int64_t> peak_activations;   // most micro-batches between F and B (input grad) at once
+  std::vector<int64_t> peak_buffers;       // most buffers holding a live micro-batch at once
+  std::vector<std::vector<TimedOp>> timeline;  // compute ops per stage
+  double bubble_fraction() const;          // the largest idle fraction of any stage
+};
+
+// Simulates the given streams (one per stage). num_buffers[i] is stage i's
+// buffer count. Throws ScheduleError when the schedule is invalid.
+SimulationResult simulate(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
+                          const std::vector<int64_t>& num_buffers, const OpCosts& costs);
+
+// Generates every stage's stream for `spec` and simulates it.
+SimulationResult simulate(const ScheduleSpec& spec, const OpCosts& costs);
+
+}  // namespace dpe::core
