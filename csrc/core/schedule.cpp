@@ -141,82 +141,187 @@ ComputeOrder gpipe_order(const ScheduleSpec& s) {
   return order;
 }
 
-// Megatron's interleaved order, generalised to micro-batch counts that are not
-// a multiple of the stage count: micro-batches go in rounds of `stages`; within
-// a round every chunk runs over the round's micro-batches (backward: chunks in
-// reverse). The k-th forward/backward of a rank is the k-th entry of these lists.
-ComputeOrder interleaved_order(const ScheduleSpec& s, int64_t stage_id) {
-  const int64_t M = s.micro_batches, S = s.stages, V = s.chunks;
-  std::vector<std::pair<int64_t, int64_t>> fwd, bwd;  // (micro_batch, chunk)
-  for (int64_t round_start = 0; round_start < M; round_start += S) {
-    const int64_t round_end = std::min(M, round_start + S);
-    for (int64_t c = 0; c < V; ++c)
-      for (int64_t mb = round_start; mb < round_end; ++mb) fwd.push_back({mb, c});
-    for (int64_t c = V - 1; c >= 0; --c)
-      for (int64_t mb = round_start; mb < round_end; ++mb) bwd.push_back({mb, c});
-  }
-  const int64_t total = M * V;
-  const int64_t warmup = std::min(total, (S - stage_id - 1) * 2 + (V - 1) * S);
-  ComputeOrder order;
-  int64_t f = 0, b = 0;
-  for (; f < warmup; ++f) order.push_back({Compute::F, fwd[f].first, fwd[f].second});
-  while (f < total) {
-    order.push_back({Compute::F, fwd[f].first, fwd[f].second});
-    ++f;
-    order.push_back({Compute::B, bwd[b].first, bwd[b].second});
-    ++b;
-  }
-  for (; b < total; ++b) order.push_back({Compute::B, bwd[b].first, bwd[b].second});
-  return order;
-}
+// List scheduling of the whole pipeline under unit costs (F = 1, B = 1 and
+// W = 1 when the backward is split, else B = 2). Each rank takes its forwards
+// and backwards in the given sequences; whenever it is free it runs, in this
+// order of preference: the next backward if its gradient has arrived (it is
+// on the critical path); a deferred W if more than `max_deferred_w` are
+// pending; the next forward if its input has arrived and fewer than
+// `max_in_flight` micro-batches sit between forward and backward; any
+// deferred W (filling what would be a bubble). The per-rank orders it
+// produces are the schedule. They are executable under any costs: a stream
+// that never deadlocks under one timing never does under another, since
+// receives are matched in order (the simulator checks this).
+struct RankPlan {
+  std::vector<std::pair<int64_t, int64_t>> forwards, backwards;  // (micro_batch, chunk) in order
+  int64_t max_in_flight = 1;
+  int64_t max_deferred_w = 0;
+};
 
-// ZB-H1 (Qi et al., ICLR 2024), built by list scheduling the whole pipeline
-// under unit costs: a stage runs a ready B first (it is on the critical path),
-// else the next F if fewer than (stages - stage_id) micro-batches are between
-// F and B (1F1B's activation bound), else a deferred W (which fills what would
-// be a bubble). The resulting per-stage order is the schedule; its validity
-// does not depend on the costs (the simulator checks it under any).
-std::vector<ComputeOrder> zero_bubble_h1_orders(const ScheduleSpec& s) {
-  const int64_t M = s.micro_batches, S = s.stages;
+std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector<RankPlan>& plans, bool split) {
+  const int64_t M = s.micro_batches, S = s.stages, V = s.chunks, VS = S * V;
   constexpr int64_t kNever = INT64_MAX / 4;
+  auto idx = [M](int64_t vs, int64_t mb) { return vs * M + mb; };
+  std::vector<int64_t> act_ready(VS * M, kNever), grad_ready(VS * M, kNever);
+  for (int64_t mb = 0; mb < M; ++mb) act_ready[idx(0, mb)] = 0;
   std::vector<ComputeOrder> orders(S);
-  // act_ready[i][mb]: time the activation of mb is available at stage i.
-  std::vector<std::vector<int64_t>> act_ready(S, std::vector<int64_t>(M, kNever));
-  std::vector<std::vector<int64_t>> grad_ready(S, std::vector<int64_t>(M, kNever));
-  for (int64_t mb = 0; mb < M; ++mb) act_ready[0][mb] = 0;
-  std::vector<int64_t> next_f(S, 0), next_b(S, 0), busy_until(S, 0);
-  std::vector<std::deque<int64_t>> pending_w(S);
-  int64_t remaining = S * M * 3;
-  const int64_t time_limit = 3 * (M + S) * 3 + 16;  // far beyond any makespan of this construction
+  std::vector<size_t> next_f(S, 0), next_b(S, 0);
+  std::vector<int64_t> busy_until(S, 0);
+  std::vector<std::deque<std::pair<int64_t, int64_t>>> pending_w(S);
+  const int64_t b_cost = split ? 1 : 2;
+  int64_t remaining = S * M * V * (split ? 3 : 2);
+  const int64_t time_limit = 8 * (M * V + S) * 3 + 16;
   for (int64_t t = 0; remaining > 0; ++t) {
-    if (t > time_limit) throw std::logic_error("zb-h1 construction did not finish: please report this");
+    if (t > time_limit) {
+      throw std::invalid_argument(std::string("no ") + schedule_kind_name(s.kind) + " schedule exists for micro_batches=" +
+                                  std::to_string(M) + ", stages=" + std::to_string(S) + ", chunks=" +
+                                  std::to_string(V) + ": use more micro-batches or fewer chunks");
+    }
     for (int64_t i = 0; i < S; ++i) {
       if (busy_until[i] > t) continue;
-      const int64_t in_flight = next_f[i] - next_b[i];
-      if (next_b[i] < next_f[i] && grad_ready[i][next_b[i]] <= t) {
-        const int64_t mb = next_b[i]++;
-        orders[i].push_back({Compute::BInput, mb, 0});
-        if (i > 0) grad_ready[i - 1][mb] = t + 1;
-        pending_w[i].push_back(mb);
-      } else if (next_f[i] < M && act_ready[i][next_f[i]] <= t && in_flight < S - i) {
-        const int64_t mb = next_f[i]++;
-        orders[i].push_back({Compute::F, mb, 0});
-        if (i + 1 < S) {
-          act_ready[i + 1][mb] = t + 1;
-        } else {
-          grad_ready[i][mb] = t + 1;  // the loss is computed with the forward
-        }
-      } else if (!pending_w[i].empty()) {
-        orders[i].push_back({Compute::W, pending_w[i].front(), 0});
+      const RankPlan& plan = plans[i];
+      const int64_t in_flight = static_cast<int64_t>(next_f[i]) - static_cast<int64_t>(next_b[i]);
+      auto run_w = [&] {
+        const auto [mb, c] = pending_w[i].front();
         pending_w[i].pop_front();
-      } else {
-        continue;
+        orders[i].push_back({Compute::W, mb, c});
+        busy_until[i] = t + 1;
+      };
+      bool ran = false;
+      if (next_b[i] < plan.backwards.size()) {
+        const auto [mb, c] = plan.backwards[next_b[i]];
+        const int64_t vs = c * S + i;
+        if (grad_ready[idx(vs, mb)] <= t) {
+          ++next_b[i];
+          orders[i].push_back({split ? Compute::BInput : Compute::B, mb, c});
+          busy_until[i] = t + b_cost;
+          if (vs > 0) grad_ready[idx(vs - 1, mb)] = t + b_cost;
+          if (split) pending_w[i].push_back({mb, c});
+          ran = true;
+        }
       }
-      busy_until[i] = t + 1;
-      --remaining;
+      if (!ran && static_cast<int64_t>(pending_w[i].size()) > plan.max_deferred_w) {
+        run_w();
+        ran = true;
+      }
+      if (!ran && next_f[i] < plan.forwards.size() && in_flight < plan.max_in_flight) {
+        const auto [mb, c] = plan.forwards[next_f[i]];
+        const int64_t vs = c * S + i;
+        if (act_ready[idx(vs, mb)] <= t) {
+          ++next_f[i];
+          orders[i].push_back({Compute::F, mb, c});
+          busy_until[i] = t + 1;
+          if (vs + 1 < VS) {
+            act_ready[idx(vs + 1, mb)] = t + 1;
+          } else {
+            grad_ready[idx(vs, mb)] = t + 1;  // the loss is computed with the last forward
+          }
+          ran = true;
+        }
+      }
+      if (!ran && !pending_w[i].empty()) {
+        run_w();
+        ran = true;
+      }
+      if (ran) --remaining;
     }
   }
   return orders;
+}
+
+// ZB-H1 (Qi et al., ICLR 2024): 1F1B's forward/backward order and activation
+// bound (stage i keeps at most stages - i micro-batches between F and B), with
+// the backward split into B and W and up to stages - 1 W's deferred to fill
+// the bubbles. Under unit costs each stage idles (stages - 1) * (F + B - W),
+// against 1F1B's (stages - 1) * (F + B + W).
+// Makespan of per-rank compute orders under the list scheduler's unit costs,
+// or -1 when they deadlock (a rank waits for an input that never comes).
+int64_t unit_cost_makespan(const ScheduleSpec& s, const std::vector<ComputeOrder>& orders) {
+  const int64_t M = s.micro_batches, S = s.stages, VS = S * s.chunks;
+  constexpr int64_t kNever = INT64_MAX / 4;
+  auto idx = [M](int64_t vs, int64_t mb) { return vs * M + mb; };
+  std::vector<int64_t> act_done(VS * M, kNever), grad_done(VS * M, kNever), clock(S, 0);
+  std::vector<size_t> pc(S, 0);
+  for (bool progress = true; progress;) {
+    progress = false;
+    for (int64_t i = 0; i < S; ++i) {
+      while (pc[i] < orders[i].size()) {
+        const ComputeOp& op = orders[i][pc[i]];
+        const int64_t vs = op.chunk * S + i;
+        int64_t ready = 0, cost = 1;
+        if (op.what == Compute::F) {
+          ready = vs == 0 ? 0 : act_done[idx(vs - 1, op.micro_batch)];
+        } else if (op.what != Compute::W) {
+          ready = vs == VS - 1 ? act_done[idx(vs, op.micro_batch)] : grad_done[idx(vs + 1, op.micro_batch)];
+          cost = op.what == Compute::B ? 2 : 1;
+        }
+        if (ready >= kNever) break;
+        clock[i] = std::max(clock[i], ready) + cost;
+        if (op.what == Compute::F) act_done[idx(vs, op.micro_batch)] = clock[i];
+        if (op.what == Compute::B || op.what == Compute::BInput) grad_done[idx(vs, op.micro_batch)] = clock[i];
+        ++pc[i];
+        progress = true;
+      }
+    }
+  }
+  for (int64_t i = 0; i < S; ++i)
+    if (pc[i] < orders[i].size()) return -1;
+  return *std::max_element(clock.begin(), clock.end());
+}
+
+// Interleaved 1F1B (Megatron's virtual pipeline stages): rank i holds chunks
+// c = 0..chunks-1, virtual stage c * stages + i. Micro-batches go in rounds
+// of `stages`; within a round every chunk runs over the round's micro-batches
+// (backward: chunks in reverse). Megatron's order: rank i runs
+// 2 * (stages - i - 1) + (chunks - 1) * stages warm-up forwards, then
+// alternates one forward and one backward. With micro_batches a multiple of
+// stages that is exact, bubble (stages - 1) / (chunks * micro_batches +
+// stages - 1) under unit costs. A short last round can make the fixed order
+// deadlock or idle; then the same sequences are list-scheduled, and the
+// faster of the two valid orders is taken.
+std::vector<ComputeOrder> interleaved_orders(const ScheduleSpec& s) {
+  const int64_t M = s.micro_batches, S = s.stages, V = s.chunks, total = M * V;
+  RankPlan base;
+  for (int64_t round_start = 0; round_start < M; round_start += S) {
+    const int64_t round_end = std::min(M, round_start + S);
+    for (int64_t c = 0; c < V; ++c)
+      for (int64_t mb = round_start; mb < round_end; ++mb) base.forwards.push_back({mb, c});
+    for (int64_t c = V - 1; c >= 0; --c)
+      for (int64_t mb = round_start; mb < round_end; ++mb) base.backwards.push_back({mb, c});
+  }
+  std::vector<RankPlan> plans(S, base);
+  std::vector<ComputeOrder> fixed(S);
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t warmup = std::min(total, (S - i - 1) * 2 + (V - 1) * S);
+    plans[i].max_in_flight = warmup + 1;
+    ComputeOrder& order = fixed[i];
+    int64_t f = 0, b = 0;
+    auto push = [&](Compute what, const std::pair<int64_t, int64_t>& mc) { order.push_back({what, mc.first, mc.second}); };
+    for (; f < warmup; ++f) push(Compute::F, base.forwards[f]);
+    for (; f < total; ++f, ++b) {
+      push(Compute::F, base.forwards[f]);
+      push(Compute::B, base.backwards[b]);
+    }
+    for (; b < total; ++b) push(Compute::B, base.backwards[b]);
+  }
+  if (M % S == 0) return fixed;
+  const int64_t fixed_time = unit_cost_makespan(s, fixed);
+  std::vector<ComputeOrder> listed = list_schedule(s, plans, /*split=*/false);
+  if (fixed_time >= 0 && fixed_time <= unit_cost_makespan(s, listed)) return fixed;
+  return listed;
+}
+
+std::vector<ComputeOrder> zero_bubble_h1_orders(const ScheduleSpec& s) {
+  std::vector<RankPlan> plans(s.stages);
+  for (int64_t i = 0; i < s.stages; ++i) {
+    for (int64_t mb = 0; mb < s.micro_batches; ++mb) {
+      plans[i].forwards.push_back({mb, 0});
+      plans[i].backwards.push_back({mb, 0});
+    }
+    plans[i].max_in_flight = s.stages - i;
+    plans[i].max_deferred_w = s.stages - 1;
+  }
+  return list_schedule(s, plans, /*split=*/true);
 }
 
 // Turns a compute order into steps: each compute op becomes one step with its
@@ -270,11 +375,8 @@ std::vector<ComputeOrder> compute_orders(const ScheduleSpec& s) {
   switch (s.kind) {
     case ScheduleKind::GPipe:
       return std::vector<ComputeOrder>(s.stages, gpipe_order(s));
-    case ScheduleKind::Interleaved1F1B: {
-      std::vector<ComputeOrder> orders;
-      for (int64_t i = 0; i < s.stages; ++i) orders.push_back(interleaved_order(s, i));
-      return orders;
-    }
+    case ScheduleKind::Interleaved1F1B:
+      return interleaved_orders(s);
     case ScheduleKind::ZeroBubbleH1:
       return zero_bubble_h1_orders(s);
     default:
@@ -349,7 +451,7 @@ Steps generate_steps(const ScheduleSpec& s, int64_t stage_id) {
     case ScheduleKind::GPipe:
       return lower(s, stage_id, gpipe_order(s), nullptr);
     case ScheduleKind::Interleaved1F1B:
-      return lower(s, stage_id, interleaved_order(s, stage_id), nullptr);
+      return lower(s, stage_id, interleaved_orders(s)[stage_id], nullptr);
     case ScheduleKind::ZeroBubbleH1:
       return lower(s, stage_id, zero_bubble_h1_orders(s)[stage_id], nullptr);
   }
@@ -380,10 +482,7 @@ int64_t num_pipe_buffers(const ScheduleSpec& s, int64_t stage_id) {
       return 1;
     default: {
       int64_t peak = 0;
-      const ComputeOrder order = s.kind == ScheduleKind::ZeroBubbleH1 ? zero_bubble_h1_orders(s)[stage_id]
-                                 : s.kind == ScheduleKind::GPipe     ? gpipe_order(s)
-                                                                     : interleaved_order(s, stage_id);
-      lower(s, stage_id, order, &peak);
+      lower(s, stage_id, compute_orders(s)[stage_id], &peak);
       return peak;
     }
   }
