@@ -88,8 +88,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_weights", &dpe::core::check_weights, py::arg("weights"));
   m.def("prime_factors", &dpe::core::prime_factors, py::arg("n"));
 
-  static py::exception<core::ScheduleError> schedule_error(m, "ScheduleError", PyExc_RuntimeError);
-  (void)schedule_error;
+  py::register_exception<core::ScheduleError>(m, "ScheduleError", PyExc_RuntimeError);
 
   std::vector<std::string> op_names;
   for (int i = 0; i < core::kNumOps; ++i) op_names.push_back(core::op_name(static_cast<core::Op>(i)));

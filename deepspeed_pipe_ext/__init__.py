@@ -12,5 +12,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineError", "ProcessTopology", "PipeDataParallelTopology",
-    "PipeModelDataParallelTopology", "PipelineParallelGrid", "partition", "topology"
+    "PipeModelDataParallelTopology", "PipelineParallelGrid", "partition", "schedule", "topology"
 ]
+
+
+def __getattr__(name):
+    # Imported on first use, so `python -m deepspeed_pipe_ext.schedule` does
+    # not find the module already imported by the package.
+    if name == "schedule":
+        import importlib
+        return importlib.import_module(".schedule", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,117 @@
+"""Seeing a schedule: a text timeline (one row per stage) and a picture.
+
+    python -m deepspeed_pipe_ext.schedule --kind zb-h1 --stages 4 --micro-batches 8 [--plot out.png]
+"""
+import argparse
+import math
+
+from . import schedule as _schedule
+
+_LETTERS = {"ForwardPass": "F", "BackwardPass": "B", "BackwardInput": "B", "BackwardWeight": "W"}
+_COLORS = {"ForwardPass": "#4C72B0", "BackwardPass": "#55A868", "BackwardInput": "#55A868",
+           "BackwardWeight": "#C44E52"}
+
+
+def _resolution(timeline):
+    durations = [end - start for stage in timeline for start, end, *_ in stage if end > start]
+    return min(durations) if durations else 1.0
+
+
+def text_timeline(result, chunks=1):
+    """One row per stage; each cell is the smallest op's duration: op letter and
+    micro-batch ('F3', 'B3', 'W3'; chunk as a suffix letter when chunks > 1),
+    '.' where the stage idles."""
+    unit = _resolution(result["timeline"])
+    width = max(1, math.ceil(result["makespan"] / unit - 1e-9))
+    cells = []
+    for stage in result["timeline"]:
+        row = ["."] * width
+        for start, end, code, mb, chunk in stage:
+            label = _LETTERS[_schedule.OP_NAMES[code]] + str(mb)
+            if chunks > 1:
+                label += "abcdefghijklmnopqrstuvwxyz"[chunk % 26]
+            first = int(round(start / unit))
+            for cell in range(first, max(first + 1, int(round(end / unit)))):
+                if cell < width:
+                    row[cell] = label
+        cells.append(row)
+    cell_width = max(len(c) for row in cells for c in row)
+    lines = []
+    for stage, row in enumerate(cells):
+        lines.append(f"stage {stage:2d} |" + " ".join(c.ljust(cell_width) for c in row) + "|")
+    return "\n".join(lines)
+
+
+def summary(result):
+    lines = [f"makespan {result['makespan']:g}   bubble fraction {result['bubble_fraction']:.4f} (the idlest stage)"]
+    for stage, (idle, act, buf) in enumerate(zip(result["idle_fraction"], result["peak_activations"],
+                                                 result["peak_buffers"])):
+        lines.append(f"  stage {stage:2d}: idle {idle:.4f}  peak activations {act}  peak buffers {buf}")
+    return "\n".join(lines)
+
+
+def plot_timeline(result, path, title=""):
+    """Draw the timeline with matplotlib (an optional dependency) into `path`."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError as err:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from err
+    timeline = result["timeline"]
+    stages = len(timeline)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, result["makespan"] * 0.35)), 0.6 * stages + 1.2))
+    for stage, ops in enumerate(timeline):
+        for start, end, code, mb, chunk in ops:
+            name = _schedule.OP_NAMES[code]
+            ax.broken_barh([(start, end - start)], (stage - 0.4, 0.8), facecolors=_COLORS[name],
+                           edgecolors="white", linewidth=0.6, alpha=1.0 - 0.35 * (chunk % 2))
+            if end - start >= 0.5:
+                ax.text((start + end) / 2, stage, str(mb), ha="center", va="center", fontsize=7, color="white")
+    ax.set_yticks(range(stages))
+    ax.set_yticklabels([f"stage {s}" for s in range(stages)])
+    ax.invert_yaxis()
+    ax.set_xlim(0, result["makespan"])
+    ax.set_xlabel("time (units of the given op costs)")
+    ax.set_title(title or f"bubble fraction {result['bubble_fraction']:.3f}")
+    used = {_schedule.OP_NAMES[code] for ops in timeline for _, _, code, _, _ in ops}
+    legend = [Patch(color=_COLORS[n], label=label) for n, label in
+              (("ForwardPass", "forward"), ("BackwardPass", "backward"), ("BackwardInput", "backward (input)"),
+               ("BackwardWeight", "backward (weight)")) if n in used]
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.35), fontsize=7, ncol=len(legend), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m deepspeed_pipe_ext.schedule", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", default="1f1b", help=f"one of: {', '.join(_schedule.SCHEDULE_KINDS)}")
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=8)
+    parser.add_argument("--chunks", type=int, default=1, help="model chunks per rank (interleaved-1f1b)")
+    parser.add_argument("--forward", type=float, default=1.0, help="forward cost of a stage per micro-batch")
+    parser.add_argument("--backward-input", type=float, default=1.0, help="input-gradient cost")
+    parser.add_argument("--backward-weight", type=float, default=1.0, help="weight-gradient cost")
+    parser.add_argument("--send-latency", type=float, default=0.0)
+    parser.add_argument("--plot", metavar="PNG", help="also draw the timeline into this file (needs matplotlib)")
+    args = parser.parse_args(argv)
+    try:
+        result = _schedule.simulate(args.kind, args.micro_batches, args.stages, args.chunks, args.forward,
+                                    args.backward_input, args.backward_weight, args.send_latency)
+    except (ValueError, _schedule.ScheduleError) as err:
+        parser.exit(2, f"error: {err}\n")
+    chunks = f" chunks={args.chunks}" if args.chunks > 1 else ""
+    print(f"{args.kind}: stages={args.stages} micro_batches={args.micro_batches}{chunks}")
+    print(text_timeline(result, args.chunks))
+    print(summary(result))
+    if args.plot:
+        plot_timeline(result, args.plot, title=f"{args.kind}, {args.stages} stages, {args.micro_batches} micro-batches"
+                      f"{chunks}: bubble {result['bubble_fraction']:.3f}")
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Schedules: parity with DeepSpeed's generator, the simulator's figures, the
+simulator catching broken schedules, bad input, and the CLI."""
+import random
+
+import pytest
+from deepspeed.runtime.pipe import schedule as ds
+
+from deepspeed_pipe_ext import schedule as ours
+from deepspeed_pipe_ext.timeline import main as cli_main
+
+
+def ds_stream(sched):
+    return [[(type(c).__name__, getattr(c, "buffer_id", None)) for c in step] for step in sched]
+
+
+def our_stream(kind, micro_batches, stages, stage_id):
+    raw = ours.get_schedule(kind, micro_batches, stages, stage_id).raw_steps()
+    return [[(ours.OP_NAMES[op], buf if buf >= 0 else None) for op, buf, _, _ in step] for step in raw]
+
+
+@pytest.mark.parametrize("kind,ds_cls", [("1f1b", ds.TrainSchedule), ("inference", ds.InferenceSchedule)])
+def test_matches_deepspeed_for_every_stage_up_to_16_stages_and_64_micro_batches(kind, ds_cls):
+    for stages in range(1, 17):
+        for micro_batches in range(1, 65):
+            for stage_id in range(stages):
+                expected = ds_cls(micro_batches, stages, stage_id)
+                assert our_stream(kind, micro_batches, stages, stage_id) == ds_stream(expected), \
+                    (kind, micro_batches, stages, stage_id)
+                mine = ours.get_schedule(kind, micro_batches, stages, stage_id)
+                assert mine.num_pipe_buffers() == expected.num_pipe_buffers()
+
+
+def test_data_parallel_matches_deepspeed():
+    for micro_batches in range(1, 65):
+        expected = ds.DataParallelSchedule(micro_batches, 1, 0)
+        assert our_stream("data-parallel", micro_batches, 1, 0) == ds_stream(expected)
+        assert ours.DataParallelSchedule(micro_batches, 1, 0).num_pipe_buffers() == expected.num_pipe_buffers()
+
+
+def test_python_api_mirrors_deepspeed():
+    rng = random.Random(0)
+    for _ in range(40):
+        stages = rng.randint(1, 8)
+        micro_batches, stage_id = rng.randint(1, 20), rng.randrange(stages)
+        for cls_name in ("TrainSchedule", "InferenceSchedule"):
+            mine = getattr(ours, cls_name)(micro_batches, stages, stage_id)
+            theirs = getattr(ds, cls_name)(micro_batches, stages, stage_id)
+            for prop in ("num_micro_batches", "stage", "num_stages", "is_first_stage", "is_last_stage"):
+                assert getattr(mine, prop) == getattr(theirs, prop)
+            for step_mine, step_theirs in zip(mine, theirs):
+                for a, b in zip(step_mine, step_theirs):
+                    assert type(a) == getattr(ours, type(b).__name__)  # noqa: E721 (the contract is type ==)
+                    assert isinstance(a, type(b))  # still DeepSpeed's instruction classes
+                    assert a.kwargs == b.kwargs and repr(a) == repr(b)
+            # Iterating twice gives the same steps, as DeepSpeed's generator does.
+            assert ds_stream(mine) == ds_stream(mine)
+
+
+def test_instructions_carry_micro_batch_and_chunk():
+    sched = ours.Interleaved1F1BSchedule(micro_batches=4, stages=2, stage_id=1, chunks=2)
+    forwards = [(c.micro_batch, c.chunk) for step in sched for c in step if type(c) == ours.ForwardPass]  # noqa: E721
+    assert sorted(forwards) == [(mb, c) for mb in range(4) for c in range(2)]
+
+
+# ------------------------------------------------------------------ simulator figures
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("micro_batches", [1, 2, 3, 4, 7, 8, 16, 33, 64])
+def test_1f1b_bubble_is_the_published_figure(stages, micro_batches):
+    expected = (stages - 1) / (micro_batches + stages - 1)
+    for kind in ("1f1b", "gpipe"):
+        result = ours.simulate(kind, micro_batches, stages, forward=1, backward_input=1, backward_weight=1)
+        assert result.idle_fraction == pytest.approx([expected] * stages, abs=1e-12)
+    assert ours.simulate("1f1b", micro_batches, stages).peak_activations == \
+        [min(stages - i, micro_batches) for i in range(stages)]
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 8])
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+@pytest.mark.parametrize("chunks", [1, 2, 3, 4])
+def test_interleaved_bubble_is_the_published_figure(stages, rounds, chunks):
+    micro_batches = rounds * stages
+    result = ours.simulate("interleaved-1f1b", micro_batches, stages, chunks)
+    expected = (stages - 1) / (chunks * micro_batches + stages - 1)
+    assert result.bubble_fraction == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("costs", [(1, 1, 1), (1, 1.5, 0.5), (1, 1, 0.5), (2, 1, 1), (1, 0.5, 0.25)])
+@pytest.mark.parametrize("stages", [2, 3, 4, 8, 16])
+def test_zero_bubble_h1_bubble_is_the_published_figure(costs, stages):
+    forward, backward_input, backward_weight = costs
+    for micro_batches in (stages, 2 * stages, 3 * stages + 1):
+        zb = ours.simulate("zb-h1", micro_batches, stages, forward=forward, backward_input=backward_input,
+                           backward_weight=backward_weight)
+        one = ours.simulate("1f1b", micro_batches, stages, forward=forward, backward_input=backward_input,
+                            backward_weight=backward_weight)
+        idle = [zb.makespan - busy for busy in zb.busy]
+        assert max(idle) == pytest.approx((stages - 1) * (forward + backward_input - backward_weight))
+        assert max(one.makespan - busy for busy in one.busy) == \
+            pytest.approx((stages - 1) * (forward + backward_input + backward_weight))
+        # The same peak of micro-batches between forward and input gradient as 1F1B.
+        assert zb.peak_activations == one.peak_activations
+
+
+def test_zero_bubble_never_worse_than_1f1b():
+    rng = random.Random(1)
+    for _ in range(60):
+        stages, micro_batches = rng.randint(1, 8), rng.randint(1, 24)
+        costs = dict(forward=rng.uniform(0.2, 2), backward_input=rng.uniform(0.2, 2),
+                     backward_weight=rng.uniform(0.2, 2), send_latency=rng.choice([0, 0.1]))
+        zb = ours.simulate("zb-h1", micro_batches, stages, **costs)
+        one = ours.simulate("1f1b", micro_batches, stages, **costs)
+        assert zb.makespan <= one.makespan + 1e-9
+
+
+def test_every_kind_is_valid_under_random_costs():
+    """The simulator re-checks every stream under costs other than the unit
+    costs the list-scheduled kinds were built with."""
+    rng = random.Random(2)
+    for _ in range(80):
+        kind = rng.choice(["1f1b", "gpipe", "interleaved-1f1b", "zb-h1", "inference"])
+        stages, micro_batches = rng.randint(1, 8), rng.randint(1, 20)
+        chunks = rng.randint(1, 4) if kind == "interleaved-1f1b" else 1
+        result = ours.simulate(kind, micro_batches, stages, chunks, forward=rng.uniform(0.1, 3),
+                               backward_input=rng.uniform(0.1, 3), backward_weight=rng.uniform(0.1, 3),
+                               send_latency=rng.uniform(0, 1))
+        assert result.makespan > 0
+
+
+# ------------------------------------------------------------------ the simulator catches broken schedules
+def streams(kind, micro_batches, stages, chunks=1):
+    all_steps = [ours.get_schedule(kind, micro_batches, stages, i, chunks).raw_steps() for i in range(stages)]
+    buffers = [ours.get_schedule(kind, micro_batches, stages, i, chunks).num_pipe_buffers() for i in range(stages)]
+    return [[list(step) for step in s] for s in all_steps], buffers
+
+
+def run(all_steps, micro_batches, buffers, chunks=1):
+    from deepspeed_pipe_ext import _C
+    return _C.simulate_streams(all_steps, micro_batches, chunks, buffers)
+
+
+OP = {name: code for code, name in enumerate(ours.OP_NAMES)}
+
+
+def test_simulator_accepts_the_generated_streams():
+    all_steps, buffers = streams("1f1b", 4, 3)
+    assert run(all_steps, 4, buffers)["makespan"] > 0
+
+
+def test_simulator_reports_deadlock():
+    all_steps, buffers = streams("1f1b", 4, 2)
+    # Stage 1 never sends its first gradient: stage 0 waits forever.
+    for step in all_steps[1]:
+        step[:] = [c for c in step if not (c[0] == OP["SendGrad"] and c[2] == 0)]
+    with pytest.raises(ours.ScheduleError, match="deadlock.*stage 0 waits"):
+        run(all_steps, 4, buffers)
+
+
+def test_simulator_reports_out_of_order_receives():
+    all_steps, buffers = streams("gpipe", 3, 2)
+    recvs = [(i, j) for i, step in enumerate(all_steps[1]) for j, c in enumerate(step) if c[0] == OP["RecvActivation"]]
+    (a, ja), (b, jb) = recvs[0], recvs[1]
+    all_steps[1][a][ja], all_steps[1][b][jb] = all_steps[1][b][jb], all_steps[1][a][ja]
+    with pytest.raises(ours.ScheduleError, match="out of order|holds"):
+        run(all_steps, 3, buffers)
+
+
+def test_simulator_reports_buffer_overwrite():
+    all_steps, _ = streams("1f1b", 4, 2)
+    with pytest.raises(ours.ScheduleError, match="buffer id out of range|overwrites buffer"):
+        run(all_steps, 4, [1, 1])
+    # Squash every buffer id to 0 on stage 0 (which has 2 buffers): micro-batch 1 lands on micro-batch 0.
+    squashed = [[[(op, 0 if buf >= 0 else buf, mb, ch) for op, buf, mb, ch in step] for step in all_steps[0]],
+                all_steps[1]]
+    with pytest.raises(ours.ScheduleError, match="overwrites buffer 0 while it still holds micro-batch 0"):
+        run(squashed, 4, [2, 2])
+
+
+def test_simulator_reports_missing_backward_and_early_step():
+    all_steps, buffers = streams("1f1b", 2, 1)
+    without_last_backward = [[c for c in step if not (c[0] == OP["BackwardPass"] and c[2] == 1)]
+                             for step in all_steps[0]]
+    with pytest.raises(ours.ScheduleError, match="before micro-batch 1 finished its backward pass"):
+        run([without_last_backward], 2, buffers)
+
+
+def test_simulator_reports_weight_gradient_before_input_gradient():
+    all_steps, buffers = streams("zb-h1", 2, 1)
+    flat = [c for step in all_steps[0] for c in step]
+    b = next(i for i, c in enumerate(flat) if c[0] == OP["BackwardInput"])
+    w = next(i for i, c in enumerate(flat) if c[0] == OP["BackwardWeight"] and c[2] == flat[b][2])
+    flat[b], flat[w] = flat[w], flat[b]
+    with pytest.raises(ours.ScheduleError, match="weight gradient before the input gradient"):
+        run([[flat]], 2, buffers)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("args,match", [
+    (("1f1b", 0, 2, 0), "micro_batches must be >= 1"),
+    (("1f1b", 4, 0, 0), "stages must be >= 1"),
+    (("1f1b", 4, 2, 2), "stage_id 2 is out of range for 2 stages"),
+    (("1f1b", 4, 2, -1), "stage_id -1 is out of range"),
+    (("interleaved-1f1b", 4, 2, 0, 0), "chunks must be >= 1"),
+    (("gpipe", 4, 2, 0, 2), "chunks=2 needs the interleaved-1f1b schedule"),
+    (("zero-bubble-9000", 4, 2, 0), "unknown schedule kind"),
+])
+def test_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        ours.get_schedule(*args)
+
+
+def test_bad_input_on_constructors_and_simulate():
+    with pytest.raises(ValueError, match="stage_id 5 is out of range for 4 stages"):
+        ours.TrainSchedule(8, 4, 5)
+    with pytest.raises(ValueError, match="chunks must be >= 1"):
+        ours.Interleaved1F1BSchedule(8, 4, 0, chunks=0)
+    with pytest.raises(ValueError, match="unknown schedule kind 'pipedream'"):
+        ours.simulate("pipedream", 8, 4)
+    with pytest.raises(ValueError, match="costs must be >= 0"):
+        ours.simulate("1f1b", 8, 4, forward=-1)
+
+
+# ------------------------------------------------------------------ seeing a schedule
+def test_cli_prints_timeline_and_figures(capsys, tmp_path):
+    png = tmp_path / "zb.png"
+    cli_main(["--kind", "zb-h1", "--stages", "4", "--micro-batches", "8", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert out.count("stage  ") >= 8  # four timeline rows and four summary rows
+    assert "bubble fraction 0.1111" in out  # (S-1)(F+B-W) / makespan = 3 / 27
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_bad_kind(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--kind", "nope"])
+    assert exit_info.value.code == 2
+    assert "unknown schedule kind 'nope'" in capsys.readouterr().err
