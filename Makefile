@@ -30,7 +30,7 @@ build: $(BUILD_STAMP)
 # The torch-free core, built alone under AddressSanitizer and UBSan.
 build/core_tests: $(wildcard csrc/core/*.cpp csrc/core/*.h) tests/core/test_core.cpp
 	mkdir -p build
-	$(CXX) -std=c++17 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -Icsrc \
+	$(CXX) -std=c++17 -O2 -g -fsanitize=address,undefined -fno-sanitize-recover=all -Icsrc \
 		csrc/core/*.cpp tests/core/test_core.cpp -o $@
 
 test-core: build/core_tests

@@ -458,15 +458,21 @@ Steps generate_steps(const ScheduleSpec& s, int64_t stage_id) {
   throw std::logic_error("unhandled schedule kind");
 }
 
-std::vector<Steps> generate_all_steps(const ScheduleSpec& s) {
+std::vector<Steps> generate_all_steps(const ScheduleSpec& s, std::vector<int64_t>* num_buffers) {
   validate(s);
   std::vector<Steps> all;
   all.reserve(s.stages);
+  if (num_buffers) num_buffers->assign(s.stages, 0);
   if (is_compute_order_kind(s.kind)) {
     const auto orders = compute_orders(s);
-    for (int64_t i = 0; i < s.stages; ++i) all.push_back(lower(s, i, orders[i], nullptr));
+    for (int64_t i = 0; i < s.stages; ++i) {
+      all.push_back(lower(s, i, orders[i], num_buffers ? &(*num_buffers)[i] : nullptr));
+    }
   } else {
-    for (int64_t i = 0; i < s.stages; ++i) all.push_back(generate_steps(s, i));
+    for (int64_t i = 0; i < s.stages; ++i) {
+      all.push_back(generate_steps(s, i));
+      if (num_buffers) (*num_buffers)[i] = num_pipe_buffers(s, i);
+    }
   }
   return all;
 }

@@ -69,8 +69,9 @@ void validate_stage(const ScheduleSpec& spec, int64_t stage_id);
 // The steps of one stage.
 Steps generate_steps(const ScheduleSpec& spec, int64_t stage_id);
 // The steps of every stage (cheaper than calling generate_steps per stage for
-// schedules whose construction looks at the whole pipeline).
-std::vector<Steps> generate_all_steps(const ScheduleSpec& spec);
+// schedules whose construction looks at the whole pipeline), and optionally
+// each stage's num_pipe_buffers.
+std::vector<Steps> generate_all_steps(const ScheduleSpec& spec, std::vector<int64_t>* num_buffers = nullptr);
 // Activation buffers the stage needs (DeepSpeed's num_pipe_buffers() for the
 // DeepSpeed-named schedules; the peak of live buffers for the others).
 int64_t num_pipe_buffers(const ScheduleSpec& spec, int64_t stage_id);

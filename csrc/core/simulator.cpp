@@ -362,9 +362,8 @@ SimulationResult simulate(const std::vector<Steps>& streams, int64_t micro_batch
 }
 
 SimulationResult simulate(const ScheduleSpec& spec, const OpCosts& costs) {
-  const std::vector<Steps> streams = generate_all_steps(spec);
   std::vector<int64_t> buffers;
-  for (int64_t i = 0; i < spec.stages; ++i) buffers.push_back(num_pipe_buffers(spec, i));
+  const std::vector<Steps> streams = generate_all_steps(spec, &buffers);
   return simulate(streams, spec.micro_batches, spec.chunks, buffers, costs);
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "core/partition.h"
+#include "core/simulator.h"
 #include "core/topology.h"
 
 using namespace dpe::core;
@@ -112,9 +113,52 @@ static void test_topology() {
   CHECK(throws_invalid([] { Topology({"a"}, {0}); }));
 }
 
+// Every schedule kind passes the simulator's checks for all S <= 16, M <= 64
+// (chunks <= 4 for interleaved), and each keeps its activation bound.
+static void test_schedules_property() {
+  const ScheduleKind kinds[] = {ScheduleKind::Train1F1B, ScheduleKind::Inference, ScheduleKind::GPipe,
+                                ScheduleKind::ZeroBubbleH1, ScheduleKind::Interleaved1F1B};
+  int64_t simulated = 0;
+  for (ScheduleKind kind : kinds) {
+    const int64_t max_chunks = kind == ScheduleKind::Interleaved1F1B ? 4 : 1;
+    for (int64_t S = 1; S <= 16; ++S) {
+      for (int64_t M = 1; M <= 64; ++M) {
+        for (int64_t V = 1; V <= max_chunks; ++V) {
+          const ScheduleSpec spec{kind, M, S, V};
+          try {
+            const SimulationResult r = simulate(spec, OpCosts{});
+            ++simulated;
+            if (kind == ScheduleKind::Train1F1B || kind == ScheduleKind::ZeroBubbleH1) {
+              for (int64_t i = 0; i < S; ++i) CHECK(r.peak_activations[i] == std::min(S - i, M));
+            }
+          } catch (const std::exception& e) {
+            ++failures;
+            std::fprintf(stderr, "%s S=%lld M=%lld V=%lld: %s\n", schedule_kind_name(kind), (long long)S,
+                         (long long)M, (long long)V, e.what());
+          }
+        }
+      }
+    }
+  }
+  CHECK(simulated == (4 + 4) * 16 * 64);
+  {
+    const SimulationResult r = simulate(ScheduleSpec{ScheduleKind::DataParallel, 8, 1, 1}, OpCosts{});
+    CHECK(r.makespan == 8 * 3);
+  }
+}
+
+static void test_schedule_errors() {
+  CHECK(throws_invalid([] { generate_steps(ScheduleSpec{ScheduleKind::Train1F1B, 0, 2, 1}, 0); }));
+  CHECK(throws_invalid([] { generate_steps(ScheduleSpec{ScheduleKind::Train1F1B, 4, 2, 1}, 2); }));
+  CHECK(throws_invalid([] { generate_steps(ScheduleSpec{ScheduleKind::GPipe, 4, 2, 2}, 0); }));
+  CHECK(throws_invalid([] { parse_schedule_kind("nope"); }));
+}
+
 int main() {
   test_partition();
   test_topology();
+  test_schedules_property();
+  test_schedule_errors();
   std::printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;
 }
