@@ -91,10 +91,17 @@ OP_NAMES = tuple(_C.OP_NAMES)
 
 
 def _instruction(code, buffer_id, micro_batch, chunk):
+    # Fills the instance dict directly (what the constructors would set): the
+    # constructor chain through DeepSpeed's classes costs more than the C++
+    # generation itself.
     cls = _OP_BY_CODE[code]
+    obj = object.__new__(cls)
     if buffer_id < 0:
-        return cls()
-    return cls(buffer_id, micro_batch=micro_batch, chunk=chunk)
+        obj.__dict__.update(name=cls.__name__, kwargs={})
+    else:
+        obj.__dict__.update(name=cls.__name__, kwargs={"buffer_id": buffer_id}, buffer_id=buffer_id,
+                            micro_batch=micro_batch, chunk=chunk)
+    return obj
 
 
 # ---------------------------------------------------------------- schedules
