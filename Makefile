@@ -44,6 +44,7 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench_partition.py
+	$(PY) benchmarks/bench_schedule.py
 
 clean:
 	rm -rf build $(VENV) deepspeed_pipe_ext/*.so *.egg-info

@@ -103,8 +103,8 @@ def main(argv=None):
                                     args.backward_input, args.backward_weight, args.send_latency)
     except (ValueError, _schedule.ScheduleError) as err:
         parser.exit(2, f"error: {err}\n")
-    chunks = f" chunks={args.chunks}" if args.chunks > 1 else ""
-    print(f"{args.kind}: stages={args.stages} micro_batches={args.micro_batches}{chunks}")
+    chunks = f", chunks={args.chunks}" if args.chunks > 1 else ""
+    print(f"{args.kind}: stages={args.stages}, micro_batches={args.micro_batches}{chunks}")
     print(text_timeline(result, args.chunks))
     print(summary(result))
     if args.plot:
