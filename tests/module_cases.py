@@ -99,6 +99,52 @@ def check_parity_with_deepspeed(rank, world_size, num_cases, seed):
     return checked
 
 
+def check_constructor_variants_match_deepspeed(rank, world_size):
+    """nn.Sequential layers, seed_layers (default and custom seed_fn), a
+    topology argument (ours or DeepSpeed's) and checkpoint paths."""
+    seeds_seen = []
+
+    def my_seed(seed):
+        seeds_seen.append(seed)
+        torch.manual_seed(seed * 7)
+
+    def build(cls, layers_fn, **kw):
+        torch.manual_seed(123)
+        return cls(layers=layers_fn(), loss_fn=nn.MSELoss(), **kw)
+
+    seq = lambda: nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)], nn.ReLU())
+    specs = lambda: [DSLayerSpec(Block, 4, 8) for _ in range(6)]
+    # seed_layers with 'uniform': DeepSpeed's own 'parameters' partition yields
+    # numpy ints that its set_random_seed passes to random.seed, which rejects
+    # them on Python 3.11 (a DeepSpeed bug ours does not have; see below).
+    variants = [(seq, dict(num_stages=2)),
+                (specs, dict(num_stages=2, seed_layers=True, partition_method="uniform")),
+                (specs, dict(num_stages=2, seed_layers=True, seed_fn=my_seed, base_seed=99, partition_method="uniform"))]
+    if world_size == 4:
+        variants += [(specs, dict(topology=ds_topo.PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=1))),
+                     (specs, dict(topology=dpe.PipeDataParallelTopology(num_pp=4, num_dp=1)))]
+    for layers_fn, kw in variants:
+        theirs_kw = dict(kw)
+        if isinstance(kw.get("topology"), dpe.ProcessTopology):
+            t = kw["topology"]
+            theirs_kw["topology"] = ds_topo.ProcessTopology(t.get_axis_names(), [t.get_dim(a) for a in t.axes])
+        theirs = build(DSPipelineModule, layers_fn, **theirs_kw)
+        ours = build(dpe.PipelineModule, layers_fn, **kw)
+        assert ours.parts == [int(p) for p in theirs.parts], kw
+        sd_ours, sd_theirs = layers_local_state(ours), layers_local_state(theirs)
+        assert sd_ours.keys() == sd_theirs.keys()
+        assert all(torch.equal(sd_ours[k], sd_theirs[k]) for k in sd_ours), kw
+        for local in range(len(ours.forward_funcs)):
+            assert ours.ckpt_layer_path("/ckpt", local) == theirs.ckpt_layer_path("/ckpt", local)
+        assert ours.ckpt_prefix("/ckpt", "tag") == theirs.ckpt_prefix("/ckpt", "tag")
+        assert ours.mpu().get_slice_parallel_rank() == theirs.mpu().get_slice_parallel_rank()
+    assert seeds_seen and all(s >= 99 for s in seeds_seen)
+    # Where DeepSpeed's PipelineModule crashes (seed_layers with 'parameters'), ours builds.
+    seeded = build(dpe.PipelineModule, specs, num_stages=2, seed_layers=True)
+    assert len(seeded.forward_funcs) == seeded.parts[seeded.stage_id + 1] - seeded.parts[seeded.stage_id]
+    return len(variants)
+
+
 def check_grid_matches_deepspeed(rank, world_size):
     """Our PipelineParallelGrid answers every query as DeepSpeed's does."""
     shapes = [ds_topo.PipeDataParallelTopology(num_pp=world_size, num_dp=1),

@@ -13,8 +13,10 @@ def test_module_matches_deepspeed(world_size, cases):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_grid_matches_deepspeed(world_size):
+def test_grid_and_constructor_variants_match_deepspeed(world_size):
     assert all(run_ranks(module_cases.check_grid_matches_deepspeed, world_size))
+    assert run_ranks(module_cases.check_constructor_variants_match_deepspeed, world_size) == \
+        [3 if world_size == 2 else 5] * world_size
 
 
 def test_bad_input_errors():
