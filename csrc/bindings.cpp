@@ -8,6 +8,7 @@
 #include "core/schedule.h"
 #include "core/simulator.h"
 #include "core/topology.h"
+#include "runtime/p2p.h"
 
 namespace py = pybind11;
 using dpe::core::Topology;
@@ -167,6 +168,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("streams"), py::arg("micro_batches"), py::arg("chunks"), py::arg("num_buffers"),
       py::arg("forward") = 1.0, py::arg("backward_input") = 1.0, py::arg("backward_weight") = 1.0,
       py::arg("send_latency") = 0.0);
+
+  py::class_<dpe::runtime::P2P>(m, "P2P")
+      .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, double timeout_s, std::string self_name,
+                       bool dynamic_shapes) {
+             return std::make_unique<dpe::runtime::P2P>(
+                 std::move(group), std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)),
+                 std::move(self_name), dynamic_shapes);
+           }),
+           py::arg("group"), py::arg("timeout_s"), py::arg("self_name"), py::arg("dynamic_shapes") = false)
+      .def("send", &dpe::runtime::P2P::send, py::arg("tensors"), py::arg("peer"), py::arg("tag"), py::arg("what"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("recv", &dpe::runtime::P2P::recv, py::arg("peer"), py::arg("tag"), py::arg("what"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("wait_sends", &dpe::runtime::P2P::wait_sends, py::call_guard<py::gil_scoped_release>())
+      .def("reset", &dpe::runtime::P2P::reset, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("rank", &dpe::runtime::P2P::rank)
+      .def_property_readonly("size", &dpe::runtime::P2P::size);
 
   py::class_<Topology>(m, "Topology")
       .def(py::init<std::vector<std::string>, std::vector<int64_t>>(), py::arg("axes"), py::arg("dims"))

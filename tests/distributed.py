@@ -35,12 +35,16 @@ def _worker(fn, rank, world_size, port, results, args):
         import deepspeed
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+    except BaseException:  # report everything, including assertion errors
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    results.put((rank, "ok", out))
+    try:  # best effort: a test may have broken the group on purpose (timeouts)
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-    except BaseException:  # report everything, including assertion errors
-        results.put((rank, "error", traceback.format_exc()))
+    except Exception:
+        pass
 
 
 def run_ranks(fn, world_size, *args, timeout=240):

@@ -174,6 +174,25 @@ class Simulator {
     return channels_[std::make_tuple(src, dst, static_cast<int>(kind))];
   }
 
+  // Takes the next message from virtual stage src_vs, checking it is the one
+  // the instruction expects; false when none has been sent yet.
+  bool receive(int64_t i, const Located& at, Channel kind, int64_t src_vs) {
+    const Instruction& in = at.instr;
+    const int64_t src = src_vs % S_, src_chunk = src_vs / S_;
+    auto& q = channel(src, i, kind);
+    if (q.empty()) return false;
+    const Message msg = q.front();
+    if (msg.micro_batch != in.micro_batch || msg.chunk != src_chunk) {
+      fail(i, at.step, in, std::string("the next ") + (kind == Channel::Activation ? "activation" : "gradient") +
+                               " from stage " + std::to_string(src) + " is for micro-batch " +
+                               std::to_string(msg.micro_batch) + " (chunk " + std::to_string(msg.chunk) +
+                               "): sends and receives are out of order");
+    }
+    q.pop_front();
+    stages_[i].time = std::max(stages_[i].time, msg.arrival);
+    return true;
+  }
+
   // Returns false when the instruction must wait for a message.
   bool execute(int64_t i, const Located& at) {
     StageState& st = stages_[i];
@@ -189,18 +208,8 @@ class Simulator {
         break;
       case Op::RecvActivation: {
         if (vs == 0) fail(i, at.step, in, "the first stage has no previous stage to receive from");
-        const int64_t src = (vs - 1) % S_, src_chunk = (vs - 1) / S_;
-        auto& q = channel(src, i, Channel::Activation);
-        if (q.empty()) return false;
-        const Message msg = q.front();
-        if (msg.micro_batch != in.micro_batch || msg.chunk != src_chunk) {
-          fail(i, at.step, in, "the next activation from stage " + std::to_string(src) + " is micro-batch " +
-                                   std::to_string(msg.micro_batch) + " (chunk " + std::to_string(msg.chunk) +
-                                   "): sends and receives are out of order");
-        }
-        q.pop_front();
+        if (!receive(i, at, Channel::Activation, vs - 1)) return false;
         claim_buffer(i, at);
-        st.time = std::max(st.time, msg.arrival);
         st.fwd_input[k] = 1;
         break;
       }
@@ -227,18 +236,8 @@ class Simulator {
       }
       case Op::RecvGrad: {
         if (vs == last_vs) fail(i, at.step, in, "the last stage has no next stage to receive gradients from");
-        const int64_t src = (vs + 1) % S_, src_chunk = (vs + 1) / S_;
-        auto& q = channel(src, i, Channel::Grad);
-        if (q.empty()) return false;
-        const Message msg = q.front();
-        if (msg.micro_batch != in.micro_batch || msg.chunk != src_chunk) {
-          fail(i, at.step, in, "the next gradient from stage " + std::to_string(src) + " is for micro-batch " +
-                                   std::to_string(msg.micro_batch) + " (chunk " + std::to_string(msg.chunk) +
-                                   "): sends and receives are out of order");
-        }
-        q.pop_front();
+        if (!receive(i, at, Channel::Grad, vs + 1)) return false;
         use_buffer(i, at);
-        st.time = std::max(st.time, msg.arrival);
         st.grad_ready[k] = 1;
         break;
       }

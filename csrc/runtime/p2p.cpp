@@ -1,0 +1,140 @@
+#include "p2p.h"
+
+#include <c10/util/Exception.h>
+
+#include <sstream>
+
+namespace dpe::runtime {
+
+namespace {
+
+// Meta on the wire: int64 [count, then per tensor: dtype, requires_grad, ndim, dims...].
+at::Tensor encode(const std::vector<TensorMeta>& meta) {
+  std::vector<int64_t> flat{static_cast<int64_t>(meta.size())};
+  for (const auto& m : meta) {
+    flat.push_back(static_cast<int64_t>(m.dtype));
+    flat.push_back(m.requires_grad ? 1 : 0);
+    flat.push_back(static_cast<int64_t>(m.shape.size()));
+    flat.insert(flat.end(), m.shape.begin(), m.shape.end());
+  }
+  return at::tensor(flat, at::TensorOptions().dtype(at::kLong));
+}
+
+std::vector<TensorMeta> decode(const at::Tensor& wire) {
+  const int64_t* p = wire.data_ptr<int64_t>();
+  const int64_t n = wire.numel();
+  std::vector<TensorMeta> meta;
+  int64_t i = 1;
+  for (int64_t t = 0; t < p[0]; ++t) {
+    TORCH_CHECK(i + 3 <= n, "corrupt tensor meta received (truncated)");
+    TensorMeta m{static_cast<at::ScalarType>(p[i]), {}, p[i + 1] != 0};
+    const int64_t ndim = p[i + 2];
+    i += 3;
+    TORCH_CHECK(ndim >= 0 && i + ndim <= n, "corrupt tensor meta received (bad rank)");
+    m.shape.assign(p + i, p + i + ndim);
+    i += ndim;
+    meta.push_back(std::move(m));
+  }
+  return meta;
+}
+
+}  // namespace
+
+std::vector<TensorMeta> meta_of(const std::vector<at::Tensor>& tensors) {
+  std::vector<TensorMeta> meta;
+  meta.reserve(tensors.size());
+  for (const auto& t : tensors) meta.push_back({t.scalar_type(), t.sizes().vec(), t.requires_grad()});
+  return meta;
+}
+
+std::string describe(const std::vector<TensorMeta>& meta) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < meta.size(); ++i) {
+    out << (i ? ", " : "") << c10::toString(meta[i].dtype) << c10::IntArrayRef(meta[i].shape);
+  }
+  out << ")";
+  return out.str();
+}
+
+P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds timeout, std::string self_name,
+         bool dynamic_shapes)
+    : group_(std::move(group)), timeout_(timeout), self_name_(std::move(self_name)), dynamic_(dynamic_shapes) {
+  TORCH_CHECK(group_, "P2P needs a process group");
+}
+
+void P2P::wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::string& what, const char* verb) {
+  try {
+    if (!work->wait(timeout_)) {
+      TORCH_CHECK(false, "timed out");
+    }
+  } catch (const std::exception& err) {
+    TORCH_CHECK(false, self_name_, ": ", verb, " ", what, " with peer rank ", peer, " failed after waiting up to ",
+                timeout_.count() / 1000.0, " s: ", err.what(),
+                ". The peer may have died, or its schedule does not match this one.");
+  }
+}
+
+void P2P::send(const std::vector<at::Tensor>& tensors, int peer, int tag, const std::string& what) {
+  const Channel channel{peer, tag};
+  std::vector<TensorMeta> meta = meta_of(tensors);
+  auto known = sent_meta_.find(channel);
+  const bool send_meta = dynamic_ || known == sent_meta_.end();
+  if (!send_meta && !(known->second == meta)) {
+    TORCH_CHECK(false, self_name_, ": ", what, " changed from ", describe(known->second), " to ", describe(meta),
+                " since the first transfer; pass dynamic_shape=True to PipelineModule (or call "
+                "engine.reset_activation_shape()) when activation shapes vary");
+  }
+  std::vector<at::Tensor> keep;
+  if (send_meta) {
+    at::Tensor wire = encode(meta);
+    std::vector<at::Tensor> length{at::tensor({wire.numel()}, at::TensorOptions().dtype(at::kLong))};
+    std::vector<at::Tensor> body{wire};
+    pending_.push_back({group_->send(length, peer, meta_tag(tag)), length, peer, what + " (meta length)"});
+    pending_.push_back({group_->send(body, peer, meta_tag(tag)), body, peer, what + " (meta)"});
+    sent_meta_[channel] = std::move(meta);
+  }
+  for (const auto& t : tensors) {
+    std::vector<at::Tensor> one{t.detach().contiguous()};
+    pending_.push_back({group_->send(one, peer, data_tag(tag)), one, peer, what});
+  }
+}
+
+std::vector<at::Tensor> P2P::recv(int peer, int tag, const std::string& what) {
+  const Channel channel{peer, tag};
+  auto known = recv_meta_.find(channel);
+  if (dynamic_ || known == recv_meta_.end()) {
+    std::vector<at::Tensor> length{at::empty({1}, at::TensorOptions().dtype(at::kLong))};
+    wait(group_->recv(length, peer, meta_tag(tag)), peer, what + " (meta length)", "receiving");
+    std::vector<at::Tensor> body{at::empty({length[0].item<int64_t>()}, at::TensorOptions().dtype(at::kLong))};
+    wait(group_->recv(body, peer, meta_tag(tag)), peer, what + " (meta)", "receiving");
+    std::vector<TensorMeta> meta = decode(body[0]);
+    auto& buffers = recv_buffers_[channel];
+    if (known == recv_meta_.end() || !(known->second == meta)) {
+      buffers.clear();
+      for (const auto& m : meta) buffers.push_back(at::empty(m.shape, at::TensorOptions().dtype(m.dtype)));
+    }
+    recv_meta_[channel] = std::move(meta);
+  }
+  auto& buffers = recv_buffers_[channel];
+  for (auto& b : buffers) {
+    std::vector<at::Tensor> one{b};
+    wait(group_->recv(one, peer, data_tag(tag)), peer, what, "receiving");
+  }
+  return buffers;
+}
+
+void P2P::wait_sends() {
+  std::vector<PendingSend> pending;
+  pending.swap(pending_);
+  for (auto& p : pending) wait(p.work, p.peer, p.what, "sending");
+}
+
+void P2P::reset() {
+  wait_sends();
+  sent_meta_.clear();
+  recv_meta_.clear();
+  recv_buffers_.clear();
+}
+
+}  // namespace dpe::runtime

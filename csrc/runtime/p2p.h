@@ -1,0 +1,77 @@
+// Point-to-point transfers of activations and gradients between pipeline
+// stages over a torch c10d ProcessGroup (gloo on CPU, NCCL on GPU).
+//
+// A transfer carries a tuple of tensors. The first transfer on a (peer, tag)
+// channel sends the tuple's meta first (count, dtypes, shapes, requires_grad);
+// later ones reuse it on both sides, unless the channel is dynamic, in which
+// case every transfer carries its meta. Every wait has a timeout, and a
+// timeout or a failure names this stage, the peer and what was being moved.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <chrono>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace dpe::runtime {
+
+struct TensorMeta {
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+  bool requires_grad;
+  bool operator==(const TensorMeta& o) const {
+    return dtype == o.dtype && shape == o.shape && requires_grad == o.requires_grad;
+  }
+};
+
+std::vector<TensorMeta> meta_of(const std::vector<at::Tensor>& tensors);
+std::string describe(const std::vector<TensorMeta>& meta);
+
+class P2P {
+ public:
+  // `group` holds this rank and its peers; peers are ranks within `group`.
+  // `self_name` (e.g. "stage 1") prefixes error messages.
+  P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds timeout, std::string self_name,
+      bool dynamic_shapes);
+
+  // Starts sending `tensors` to `peer`; returns at once. The tensors must stay
+  // unmodified until wait_sends() (the executor keeps them in its buffers).
+  void send(const std::vector<at::Tensor>& tensors, int peer, int tag, const std::string& what);
+  // Receives a tuple from `peer` into buffers allocated on first use (or when
+  // the meta changes) and reused afterwards; returns those buffers.
+  std::vector<at::Tensor> recv(int peer, int tag, const std::string& what);
+  // Waits for every send started so far.
+  void wait_sends();
+  // Forgets cached meta and buffers: the next transfers send meta again.
+  void reset();
+
+  int rank() const { return group_->getRank(); }
+  int size() const { return group_->getSize(); }
+
+ private:
+  using Channel = std::pair<int, int>;  // (peer, tag)
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::string& what, const char* verb);
+  int data_tag(int tag) const { return 2 * tag + 1; }
+  int meta_tag(int tag) const { return 2 * tag; }
+
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  std::chrono::milliseconds timeout_;
+  std::string self_name_;
+  bool dynamic_;
+  std::map<Channel, std::vector<TensorMeta>> sent_meta_;
+  std::map<Channel, std::vector<TensorMeta>> recv_meta_;
+  std::map<Channel, std::vector<at::Tensor>> recv_buffers_;
+  struct PendingSend {
+    c10::intrusive_ptr<c10d::Work> work;
+    std::vector<at::Tensor> keep_alive;
+    int peer;
+    std::string what;
+  };
+  std::vector<PendingSend> pending_;
+};
+
+}  // namespace dpe::runtime

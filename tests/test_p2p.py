@@ -1,0 +1,21 @@
+"""C++ point-to-point transfers over c10d (gloo): tuples, dtypes, meta
+caching, shape changes and timeouts."""
+import p2p_cases
+from distributed import run_ranks
+
+
+def test_tuples_keep_dtypes_and_values():
+    assert all(run_ranks(p2p_cases.transfer_tuples, 2))
+
+
+def test_shape_change():
+    (error, _), (_, shapes) = run_ranks(p2p_cases.shape_change_is_refused, 2)
+    assert "activation changed from (Float[2, 3]) to (Float[2, 4])" in error
+    assert "dynamic_shape=True" in error
+    assert shapes == [(3, 2), (5, 2), (2, 2)]
+
+
+def test_missing_send_times_out_with_a_clear_error():
+    _, (message, waited) = run_ranks(p2p_cases.timeout_names_the_peer, 2)
+    assert "stage 1: receiving RecvActivation(micro-batch 0) (meta length) with peer rank 0 failed" in message
+    assert waited < 30
