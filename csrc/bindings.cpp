@@ -8,6 +8,7 @@
 #include "core/schedule.h"
 #include "core/simulator.h"
 #include "core/topology.h"
+#include "runtime/executor.h"
 #include "runtime/p2p.h"
 
 namespace py = pybind11;
@@ -72,6 +73,36 @@ py::dict result_to_python(const core::SimulationResult& r) {
 
 core::OpCosts make_costs(double forward, double backward_input, double backward_weight, double send_latency) {
   return core::OpCosts{forward, backward_input, backward_weight, send_latency};
+}
+
+// A stage's value in Python: a tensor, or a tuple of tensors.
+py::object activation_to_python(const dpe::runtime::Activation& a) {
+  if (!a.is_tuple && a.tensors.size() == 1) return py::cast(a.tensors[0]);
+  py::tuple out(a.tensors.size());
+  for (size_t i = 0; i < a.tensors.size(); ++i) out[i] = py::cast(a.tensors[i]);
+  return std::move(out);
+}
+
+dpe::runtime::Activation activation_from_python(const py::handle& obj, const char* what) {
+  dpe::runtime::Activation a;
+  if (obj.is_none()) return a;
+  if (THPVariable_Check(obj.ptr())) {
+    a.tensors.push_back(py::cast<at::Tensor>(obj));
+    return a;
+  }
+  if (py::isinstance<py::tuple>(obj) || py::isinstance<py::list>(obj)) {
+    a.is_tuple = true;
+    for (const auto& item : obj) {
+      if (!THPVariable_Check(item.ptr())) {
+        throw py::type_error(std::string(what) + " must be a tensor or a tuple of tensors; found a " +
+                             std::string(py::str(py::type::of(item).attr("__name__"))) + " in the tuple");
+      }
+      a.tensors.push_back(py::cast<at::Tensor>(item));
+    }
+    return a;
+  }
+  throw py::type_error(std::string(what) + " must be a tensor or a tuple of tensors, got " +
+                       std::string(py::str(py::type::of(obj).attr("__name__"))));
 }
 
 }  // namespace
@@ -171,20 +202,74 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<dpe::runtime::P2P>(m, "P2P")
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, double timeout_s, std::string self_name,
-                       bool dynamic_shapes) {
+                       bool dynamic_shapes, const std::string& device) {
              return std::make_unique<dpe::runtime::P2P>(
                  std::move(group), std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)),
-                 std::move(self_name), dynamic_shapes);
+                 std::move(self_name), dynamic_shapes, at::Device(device));
            }),
-           py::arg("group"), py::arg("timeout_s"), py::arg("self_name"), py::arg("dynamic_shapes") = false)
-      .def("send", &dpe::runtime::P2P::send, py::arg("tensors"), py::arg("peer"), py::arg("tag"), py::arg("what"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("recv", &dpe::runtime::P2P::recv, py::arg("peer"), py::arg("tag"), py::arg("what"),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("group"), py::arg("timeout_s"), py::arg("self_name"), py::arg("dynamic_shapes") = false,
+           py::arg("device") = "cpu")
+      .def(
+          "send",
+          [](dpe::runtime::P2P& self, py::object value, int peer, int tag, const std::string& what) {
+            auto a = activation_from_python(value, "a sent value");
+            py::gil_scoped_release release;
+            self.send(a, peer, tag, what);
+          },
+          py::arg("value"), py::arg("peer"), py::arg("tag"), py::arg("what"))
+      .def(
+          "recv",
+          [](dpe::runtime::P2P& self, int peer, int tag, const std::string& what) {
+            dpe::runtime::Activation a;
+            {
+              py::gil_scoped_release release;
+              a = self.recv(peer, tag, what);
+            }
+            return activation_to_python(a);
+          },
+          py::arg("peer"), py::arg("tag"), py::arg("what"))
       .def("wait_sends", &dpe::runtime::P2P::wait_sends, py::call_guard<py::gil_scoped_release>())
       .def("reset", &dpe::runtime::P2P::reset, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &dpe::runtime::P2P::rank)
       .def_property_readonly("size", &dpe::runtime::P2P::size);
+
+  m.def(
+      "run_stage",
+      [](dpe::runtime::P2P* p2p, const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id,
+         int prev_peer, int next_peer, int tag_base, py::function load, py::function forward, py::function backward_loss,
+         py::function reduce_tied_grads, py::function reduce_grads, py::function optimizer_step) {
+        const auto spec = make_spec(kind, micro_batches, stages, 1);
+        const core::Steps steps = core::generate_steps(spec, stage_id);
+        const int64_t buffers = core::num_pipe_buffers(spec, stage_id);
+        dpe::runtime::StageCallbacks cb;
+        cb.load = [&](int64_t buffer) {
+          py::gil_scoped_acquire gil;
+          return activation_from_python(load(buffer), "the loaded micro-batch's inputs");
+        };
+        cb.forward = [&](int64_t buffer, const dpe::runtime::Activation& inputs) {
+          py::gil_scoped_acquire gil;
+          return activation_from_python(forward(buffer, activation_to_python(inputs)), "a stage's output");
+        };
+        auto plain = [](py::function& fn) {
+          return [&fn]() {
+            py::gil_scoped_acquire gil;
+            fn();
+          };
+        };
+        cb.backward_loss = [&](int64_t buffer) {
+          py::gil_scoped_acquire gil;
+          backward_loss(buffer);
+        };
+        cb.reduce_tied_grads = plain(reduce_tied_grads);
+        cb.reduce_grads = plain(reduce_grads);
+        cb.optimizer_step = plain(optimizer_step);
+        dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base);
+        py::gil_scoped_release release;
+        executor.run(steps, buffers, cb);
+      },
+      py::arg("p2p"), py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"),
+      py::arg("prev_peer"), py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
+      py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"));
 
   py::class_<Topology>(m, "Topology")
       .def(py::init<std::vector<std::string>, std::vector<int64_t>>(), py::arg("axes"), py::arg("dims"))

@@ -7,6 +7,7 @@ import torch and deepspeed is the expensive part on a 2-core machine.
 """
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -38,7 +39,9 @@ def _worker(fn, rank, world_size, port, results, args):
     except BaseException:  # report everything, including assertion errors
         results.put((rank, "error", traceback.format_exc()))
         return
-    results.put((rank, "ok", out))
+    # Plain pickle: torch's queue reducers would share tensors through file
+    # descriptors that die with this process.
+    results.put((rank, "ok", pickle.dumps(out)))
     try:  # best effort: a test may have broken the group on purpose (timeouts)
         import torch.distributed as dist
         dist.barrier()
@@ -83,4 +86,4 @@ def run_ranks(fn, world_size, *args, timeout=240):
     errors = {r: v for r, (s, v) in outcome.items() if s == "error"}
     if errors:
         raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [outcome[r][1] for r in range(world_size)]
+    return [pickle.loads(outcome[r][1]) for r in range(world_size)]

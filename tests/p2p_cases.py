@@ -23,12 +23,14 @@ def transfer_tuples(rank, world_size):
     for step in range(5):
         if rank == 0:
             p2p.send(_tuple(step), 1, 0, "activation")
-            p2p.send([torch.full((4, ), float(step))], 1, 1, "second channel")
+            p2p.send(torch.full((4, ), float(step)), 1, 1, "second channel")
         else:
             got = p2p.recv(0, 0, "activation")
+            assert isinstance(got, tuple)
             received.append([(t.dtype, t.clone()) for t in got])
             other = p2p.recv(0, 1, "second channel")
-            assert torch.equal(other[0], torch.full((4, ), float(step)))
+            assert torch.is_tensor(other), "a single tensor arrives as a tensor, not a tuple"
+            assert torch.equal(other, torch.full((4, ), float(step)))
     p2p.wait_sends()
     if rank == 1:
         for step, got in enumerate(received):
@@ -45,9 +47,9 @@ def shape_change_is_refused(rank, world_size):
     p2p = _C.P2P(dist.group.WORLD, 30.0, f"stage {rank}")
     error = None
     if rank == 0:
-        p2p.send([torch.zeros(2, 3)], 1, 0, "activation")
+        p2p.send(torch.zeros(2, 3), 1, 0, "activation")
         try:
-            p2p.send([torch.zeros(2, 4)], 1, 0, "activation")
+            p2p.send(torch.zeros(2, 4), 1, 0, "activation")
         except RuntimeError as err:
             error = str(err)
     else:
@@ -57,9 +59,9 @@ def shape_change_is_refused(rank, world_size):
     shapes = []
     for n in (3, 5, 2):
         if rank == 0:
-            dynamic.send([torch.ones(n, 2, dtype=torch.bool)], 1, 7, "activation")
+            dynamic.send(torch.ones(n, 2, dtype=torch.bool), 1, 7, "activation")
         else:
-            shapes.append(tuple(dynamic.recv(0, 7, "activation")[0].shape))
+            shapes.append(tuple(dynamic.recv(0, 7, "activation").shape))
     dynamic.wait_sends()
     return error, shapes
 

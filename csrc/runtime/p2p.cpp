@@ -2,15 +2,16 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <sstream>
 
 namespace dpe::runtime {
 
 namespace {
 
-// Meta on the wire: int64 [count, then per tensor: dtype, requires_grad, ndim, dims...].
-at::Tensor encode(const std::vector<TensorMeta>& meta) {
-  std::vector<int64_t> flat{static_cast<int64_t>(meta.size())};
+// Meta on the wire: int64 [count, is_tuple, then per tensor: dtype, requires_grad, ndim, dims...].
+at::Tensor encode(const std::vector<TensorMeta>& meta, bool is_tuple) {
+  std::vector<int64_t> flat{static_cast<int64_t>(meta.size()), is_tuple ? 1 : 0};
   for (const auto& m : meta) {
     flat.push_back(static_cast<int64_t>(m.dtype));
     flat.push_back(m.requires_grad ? 1 : 0);
@@ -20,11 +21,13 @@ at::Tensor encode(const std::vector<TensorMeta>& meta) {
   return at::tensor(flat, at::TensorOptions().dtype(at::kLong));
 }
 
-std::vector<TensorMeta> decode(const at::Tensor& wire) {
+std::vector<TensorMeta> decode(const at::Tensor& wire, bool* is_tuple) {
   const int64_t* p = wire.data_ptr<int64_t>();
   const int64_t n = wire.numel();
+  TORCH_CHECK(n >= 2, "corrupt tensor meta received (too short)");
+  *is_tuple = p[1] != 0;
   std::vector<TensorMeta> meta;
-  int64_t i = 1;
+  int64_t i = 2;
   for (int64_t t = 0; t < p[0]; ++t) {
     TORCH_CHECK(i + 3 <= n, "corrupt tensor meta received (truncated)");
     TensorMeta m{static_cast<at::ScalarType>(p[i]), {}, p[i + 1] != 0};
@@ -58,8 +61,12 @@ std::string describe(const std::vector<TensorMeta>& meta) {
 }
 
 P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds timeout, std::string self_name,
-         bool dynamic_shapes)
-    : group_(std::move(group)), timeout_(timeout), self_name_(std::move(self_name)), dynamic_(dynamic_shapes) {
+         bool dynamic_shapes, at::Device device)
+    : group_(std::move(group)),
+      timeout_(timeout),
+      self_name_(std::move(self_name)),
+      dynamic_(dynamic_shapes),
+      device_(device) {
   TORCH_CHECK(group_, "P2P needs a process group");
 }
 
@@ -75,21 +82,23 @@ void P2P::wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::
   }
 }
 
-void P2P::send(const std::vector<at::Tensor>& tensors, int peer, int tag, const std::string& what) {
+void P2P::send(const Activation& value, int peer, int tag, const std::string& what) {
   const Channel channel{peer, tag};
-  std::vector<TensorMeta> meta = meta_of(tensors);
+  const std::vector<at::Tensor>& tensors = value.tensors;
+  ChannelMeta meta{meta_of(tensors), value.is_tuple};
   auto known = sent_meta_.find(channel);
   const bool send_meta = dynamic_ || known == sent_meta_.end();
   if (!send_meta && !(known->second == meta)) {
-    TORCH_CHECK(false, self_name_, ": ", what, " changed from ", describe(known->second), " to ", describe(meta),
+    TORCH_CHECK(false, self_name_, ": ", what, " changed from ", describe(known->second.tensors), " to ",
+                describe(meta.tensors),
                 " since the first transfer; pass dynamic_shape=True to PipelineModule (or call "
                 "engine.reset_activation_shape()) when activation shapes vary");
   }
   std::vector<at::Tensor> keep;
   if (send_meta) {
-    at::Tensor wire = encode(meta);
-    std::vector<at::Tensor> length{at::tensor({wire.numel()}, at::TensorOptions().dtype(at::kLong))};
-    std::vector<at::Tensor> body{wire};
+    at::Tensor wire = encode(meta.tensors, meta.is_tuple);
+    std::vector<at::Tensor> length{at::tensor({wire.numel()}, at::TensorOptions().dtype(at::kLong)).to(device_)};
+    std::vector<at::Tensor> body{wire.to(device_)};
     pending_.push_back({group_->send(length, peer, meta_tag(tag)), length, peer, what + " (meta length)"});
     pending_.push_back({group_->send(body, peer, meta_tag(tag)), body, peer, what + " (meta)"});
     sent_meta_[channel] = std::move(meta);
@@ -100,19 +109,24 @@ void P2P::send(const std::vector<at::Tensor>& tensors, int peer, int tag, const 
   }
 }
 
-std::vector<at::Tensor> P2P::recv(int peer, int tag, const std::string& what) {
+Activation P2P::recv(int peer, int tag, const std::string& what) {
   const Channel channel{peer, tag};
   auto known = recv_meta_.find(channel);
   if (dynamic_ || known == recv_meta_.end()) {
-    std::vector<at::Tensor> length{at::empty({1}, at::TensorOptions().dtype(at::kLong))};
+    const auto long_options = at::TensorOptions().dtype(at::kLong).device(device_);
+    std::vector<at::Tensor> length{at::empty({1}, long_options)};
     wait(group_->recv(length, peer, meta_tag(tag)), peer, what + " (meta length)", "receiving");
-    std::vector<at::Tensor> body{at::empty({length[0].item<int64_t>()}, at::TensorOptions().dtype(at::kLong))};
+    std::vector<at::Tensor> body{at::empty({length[0].item<int64_t>()}, long_options)};
     wait(group_->recv(body, peer, meta_tag(tag)), peer, what + " (meta)", "receiving");
-    std::vector<TensorMeta> meta = decode(body[0]);
+    body[0] = body[0].cpu();
+    ChannelMeta meta;
+    meta.tensors = decode(body[0], &meta.is_tuple);
     auto& buffers = recv_buffers_[channel];
     if (known == recv_meta_.end() || !(known->second == meta)) {
       buffers.clear();
-      for (const auto& m : meta) buffers.push_back(at::empty(m.shape, at::TensorOptions().dtype(m.dtype)));
+      for (const auto& m : meta.tensors) {
+        buffers.push_back(at::empty(m.shape, at::TensorOptions().dtype(m.dtype).device(device_)));
+      }
     }
     recv_meta_[channel] = std::move(meta);
   }
@@ -121,13 +135,19 @@ std::vector<at::Tensor> P2P::recv(int peer, int tag, const std::string& what) {
     std::vector<at::Tensor> one{b};
     wait(group_->recv(one, peer, data_tag(tag)), peer, what, "receiving");
   }
-  return buffers;
+  return Activation{buffers, recv_meta_[channel].is_tuple};
 }
 
 void P2P::wait_sends() {
   std::vector<PendingSend> pending;
   pending.swap(pending_);
   for (auto& p : pending) wait(p.work, p.peer, p.what, "sending");
+}
+
+void P2P::reap_sends() {
+  pending_.erase(std::remove_if(pending_.begin(), pending_.end(),
+                                [](const PendingSend& p) { return p.work->isCompleted() && !p.work->exception(); }),
+                 pending_.end());
 }
 
 void P2P::reset() {

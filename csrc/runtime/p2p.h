@@ -31,21 +31,31 @@ struct TensorMeta {
 std::vector<TensorMeta> meta_of(const std::vector<at::Tensor>& tensors);
 std::string describe(const std::vector<TensorMeta>& meta);
 
+// What a stage passes on: one tensor, or a tuple of tensors.
+struct Activation {
+  std::vector<at::Tensor> tensors;
+  bool is_tuple = false;
+};
+
 class P2P {
  public:
   // `group` holds this rank and its peers; peers are ranks within `group`.
   // `self_name` (e.g. "stage 1") prefixes error messages.
+  // Receive buffers (and meta, which NCCL needs on the GPU) live on `device`.
   P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds timeout, std::string self_name,
-      bool dynamic_shapes);
+      bool dynamic_shapes, at::Device device = at::kCPU);
 
   // Starts sending `tensors` to `peer`; returns at once. The tensors must stay
   // unmodified until wait_sends() (the executor keeps them in its buffers).
-  void send(const std::vector<at::Tensor>& tensors, int peer, int tag, const std::string& what);
-  // Receives a tuple from `peer` into buffers allocated on first use (or when
-  // the meta changes) and reused afterwards; returns those buffers.
-  std::vector<at::Tensor> recv(int peer, int tag, const std::string& what);
+  void send(const Activation& value, int peer, int tag, const std::string& what);
+  // Receives from `peer` into buffers allocated on first use (or when the
+  // meta changes) and reused afterwards; returns those buffers, so copy what
+  // must outlive the next receive on the same channel.
+  Activation recv(int peer, int tag, const std::string& what);
   // Waits for every send started so far.
   void wait_sends();
+  // Drops the sends that have completed (never blocks).
+  void reap_sends();
   // Forgets cached meta and buffers: the next transfers send meta again.
   void reset();
 
@@ -62,8 +72,14 @@ class P2P {
   std::chrono::milliseconds timeout_;
   std::string self_name_;
   bool dynamic_;
-  std::map<Channel, std::vector<TensorMeta>> sent_meta_;
-  std::map<Channel, std::vector<TensorMeta>> recv_meta_;
+  at::Device device_;
+  struct ChannelMeta {
+    std::vector<TensorMeta> tensors;
+    bool is_tuple;
+    bool operator==(const ChannelMeta& o) const { return tensors == o.tensors && is_tuple == o.is_tuple; }
+  };
+  std::map<Channel, ChannelMeta> sent_meta_;
+  std::map<Channel, ChannelMeta> recv_meta_;
   std::map<Channel, std::vector<at::Tensor>> recv_buffers_;
   struct PendingSend {
     c10::intrusive_ptr<c10d::Work> work;

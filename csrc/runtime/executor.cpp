@@ -1,0 +1,148 @@
+#include "runtime/executor.h"
+
+#include <torch/csrc/autograd/autograd.h>
+
+#include <c10/util/Exception.h>
+
+namespace dpe::runtime {
+
+namespace {
+
+// Received tensors become this stage's leaves: float ones collect the
+// gradient to send back (as DeepSpeed's engine does).
+Activation as_stage_inputs(const Activation& received) {
+  Activation out{{}, received.is_tuple};
+  out.tensors.reserve(received.tensors.size());
+  for (const auto& t : received.tensors) {
+    at::Tensor mine = t.clone().detach();
+    if (mine.is_floating_point()) mine.requires_grad_(true);
+    out.tensors.push_back(std::move(mine));
+  }
+  return out;
+}
+}  // namespace
+
+Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base)
+    : p2p_(p2p),
+      stage_id_(stage_id),
+      num_stages_(num_stages),
+      prev_peer_(prev_peer),
+      next_peer_(next_peer),
+      activation_tag_(tag_base),
+      grad_tag_(tag_base + 1) {
+  TORCH_CHECK(num_stages == 1 || p2p != nullptr, "a pipeline of ", num_stages, " stages needs p2p");
+}
+
+std::string Executor::where(const core::Instruction& in) const {
+  std::string s = "stage " + std::to_string(stage_id_) + ", step " + std::to_string(step_) + ", " +
+                  core::op_name(in.op);
+  if (in.micro_batch >= 0) s += " (micro-batch " + std::to_string(in.micro_batch) + ")";
+  return s;
+}
+
+void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCallbacks& cb) {
+  inputs_.assign(num_buffers, Activation{});
+  outputs_.assign(num_buffers, Activation{});
+  output_grads_.assign(num_buffers, {});
+  step_ = 0;
+  for (const auto& step : steps) {
+    for (const auto& in : step) {
+      TORCH_CHECK(!core::op_has_buffer(in.op) || (in.buffer_id >= 0 && in.buffer_id < num_buffers), where(in),
+                  ": buffer ", in.buffer_id, " outside the ", num_buffers, " allocated");
+      execute(in, cb);
+    }
+    if (p2p_) p2p_->reap_sends();
+    ++step_;
+  }
+  if (p2p_) p2p_->wait_sends();
+  inputs_.clear();
+  outputs_.clear();
+  output_grads_.clear();
+}
+
+void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
+  using core::Op;
+  const int64_t b = in.buffer_id;
+  switch (in.op) {
+    case Op::LoadMicroBatch: {
+      Activation loaded = cb.load(b);
+      if (stage_id_ == 0) inputs_[b] = std::move(loaded);
+      break;
+    }
+    case Op::RecvActivation:
+      inputs_[b] = as_stage_inputs(p2p_->recv(prev_peer_, activation_tag_, where(in)));
+      break;
+    case Op::ForwardPass: {
+      // Forward on clones so the buffer's leaves receive the input gradient.
+      Activation x{{}, inputs_[b].is_tuple};
+      for (const auto& t : inputs_[b].tensors) x.tensors.push_back(t.clone());
+      outputs_[b] = cb.forward(b, x);
+      break;
+    }
+    case Op::SendActivation:
+      p2p_->send(outputs_[b], next_peer_, activation_tag_, where(in));
+      break;
+    case Op::RecvGrad: {
+      const Activation grads = p2p_->recv(next_peer_, grad_tag_, where(in));
+      std::vector<at::Tensor> outs, grad_tensors;
+      for (const auto& t : outputs_[b].tensors) {
+        if (t.is_floating_point()) outs.push_back(t);
+      }
+      TORCH_CHECK(outs.size() == grads.tensors.size(), where(in), ": received ", grads.tensors.size(),
+                  " gradients for ", outs.size(), " floating-point outputs");
+      // Copied: p2p reuses its receive buffers on the next receive.
+      for (const auto& g : grads.tensors) grad_tensors.push_back(g.clone());
+      output_grads_[b] = std::move(grad_tensors);
+      break;
+    }
+    case Op::BackwardPass:
+      if (stage_id_ == num_stages_ - 1) {
+        cb.backward_loss(b);
+      } else {
+        // Floating-point outputs pair with the received gradients, in order.
+        std::vector<at::Tensor> outs, grads;
+        size_t next_grad = 0;
+        for (const auto& t : outputs_[b].tensors) {
+          if (!t.is_floating_point()) continue;
+          TORCH_CHECK(next_grad < output_grads_[b].size(), where(in), ": no gradient received for an output");
+          const at::Tensor& g = output_grads_[b][next_grad++];
+          if (t.requires_grad()) {
+            outs.push_back(t);
+            grads.push_back(g);
+          }
+        }
+        if (!outs.empty()) torch::autograd::backward(outs, grads);
+      }
+      outputs_[b] = Activation{};
+      output_grads_[b].clear();
+      break;
+    case Op::SendGrad: {
+      Activation grads{{}, true};
+      for (const auto& t : inputs_[b].tensors) {
+        if (!t.is_floating_point()) continue;
+        TORCH_CHECK(t.grad().defined(), where(in), ": an input activation received no gradient; every "
+                    "floating-point tensor a stage receives must be used by its layers (or made an integer/bool "
+                    "tensor)");
+        grads.tensors.push_back(t.grad());
+      }
+      p2p_->send(grads, prev_peer_, grad_tag_, where(in));
+      inputs_[b] = Activation{};
+      break;
+    }
+    case Op::ReduceTiedGrads:
+      cb.reduce_tied_grads();
+      break;
+    case Op::ReduceGrads:
+      cb.reduce_grads();
+      break;
+    case Op::OptimizerStep:
+      cb.optimizer_step();
+      break;
+    case Op::BackwardInput:
+    case Op::BackwardWeight:
+      TORCH_CHECK(false, where(in), ": the runtime does not execute split backward passes (zero-bubble "
+                  "schedules) yet; use the 1f1b schedule");
+  }
+}
+
+}  // namespace dpe::runtime

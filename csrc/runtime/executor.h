@@ -1,0 +1,53 @@
+// Runs one stage's instruction stream (from csrc/core's schedule generators)
+// for a whole train or eval batch. Buffers, sends and receives, gradient
+// bookkeeping and the backward of non-last stages happen here; what must be
+// Python (loading a micro-batch, a layer's forward and the loss, the loss
+// backward with DeepSpeed's scaling, reductions, the optimizer step) comes in
+// as callbacks.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/schedule.h"
+#include "runtime/p2p.h"
+
+namespace dpe::runtime {
+
+struct StageCallbacks {
+  // Loads the next micro-batch into `buffer`; returns the stage inputs on the
+  // first stage (labels stay on the Python side), an empty Activation elsewhere.
+  std::function<Activation(int64_t buffer)> load;
+  // Runs the stage's layers on `inputs`; on the last stage also the loss.
+  std::function<Activation(int64_t buffer, const Activation& inputs)> forward;
+  // Last stage: backward of the loss of `buffer`'s micro-batch.
+  std::function<void(int64_t buffer)> backward_loss;
+  std::function<void()> reduce_tied_grads;
+  std::function<void()> reduce_grads;
+  std::function<void()> optimizer_step;
+};
+
+class Executor {
+ public:
+  // Peers are ranks in p2p's group; -1 where there is no previous/next stage.
+  // Activations travel on tag tag_base, gradients on tag_base + 1.
+  Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base = 0);
+
+  // Executes every step; throws (naming stage, step and instruction) on error.
+  void run(const core::Steps& steps, int64_t num_buffers, const StageCallbacks& callbacks);
+
+ private:
+  void execute(const core::Instruction& in, const StageCallbacks& cb);
+  std::string where(const core::Instruction& in) const;
+
+  P2P* p2p_;
+  int64_t stage_id_, num_stages_;
+  int prev_peer_, next_peer_;
+  int activation_tag_, grad_tag_;
+  int64_t step_ = 0;
+  std::vector<Activation> inputs_, outputs_;
+  std::vector<std::vector<at::Tensor>> output_grads_;
+};
+
+}  // namespace dpe::runtime

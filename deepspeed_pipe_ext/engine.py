@@ -1,0 +1,352 @@
+"""PipelineEngine: a DeepSpeedEngine whose pipeline schedule runs in C++.
+
+The C++ executor (csrc/runtime) runs a whole train_batch / eval_batch
+instruction stream: buffers, p2p over the pipe-parallel c10d group, the
+backward of non-last stages. It calls back here only for what must be
+Python: loading a micro-batch, the stage's forward and loss, the loss
+backward (DeepSpeed's scaling), and the reductions and optimizer step that
+DeepSpeedEngine implements.
+
+Status: fp32 with the 1F1B schedule and ZeRO stage 0/1. Not yet wired into
+`deepspeed.initialize` (it still builds DeepSpeed's own engine); construct it
+with `deepspeed_pipe_ext.engine.initialize(...)`, which takes the same
+arguments.
+"""
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE, DeepSpeedEngine
+from deepspeed.runtime.pipe.module import PipelineError, PipelineModule as DSPipelineModule
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import RepeatingLoader
+
+from ._native import _C
+
+__all__ = ["PipelineEngine", "initialize"]
+
+_TRAIN_TAGS, _EVAL_TAGS = 0, 2  # separate p2p channels: eval tensors differ (no grad, other shapes)
+
+
+class PipelineEngine(DeepSpeedEngine):
+    """DeepSpeed's pipeline engine interface over the C++ executor."""
+
+    def __init__(self, *super_args, **super_kwargs):
+        super().__init__(*super_args, **super_kwargs)
+        if not isinstance(self.module, DSPipelineModule):
+            raise TypeError("PipelineEngine needs a PipelineModule (deepspeed_pipe_ext's or DeepSpeed's)")
+        if self.zero_optimization_stage() >= ZeroStageEnum.gradients:
+            raise ValueError(f"ZeRO stage {self.zero_optimization_stage()} partitions gradients, which pipeline "
+                             "parallelism cannot use: set zero_optimization.stage to 0 or 1")
+        if self.fp16_enabled() or self.bfloat16_enabled():
+            raise NotImplementedError("deepspeed_pipe_ext's PipelineEngine runs fp32 only so far; "
+                                      "use DeepSpeed's PipelineEngine for fp16/bf16")
+        pipeline = self._config.pipeline
+        self.schedule_kind = pipeline.get("schedule", "1f1b")
+        if self.schedule_kind != "1f1b":
+            raise ValueError(f"schedule {self.schedule_kind!r} cannot run on the pipeline runtime yet: only "
+                             "'1f1b' runs end to end (the others can be simulated with "
+                             "deepspeed_pipe_ext.schedule.simulate)")
+        # The engine schedules the gradient all-reduce itself.
+        self.enable_backward_allreduce = False
+        self.pipeline_enable_backward_allreduce = True
+        self._force_grad_boundary = False
+
+        self.micro_batch_size = self.train_micro_batch_size_per_gpu()
+        self.micro_batches = self.gradient_accumulation_steps()
+        self.grid = self.module._grid
+        self.global_rank = self.grid.get_global_rank()
+        self.num_stages = self.grid.pipe_parallel_size
+        self.stage_id = self.grid.get_stage_id()
+        self.prev_stage, self.next_stage = self.stage_id - 1, self.stage_id + 1
+        dp = self.grid.data_parallel_size
+        if self.train_batch_size() != self.micro_batch_size * self.micro_batches * dp:
+            raise ValueError(f"train_batch_size ({self.train_batch_size()}) must equal "
+                             f"train_micro_batch_size_per_gpu ({self.micro_batch_size}) x "
+                             f"gradient_accumulation_steps ({self.micro_batches}) x data-parallel size ({dp})")
+        self.is_pipe_parallel = self.num_stages > 1
+        self.is_data_parallel = dp > 1
+
+        self.data_iterator = None
+        self.batch_fn = None
+        if self.training_data:
+            self._build_data_iter(self.training_data)
+
+        if pipeline.get("use_reentrant") is None:
+            pipeline["use_reentrant"] = True
+        if pipeline["use_reentrant"] is False:
+            from deepspeed.runtime.activation_checkpointing import checkpointing
+            self.module.activation_checkpoint_func = checkpointing.non_reentrant_checkpoint
+        if pipeline["activation_checkpoint_interval"] > 0:
+            self.module.activation_checkpoint_interval = pipeline["activation_checkpoint_interval"]
+        if self.module.activation_checkpoint_interval > 0:
+            self.module._precompute_checkpointable_values()
+        self.module.checkpoint_parallel_write_pipeline = self._config.checkpoint_parallel_write_pipeline
+
+        timeout = float(pipeline.get("p2p_timeout", 300))
+        self.p2p = None
+        if self.is_pipe_parallel:
+            self.p2p = _C.P2P(self.grid.get_pipe_parallel_group(), timeout,
+                              f"stage {self.stage_id} (global rank {self.global_rank})",
+                              dynamic_shapes=bool(self.module.dynamic_shape), device=str(self.device))
+        self.total_loss = None
+        self.agg_train_loss = None
+        self.eval_return_logits = False
+        self.outputs = None
+
+    # ------------------------------------------------------------------ DeepSpeed's pipeline API
+    def train_batch(self, data_iter=None):
+        """Train on the next `gradient_accumulation_steps` micro-batches; returns
+        the loss averaged over micro-batches and data-parallel ranks."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError('train_batch() requires gradients enabled. Use eval_batch() instead.')
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        self.module.train()
+        self.total_loss = None
+        self._compute_loss = True
+        self._run("1f1b", self.micro_batches, _TRAIN_TAGS)
+        with torch.no_grad():
+            self.agg_train_loss = self._aggregate_total_loss()
+        return self.agg_train_loss
+
+    def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output='avg', bcast_loss=True,
+                   num_micro_batches=None):
+        """Forward `num_micro_batches` (default: gradient_accumulation_steps)
+        micro-batches without gradients; returns the reduced loss (and the
+        last micro-batch's outputs with return_logits)."""
+        self.eval_return_logits = return_logits
+        self.module.eval()
+        self._compute_loss = compute_loss
+        train_iterator = self.data_iterator
+        self.set_dataiterator(data_iter)
+        micro_batches = self.micro_batches if num_micro_batches is None else num_micro_batches
+        self.total_loss = None
+        with torch.no_grad():
+            self._run("inference", micro_batches, _EVAL_TAGS)
+        eval_output = None
+        if self.is_last_stage():
+            eval_output = self._reduce_outputs(self.fwd_outputs, reduce=reduce_output, micro_batches=micro_batches)
+        if compute_loss and bcast_loss:
+            eval_output = self._bcast_pipe_scalar(eval_output)
+        self.set_dataiterator(train_iterator)
+        self.eval_return_logits = False
+        if return_logits:
+            outputs, self.outputs = self.outputs, None
+            return eval_output, outputs
+        return eval_output
+
+    def set_dataloader(self, loader):
+        if self.is_first_stage() or self.is_last_stage():
+            self.training_dataloader = loader
+            self.data_iterator = iter(self.training_dataloader)
+
+    def set_dataiterator(self, iterator):
+        """Micro-batches come from `iterator` (only the first and last stages read it)."""
+        if self.is_first_stage() or self.is_last_stage():
+            self.training_dataloader = None
+            self.data_iterator = iterator
+
+    def set_batch_fn(self, fn):
+        """Post-process each loaded batch with `fn`."""
+        self.batch_fn = fn
+
+    def is_first_stage(self):
+        return self.stage_id == 0
+
+    def is_last_stage(self):
+        return self.stage_id == self.num_stages - 1
+
+    def get_pipeline_parallel_rank(self):
+        return self.stage_id
+
+    def reset_activation_shape(self):
+        """Forget the cached activation shapes: the next transfers send their meta again."""
+        if self.p2p is not None:
+            self.p2p.reset()
+
+    def is_gradient_accumulation_boundary(self):
+        return self._force_grad_boundary
+
+    def forward(self, *args, **kwargs):
+        raise PipelineError("Only train_batch() is accessible in pipeline mode.")
+
+    def backward(self, *args, **kwargs):
+        raise PipelineError("Only train_batch() is accessible in pipeline mode.")
+
+    def step(self, *args, **kwargs):
+        raise PipelineError("Only train_batch() is accessible in pipeline mode.")
+
+    def _backward_prologue_per_tensor(self, grad):
+        # Only the loss stage scales for gradient accumulation.
+        if self.is_last_stage():
+            return super()._backward_prologue_per_tensor(grad)
+        return grad
+
+    # ------------------------------------------------------------------ executor callbacks
+    def _run(self, kind, micro_batches, tag_base):
+        self.fwd_outputs = []
+        self._labels, self._losses = {}, {}
+        peers = (self.prev_stage if self.prev_stage >= 0 else -1,
+                 self.next_stage if self.next_stage < self.num_stages else -1)
+        with self._running_engine_backward_lock:
+            self._running_engine_backward_count += 1
+            self._running_engine_backward = True
+        try:
+            _C.run_stage(self.p2p, kind, micro_batches, self.num_stages, self.stage_id, peers[0], peers[1], tag_base,
+                         self._load, self._forward, self._backward_loss, self._reduce_tied_grads,
+                         self._reduce_grads, self._optimizer_step)
+        finally:
+            with self._running_engine_backward_lock:
+                self._running_engine_backward_count -= 1
+                self._running_engine_backward = self._running_engine_backward_count > 0
+
+    def _next_batch(self):
+        if self.data_iterator is None:
+            raise RuntimeError(f"stage {self.stage_id} needs data: pass data_iter to train_batch()/eval_batch(), "
+                               "call set_dataiterator(), or give training_data to deepspeed.initialize")
+        batch = next(self.data_iterator)
+        if self.batch_fn:
+            batch = self.batch_fn(batch)
+        return batch
+
+    def _to_device(self, value, what):
+        if torch.is_tensor(value):
+            return value.clone().detach().to(self.device) if what == "inputs" else value.to(self.device)
+        if isinstance(value, (tuple, list)):
+            return tuple(self._to_device(v, what) for v in value)
+        raise TypeError(f"stage {self.stage_id}: batch {what} must be a tensor or a tuple of tensors, "
+                        f"got {type(value).__name__}")
+
+    def _load(self, buffer_id):
+        batch = self._next_batch()
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"stage {self.stage_id}: each batch must be a pair (inputs, labels), "
+                            f"got {type(batch).__name__}")
+        if self.is_last_stage():
+            self._labels[buffer_id] = self._to_device(batch[1], "labels")
+        if self.is_first_stage():
+            inputs = self._to_device(batch[0], "inputs")
+            if self._reentrant_checkpointing():
+                for t in (inputs if isinstance(inputs, tuple) else (inputs, )):
+                    t.requires_grad_(t.is_floating_point())
+            return inputs
+        return None
+
+    def _reentrant_checkpointing(self):
+        from deepspeed.runtime.activation_checkpointing import checkpointing
+        return (self.module.activation_checkpoint_interval > 0
+                and self.module.activation_checkpoint_func is not checkpointing.non_reentrant_checkpoint)
+
+    def _forward(self, buffer_id, inputs):
+        outputs = super().forward(inputs)
+        if not self.is_last_stage():
+            return outputs
+        if self._compute_loss and self.module.loss_fn is not None:
+            loss = self.module.loss_fn(outputs, self._labels.pop(buffer_id))
+        else:
+            self._labels.pop(buffer_id, None)
+            loss = outputs
+        if self.eval_return_logits:
+            self.outputs = outputs
+        detached = loss.detach() if torch.is_tensor(loss) else [l.detach() for l in loss]
+        self.fwd_outputs.append(detached)
+        if torch.is_tensor(loss):
+            self.total_loss = detached.clone() if self.total_loss is None else self.total_loss + detached
+        if self.module.training:
+            self._losses[buffer_id] = loss
+        return None
+
+    def _backward_loss(self, buffer_id):
+        super().backward(self._losses.pop(buffer_id))
+
+    def _reduce_tied_grads(self):
+        for weight, group in self.module.get_tied_weights_and_groups():
+            if weight.grad is not None:
+                dist.all_reduce(weight.grad, group=group)
+
+    def _reduce_grads(self):
+        self._force_grad_boundary = True
+        try:
+            if self.pipeline_enable_backward_allreduce:
+                self.allreduce_gradients(bucket_size=MEMORY_OPT_ALLREDUCE_SIZE)
+        finally:
+            self._force_grad_boundary = False
+
+    def _optimizer_step(self):
+        self._force_grad_boundary = True
+        try:
+            self._take_model_step(None)
+        finally:
+            self._force_grad_boundary = False
+
+    # ------------------------------------------------------------------ losses
+    def _aggregate_total_loss(self):
+        """Mean loss over micro-batches, averaged over data-parallel ranks, sent to every stage."""
+        pipe_group = self.grid.get_pipe_parallel_group()
+        if self.is_last_stage():
+            loss = self._scale_loss_by_gas(self.total_loss)
+            self.dp_group_loss = loss.clone().detach()
+            agg_loss = self.dp_group_loss.clone().detach()
+            if self.is_data_parallel:
+                dist.all_reduce(agg_loss, group=self.grid.get_data_parallel_group())
+                agg_loss /= self.grid.data_parallel_size
+            losses = torch.stack([self.dp_group_loss, agg_loss]).float()
+            if self.is_pipe_parallel:
+                dist.broadcast(losses, src=self.global_rank, group=pipe_group)
+        else:
+            losses = torch.zeros(2, device=self.device)
+            dist.broadcast(losses, src=self.grid.stage_to_global(self.num_stages - 1), group=pipe_group)
+            self.dp_group_loss = losses[0].clone().detach()
+            agg_loss = losses[1].clone().detach()
+        return agg_loss
+
+    def _reduce_outputs(self, outputs, reduce='avg', micro_batches=None):
+        if reduce is None:
+            return outputs
+        if reduce.lower() != 'avg':
+            raise ValueError(f"reduce_output={reduce!r} is not supported: use 'avg' or None")
+        if torch.is_tensor(outputs[0]):
+            reduced = sum(outputs)
+        else:
+            reduced = [torch.zeros_like(o) for o in outputs[0]]
+            for out in outputs:
+                for idx, o in enumerate(out):
+                    reduced[idx] += o
+        reduced = self._scale_loss_by_gas(reduced, eval_micro_batches=micro_batches)
+        if self.is_data_parallel:
+            for t in ([reduced] if torch.is_tensor(reduced) else reduced):
+                dist.all_reduce(t, group=self.grid.get_data_parallel_group())
+                t /= self.grid.data_parallel_size
+        return reduced
+
+    def _bcast_pipe_scalar(self, data, dtype=torch.float32):
+        src = self.grid.stage_to_global(self.num_stages - 1)
+        if self.global_rank == src:
+            result = data.clone().detach().type(dtype).to(self.device)
+        else:
+            result = torch.tensor([0.], dtype=dtype, device=self.device)
+        if self.is_pipe_parallel:
+            dist.broadcast(result, src=src, group=self.grid.get_pipe_parallel_group())
+        return result
+
+    def _build_data_iter(self, dataset):
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=self.dp_world_size,
+                                                                  rank=self.mpu.get_data_parallel_rank(),
+                                                                  shuffle=False)
+        self.set_dataloader(RepeatingLoader(self.deepspeed_io(dataset, data_sampler=sampler)))
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
+               dist_init_required=None, collate_fn=None, config=None, config_params=None):
+    """deepspeed.initialize for a PipelineModule, returning our PipelineEngine:
+    (engine, optimizer, training_dataloader, lr_scheduler)."""
+    if not isinstance(model, DSPipelineModule):
+        raise TypeError("deepspeed_pipe_ext.engine.initialize needs a PipelineModule")
+    config = config if config is not None else config_params
+    mpu = model.mpu()
+    config_class = DeepSpeedConfig(config, mpu)
+    engine = PipelineEngine(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                            training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                            dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
+                            config_class=config_class)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
