@@ -50,8 +50,9 @@ def _worker(fn, rank, world_size, port, results, args):
         pass
 
 
-def run_ranks(fn, world_size, *args, timeout=240):
-    """fn(rank, world_size, *args) on every rank; returns the results by rank."""
+def run_ranks(fn, world_size, *args, timeout=240, allow_exit=frozenset()):
+    """fn(rank, world_size, *args) on every rank; returns the results by rank
+    (None for ranks in `allow_exit`, which may exit without one)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -60,17 +61,18 @@ def run_ranks(fn, world_size, *args, timeout=240):
     for p in procs:
         p.start()
     outcome = {}
+    expected = set(range(world_size)) - set(allow_exit)
     deadline = time.monotonic() + timeout
     try:
-        while len(outcome) < world_size:
+        while not expected <= set(outcome):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                missing = sorted(set(range(world_size)) - set(outcome))
+                missing = sorted(expected - set(outcome))
                 raise TimeoutError(f"ranks {missing} did not finish within {timeout}s")
             try:
                 rank, status, value = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome]
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcome and r in expected]
                 if dead and results.empty():
                     time.sleep(0.5)
                     if results.empty():
@@ -86,4 +88,4 @@ def run_ranks(fn, world_size, *args, timeout=240):
     errors = {r: v for r, (s, v) in outcome.items() if s == "error"}
     if errors:
         raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [pickle.loads(outcome[r][1]) for r in range(world_size)]
+    return [pickle.loads(outcome[r][1]) if r in outcome else None for r in range(world_size)]

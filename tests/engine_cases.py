@@ -62,3 +62,113 @@ def gradient_accumulation(rank, world_size):
         loss = engine.train_batch(data_iter=data).item()
         out.append((loss, [p.item() for p in net.parameters()]))
     return out
+
+
+class Embed(nn.Module):
+    """(ids, mask) -> (hidden, mask, positions): a float tensor that needs grad,
+    a bool mask and an integer tensor that needs none."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 8)
+
+    def forward(self, inputs):
+        ids, mask = inputs
+        positions = torch.arange(ids.shape[1], dtype=torch.int64).expand_as(ids).contiguous()
+        return self.emb(ids), mask, positions
+
+
+class MaskedBlock(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, inputs):
+        hidden, mask, positions = inputs
+        update = torch.tanh(self.lin(hidden)) * mask.unsqueeze(-1) + 0.01 * positions.unsqueeze(-1)
+        return hidden + update, mask, positions
+
+
+class Head(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, inputs):
+        hidden, mask, _ = inputs
+        return self.lin((hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True))
+
+
+def transformer_specs(spec):
+    return [spec(Embed), spec(MaskedBlock), spec(MaskedBlock), spec(MaskedBlock), spec(Head)]
+
+
+def token_batches(seed, count, micro_batch=2, length=5):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, 32, (micro_batch, length), generator=g)
+        mask = torch.rand(micro_batch, length, generator=g) > 0.3
+        mask[:, 0] = True
+        out.append(((ids, mask), torch.randint(0, 3, (micro_batch, ), generator=g)))
+    return out
+
+
+def tied_specs(spec, tied):
+    return [tied("shared", nn.Linear, 8, 8, bias=False), nn.Tanh(), spec(nn.Linear, 8, 8), nn.ReLU(),
+            spec(nn.Linear, 8, 8), tied("shared", nn.Linear, 8, 8, bias=False)]
+
+
+def train_model_both(rank, world_size, model, num_stages, steps=20, micro_batches=4):
+    """`model`: 'transformer' (tuple activations with bool and int tensors) or
+    'tied' (a weight shared by the first and last stage)."""
+    from deepspeed import initialize as ds_initialize
+    results = []
+    for module_cls, spec, tied, make in (
+        (DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.pipe.TiedLayerSpec, ds_initialize),
+        (dpe.PipelineModule, dpe.LayerSpec, dpe.TiedLayerSpec, dpe_engine.initialize)):
+        torch.manual_seed(11)
+        if model == "transformer":
+            net = module_cls(layers=transformer_specs(spec), num_stages=num_stages, loss_fn=nn.CrossEntropyLoss(),
+                             partition_method="uniform")
+            data_for = lambda seed, n: token_batches(seed, n)
+        else:
+            net = module_cls(layers=tied_specs(spec, tied), num_stages=num_stages, loss_fn=nn.MSELoss(),
+                             partition_method="uniform")
+            data_for = lambda seed, n: [(x[:, :8], y.repeat(1, 2)) for x, y in batches(seed, n)]
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
+                  "steps_per_print": 10**9}
+        engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.Adam(net.parameters(), lr=0.01),
+                               model_parameters=net.parameters())
+        data = iter(data_for(100 + engine.grid.data_parallel_id, micro_batches) * steps)
+        losses = [engine.train_batch(data_iter=data).item() for _ in range(steps)]
+        evals = engine.eval_batch(iter(data_for(5, micro_batches)), return_logits=True)
+        weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        results.append((losses, weights, evals))
+    return results[0], results[1]
+
+
+def peer_never_answers(rank, world_size, die):
+    """Rank 1 builds its engine, then never trains (or exits): rank 0's
+    train_batch must fail within the p2p timeout, naming itself and the peer."""
+    import os
+    import time
+    torch.manual_seed(0)
+    net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=2, loss_fn=nn.MSELoss())
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 10**9,
+              "pipeline": {"p2p_timeout": 3}}
+    engine, _, _, _ = dpe_engine.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                            optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    if rank == 1:
+        if die:
+            os._exit(0)
+        time.sleep(10)
+        return None
+    start = time.monotonic()
+    try:
+        engine.train_batch(data_iter=iter(batches(0, 4)))
+    except RuntimeError as err:
+        return str(err), time.monotonic() - start
+    return "no error", time.monotonic() - start

@@ -39,3 +39,17 @@ def test_gradient_accumulation_scaling_matches_deepspeed():
     for theirs, ours in run_ranks(engine_cases.gradient_accumulation, 2):
         assert ours[0] == pytest.approx(theirs[0], rel=1e-7)
         assert ours[1] == pytest.approx(theirs[1], rel=1e-7)
+
+
+@pytest.mark.parametrize("model,world_size,num_stages", [("transformer", 2, 2), ("transformer", 4, 4),
+                                                         ("tied", 2, 2), ("tied", 4, 2)])
+def test_models_match_deepspeed(model, world_size, num_stages):
+    check_parity(run_ranks(engine_cases.train_model_both, world_size, model, num_stages, timeout=400))
+
+
+@pytest.mark.parametrize("die", [False, True])
+def test_unresponsive_peer_fails_within_the_timeout(die):
+    results = run_ranks(engine_cases.peer_never_answers, 2, die, allow_exit={1} if die else set())
+    message, waited = results[0]
+    assert "stage 0 (global rank 0)" in message and "peer rank 1" in message, message
+    assert waited < 30
