@@ -202,13 +202,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<dpe::runtime::P2P>(m, "P2P")
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, double timeout_s, std::string self_name,
-                       bool dynamic_shapes, const std::string& device) {
+                       bool dynamic_shapes, const std::string& device, std::string peer_label) {
              return std::make_unique<dpe::runtime::P2P>(
                  std::move(group), std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)),
-                 std::move(self_name), dynamic_shapes, at::Device(device));
+                 std::move(self_name), dynamic_shapes, at::Device(device), std::move(peer_label));
            }),
            py::arg("group"), py::arg("timeout_s"), py::arg("self_name"), py::arg("dynamic_shapes") = false,
-           py::arg("device") = "cpu")
+           py::arg("device") = "cpu", py::arg("peer_label") = "rank")
       .def(
           "send",
           [](dpe::runtime::P2P& self, py::object value, int peer, int tag, const std::string& what) {

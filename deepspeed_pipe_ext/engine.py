@@ -87,7 +87,8 @@ class PipelineEngine(DeepSpeedEngine):
         if self.is_pipe_parallel:
             self.p2p = _C.P2P(self.grid.get_pipe_parallel_group(), timeout,
                               f"stage {self.stage_id} (global rank {self.global_rank})",
-                              dynamic_shapes=bool(self.module.dynamic_shape), device=str(self.device))
+                              dynamic_shapes=bool(self.module.dynamic_shape), device=str(self.device),
+                              peer_label="stage")
         self.total_loss = None
         self.agg_train_loss = None
         self.eval_return_logits = False

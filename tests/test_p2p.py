@@ -17,5 +17,5 @@ def test_shape_change():
 
 def test_missing_send_times_out_with_a_clear_error():
     _, (message, waited) = run_ranks(p2p_cases.timeout_names_the_peer, 2)
-    assert "stage 1: receiving RecvActivation(micro-batch 0) (meta length) with peer rank 0 failed" in message
+    assert "stage 1: receiving RecvActivation(micro-batch 0) (meta length) from rank 0 failed" in message
     assert waited < 30

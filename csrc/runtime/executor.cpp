@@ -34,8 +34,7 @@ Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer
 }
 
 std::string Executor::where(const core::Instruction& in) const {
-  std::string s = "stage " + std::to_string(stage_id_) + ", step " + std::to_string(step_) + ", " +
-                  core::op_name(in.op);
+  std::string s = "step " + std::to_string(step_) + ", " + core::op_name(in.op);
   if (in.micro_batch >= 0) s += " (micro-batch " + std::to_string(in.micro_batch) + ")";
   return s;
 }
@@ -47,7 +46,8 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
   step_ = 0;
   for (const auto& step : steps) {
     for (const auto& in : step) {
-      TORCH_CHECK(!core::op_has_buffer(in.op) || (in.buffer_id >= 0 && in.buffer_id < num_buffers), where(in),
+      TORCH_CHECK(!core::op_has_buffer(in.op) || (in.buffer_id >= 0 && in.buffer_id < num_buffers), "stage ",
+                  stage_id_, ", ", where(in),
                   ": buffer ", in.buffer_id, " outside the ", num_buffers, " allocated");
       execute(in, cb);
     }
@@ -88,7 +88,7 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       for (const auto& t : outputs_[b].tensors) {
         if (t.is_floating_point()) outs.push_back(t);
       }
-      TORCH_CHECK(outs.size() == grads.tensors.size(), where(in), ": received ", grads.tensors.size(),
+      TORCH_CHECK(outs.size() == grads.tensors.size(), "stage ", stage_id_, ", ", where(in), ": received ", grads.tensors.size(),
                   " gradients for ", outs.size(), " floating-point outputs");
       // Copied: p2p reuses its receive buffers on the next receive.
       for (const auto& g : grads.tensors) grad_tensors.push_back(g.clone());
@@ -104,7 +104,8 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
         size_t next_grad = 0;
         for (const auto& t : outputs_[b].tensors) {
           if (!t.is_floating_point()) continue;
-          TORCH_CHECK(next_grad < output_grads_[b].size(), where(in), ": no gradient received for an output");
+          TORCH_CHECK(next_grad < output_grads_[b].size(), "stage ", stage_id_, ", ", where(in),
+                      ": no gradient received for an output");
           const at::Tensor& g = output_grads_[b][next_grad++];
           if (t.requires_grad()) {
             outs.push_back(t);
@@ -120,7 +121,7 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       Activation grads{{}, true};
       for (const auto& t : inputs_[b].tensors) {
         if (!t.is_floating_point()) continue;
-        TORCH_CHECK(t.grad().defined(), where(in), ": an input activation received no gradient; every "
+        TORCH_CHECK(t.grad().defined(), "stage ", stage_id_, ", ", where(in), ": an input activation received no gradient; every "
                     "floating-point tensor a stage receives must be used by its layers (or made an integer/bool "
                     "tensor)");
         grads.tensors.push_back(t.grad());
@@ -140,7 +141,7 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       break;
     case Op::BackwardInput:
     case Op::BackwardWeight:
-      TORCH_CHECK(false, where(in), ": the runtime does not execute split backward passes (zero-bubble "
+      TORCH_CHECK(false, "stage ", stage_id_, ", ", where(in), ": the runtime does not execute split backward passes (zero-bubble "
                   "schedules) yet; use the 1f1b schedule");
   }
 }

@@ -61,12 +61,13 @@ std::string describe(const std::vector<TensorMeta>& meta) {
 }
 
 P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds timeout, std::string self_name,
-         bool dynamic_shapes, at::Device device)
+         bool dynamic_shapes, at::Device device, std::string peer_label)
     : group_(std::move(group)),
       timeout_(timeout),
       self_name_(std::move(self_name)),
       dynamic_(dynamic_shapes),
-      device_(device) {
+      device_(device),
+      peer_label_(std::move(peer_label)) {
   TORCH_CHECK(group_, "P2P needs a process group");
 }
 
@@ -76,8 +77,8 @@ void P2P::wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::
       TORCH_CHECK(false, "timed out");
     }
   } catch (const std::exception& err) {
-    TORCH_CHECK(false, self_name_, ": ", verb, " ", what, " with peer rank ", peer, " failed after waiting up to ",
-                timeout_.count() / 1000.0, " s: ", err.what(),
+    TORCH_CHECK(false, self_name_, ": ", verb, " ", what, (verb[0] == 's' && verb[1] == 'e' ? " to " : " from "),
+                peer_label_, " ", peer, " failed after waiting up to ", timeout_.count() / 1000.0, " s: ", err.what(),
                 ". The peer may have died, or its schedule does not match this one.");
   }
 }

@@ -42,8 +42,9 @@ class P2P {
   // `group` holds this rank and its peers; peers are ranks within `group`.
   // `self_name` (e.g. "stage 1") prefixes error messages.
   // Receive buffers (and meta, which NCCL needs on the GPU) live on `device`.
+  // Errors call peers "<peer_label> <group rank>" (e.g. "stage 1").
   P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds timeout, std::string self_name,
-      bool dynamic_shapes, at::Device device = at::kCPU);
+      bool dynamic_shapes, at::Device device = at::kCPU, std::string peer_label = "rank");
 
   // Starts sending `tensors` to `peer`; returns at once. The tensors must stay
   // unmodified until wait_sends() (the executor keeps them in its buffers).
@@ -73,6 +74,7 @@ class P2P {
   std::string self_name_;
   bool dynamic_;
   at::Device device_;
+  std::string peer_label_;
   struct ChannelMeta {
     std::vector<TensorMeta> tensors;
     bool is_tuple;
