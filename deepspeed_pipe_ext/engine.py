@@ -27,25 +27,34 @@ __all__ = ["PipelineEngine", "initialize"]
 _TRAIN_TAGS, _EVAL_TAGS = 0, 2  # separate p2p channels: eval tensors differ (no grad, other shapes)
 
 
+def _check_supported(config):
+    """Clear errors for configurations this engine cannot run (yet)."""
+    stage = config.zero_optimization_stage
+    if stage >= ZeroStageEnum.gradients:
+        raise ValueError(f"ZeRO stage {int(stage)} partitions gradients, which pipeline parallelism cannot use: "
+                         "set zero_optimization.stage to 0 or 1")
+    if config.float16_config.enabled or config.bfloat16_config.enabled:
+        raise NotImplementedError("deepspeed_pipe_ext's PipelineEngine runs fp32 only so far; "
+                                  "use DeepSpeed's PipelineEngine for fp16/bf16")
+    kind = config.pipeline.get("schedule", "1f1b")
+    if kind != "1f1b":
+        raise ValueError(f"schedule {kind!r} cannot run on the pipeline runtime yet: only '1f1b' runs end to end "
+                         "(the others can be simulated with deepspeed_pipe_ext.schedule.simulate)")
+
+
 class PipelineEngine(DeepSpeedEngine):
     """DeepSpeed's pipeline engine interface over the C++ executor."""
 
     def __init__(self, *super_args, **super_kwargs):
-        super().__init__(*super_args, **super_kwargs)
-        if not isinstance(self.module, DSPipelineModule):
+        # Refuse what this engine cannot run before DeepSpeedEngine builds anything.
+        if not isinstance(super_kwargs.get("model"), DSPipelineModule):
             raise TypeError("PipelineEngine needs a PipelineModule (deepspeed_pipe_ext's or DeepSpeed's)")
-        if self.zero_optimization_stage() >= ZeroStageEnum.gradients:
-            raise ValueError(f"ZeRO stage {self.zero_optimization_stage()} partitions gradients, which pipeline "
-                             "parallelism cannot use: set zero_optimization.stage to 0 or 1")
-        if self.fp16_enabled() or self.bfloat16_enabled():
-            raise NotImplementedError("deepspeed_pipe_ext's PipelineEngine runs fp32 only so far; "
-                                      "use DeepSpeed's PipelineEngine for fp16/bf16")
+        if super_kwargs.get("config_class") is not None:
+            _check_supported(super_kwargs["config_class"])
+        super().__init__(*super_args, **super_kwargs)
+        _check_supported(self._config)
         pipeline = self._config.pipeline
         self.schedule_kind = pipeline.get("schedule", "1f1b")
-        if self.schedule_kind != "1f1b":
-            raise ValueError(f"schedule {self.schedule_kind!r} cannot run on the pipeline runtime yet: only "
-                             "'1f1b' runs end to end (the others can be simulated with "
-                             "deepspeed_pipe_ext.schedule.simulate)")
         # The engine schedules the gradient all-reduce itself.
         self.enable_backward_allreduce = False
         self.pipeline_enable_backward_allreduce = True
@@ -102,6 +111,7 @@ class PipelineEngine(DeepSpeedEngine):
             raise RuntimeError('train_batch() requires gradients enabled. Use eval_batch() instead.')
         if data_iter is not None:
             self.set_dataiterator(data_iter)
+        self._require_data()
         self.module.train()
         self.total_loss = None
         self._compute_loss = True
@@ -120,6 +130,7 @@ class PipelineEngine(DeepSpeedEngine):
         self._compute_loss = compute_loss
         train_iterator = self.data_iterator
         self.set_dataiterator(data_iter)
+        self._require_data()
         micro_batches = self.micro_batches if num_micro_batches is None else num_micro_batches
         self.total_loss = None
         with torch.no_grad():
@@ -201,10 +212,14 @@ class PipelineEngine(DeepSpeedEngine):
                 self._running_engine_backward_count -= 1
                 self._running_engine_backward = self._running_engine_backward_count > 0
 
-    def _next_batch(self):
-        if self.data_iterator is None:
+    def _require_data(self):
+        # Checked before the schedule starts, so the stages that load data fail
+        # at once instead of leaving their peers waiting for the p2p timeout.
+        if (self.is_first_stage() or self.is_last_stage()) and self.data_iterator is None:
             raise RuntimeError(f"stage {self.stage_id} needs data: pass data_iter to train_batch()/eval_batch(), "
                                "call set_dataiterator(), or give training_data to deepspeed.initialize")
+
+    def _next_batch(self):
         batch = next(self.data_iterator)
         if self.batch_fn:
             batch = self.batch_fn(batch)

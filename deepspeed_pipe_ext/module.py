@@ -295,6 +295,18 @@ class PipelineModule(ds_module.PipelineModule):
             lines.append(f"  bottleneck: stage {worst} ({totals[worst] / mean:.3f}x the mean stage)")
         return "\n".join(lines)
 
+    def forward(self, forward_input):
+        # DeepSpeed's forward sets self.curr_layer (an nn.Module __setattr__)
+        # for every layer; without per-layer seeds or checkpointing nothing
+        # reads it, so run the layers directly (same arithmetic).
+        if self.activation_checkpoint_interval > 0 or self.seed_layers:
+            return super().forward(forward_input)
+        self.micro_offset += 1
+        x = forward_input
+        for layer in self.forward_funcs:
+            x = layer(x)
+        return x
+
     # ------------------------------------------------------------------ building
     def _build(self):
         for local_idx, layer in enumerate(self._layer_specs[self._local_start:self._local_stop]):

@@ -172,3 +172,43 @@ def peer_never_answers(rank, world_size, die):
     except RuntimeError as err:
         return str(err), time.monotonic() - start
     return "no error", time.monotonic() - start
+
+
+def engine_errors(rank, world_size):
+    """Bad configurations and calls end in clear errors on every rank."""
+    def attempt(config, **module_kw):
+        torch.manual_seed(0)
+        net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=2, loss_fn=nn.MSELoss(), **module_kw)
+        try:
+            engine, _, _, _ = dpe_engine.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                                    optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        except Exception as err:
+            return f"{type(err).__name__}: {err}"
+        return engine
+
+    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 10**9,
+            "pipeline": {"p2p_timeout": 20}}
+    out = {
+        "zero2": attempt({**base, "zero_optimization": {"stage": 2}}),
+        "fp16": attempt({**base, "fp16": {"enabled": True}}),
+        "schedule": attempt({**base, "pipeline": {"schedule": "zb-h1", "p2p_timeout": 20}}),
+        "batch_size": attempt({**base, "train_batch_size": 6}),
+    }
+    engine = attempt(base)
+    for name in ("forward", "backward", "step"):
+        try:
+            getattr(engine, name)(torch.zeros(1))
+            out[name] = None
+        except Exception as err:
+            out[name] = f"{type(err).__name__}: {err}"
+    out["no_data"] = None
+    try:
+        engine.train_batch()
+    except Exception as err:
+        out["no_data"] = f"{type(err).__name__}: {err}"
+    # set_batch_fn post-processes every loaded batch (here: doubles the targets).
+    seen = []
+    engine.set_batch_fn(lambda batch: (seen.append(1), (batch[0], batch[1] * 2))[1])
+    engine.train_batch(data_iter=iter(batches(0, 2)))
+    out["batch_fn_calls"] = len(seen)
+    return {k: (v if isinstance(v, (str, int)) or v is None else "engine") for k, v in out.items()}

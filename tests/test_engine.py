@@ -54,3 +54,17 @@ def test_unresponsive_peer_fails_within_the_timeout(die):
     assert message.startswith("stage 0 (global rank 0): receiving step "), message
     assert "RecvGrad (micro-batch 0)" in message and "from stage 1 failed" in message, message
     assert waited < 30
+
+
+def test_bad_configurations_and_calls():
+    per_rank = run_ranks(engine_cases.engine_errors, 2)
+    out = per_rank[0]
+    assert "ZeRO stage 2 partitions gradients" in out["zero2"]
+    assert "fp32 only" in out["fp16"]
+    assert "schedule 'zb-h1' cannot run on the pipeline runtime yet" in out["schedule"]
+    assert "train_batch_size" in out["batch_size"]
+    for name in ("forward", "backward", "step"):
+        assert out[name] == "PipelineError: Only train_batch() is accessible in pipeline mode."
+    assert "stage 0 needs data: pass data_iter" in out["no_data"]
+    # Only the first and last stages load data: with 2 stages each loads every micro-batch once.
+    assert [r["batch_fn_calls"] for r in per_rank] == [2, 2]
