@@ -45,6 +45,7 @@ demo: build
 bench: build
 	$(PY) benchmarks/bench_partition.py
 	$(PY) benchmarks/bench_schedule.py
+	$(PY) benchmarks/bench_engine.py
 
 clean:
 	rm -rf build $(VENV) deepspeed_pipe_ext/*.so *.egg-info

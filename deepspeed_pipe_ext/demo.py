@@ -3,8 +3,9 @@
 Trains an MLP on scikit-learn's bundled handwritten digits (1,797 8x8 images,
 no download) with 2 pipeline stages in 2 processes over gloo. The model is a
 deepspeed_pipe_ext.PipelineModule (partition solved in C++, process groups
-from the C++ topology); `deepspeed.initialize` wraps it in DeepSpeed's
-PipelineEngine.
+from the C++ topology), trained by deepspeed_pipe_ext's PipelineEngine: the
+1F1B schedule runs in the C++ executor, activations and gradients move
+through c10d from C++.
 
     python -m deepspeed_pipe_ext.demo [--steps 60] [--stages 2]
 """
@@ -50,6 +51,7 @@ def worker(args):
     import torch.nn as nn
     import deepspeed
     import deepspeed_pipe_ext as dpe
+    from deepspeed_pipe_ext import engine as dpe_engine
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -73,8 +75,8 @@ def worker(args):
         "pipeline": {"activation_checkpoint_interval": 0},
     }
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    engine, _, _, _ = deepspeed.initialize(model=net, config=config, optimizer=optimizer,
-                                           model_parameters=net.parameters())
+    engine, _, _, _ = dpe_engine.initialize(model=net, config=config, optimizer=optimizer,
+                                            model_parameters=net.parameters())
     data = digits_batches(micro_batch, seed=engine.grid.data_parallel_id)
     samples = micro_batch * micro_batches * engine.grid.data_parallel_size
     window_start, window_steps = time.perf_counter(), 0
@@ -85,6 +87,8 @@ def worker(args):
             rate = window_steps * samples / (time.perf_counter() - window_start)
             print(f"step {step:4d}  loss {loss.item():.4f}  {rate:8.1f} samples/s", flush=True)
             window_start, window_steps = time.perf_counter(), 0
+    if rank == 0:
+        print(f"engine: {type(engine).__module__}.{type(engine).__name__}", flush=True)
     torch.distributed.barrier()
 
 
