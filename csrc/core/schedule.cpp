@@ -426,9 +426,6 @@ void validate(const ScheduleSpec& s) {
     throw std::invalid_argument(std::string("chunks=") + std::to_string(s.chunks) + " needs the interleaved-1f1b "
                                 "schedule; '" + schedule_kind_name(s.kind) + "' runs one model chunk per stage");
   }
-  if (s.kind == ScheduleKind::DataParallel && s.stages != 1) {
-    // DeepSpeed's DataParallelSchedule ignores stages; keep its behaviour.
-  }
 }
 
 void validate_stage(const ScheduleSpec& s, int64_t stage_id) {
