@@ -264,8 +264,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         cb.reduce_grads = plain(reduce_grads);
         cb.optimizer_step = plain(optimizer_step);
         dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base);
-        py::gil_scoped_release release;
-        executor.run(steps, buffers, cb);
+        {
+          py::gil_scoped_release release;
+          executor.run(steps, buffers, cb);
+        }
+        // The compute passes as they ran: (start, end, op code, micro_batch, chunk), monotonic seconds.
+        py::list timeline;
+        for (const auto& t : executor.timeline()) {
+          timeline.append(py::make_tuple(t.start, t.end, static_cast<int>(t.op), t.micro_batch, t.chunk));
+        }
+        return timeline;
       },
       py::arg("p2p"), py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"),
       py::arg("prev_peer"), py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),

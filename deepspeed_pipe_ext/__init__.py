@@ -3,15 +3,20 @@
     import deepspeed_pipe_ext
     net = deepspeed_pipe_ext.PipelineModule(layers=..., num_stages=2, loss_fn=...)
 """
-from . import partition, topology
+from . import engine, partition, topology
+from .engine import PipelineEngine, initialize, run_deepspeed_pipelines_on_this_engine
 from .module import LayerSpec, PipelineError, PipelineModule, TiedLayerSpec
 from .topology import (PipeDataParallelTopology, PipelineParallelGrid, PipeModelDataParallelTopology,
                        ProcessTopology)
 
 __version__ = "0.1.0"
 
+# deepspeed.initialize builds our PipelineEngine for our PipelineModule.
+engine.install()
+
 __all__ = [
-    "PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineError", "ProcessTopology", "PipeDataParallelTopology",
+    "PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineError", "PipelineEngine", "initialize",
+    "run_deepspeed_pipelines_on_this_engine", "ProcessTopology", "PipeDataParallelTopology",
     "PipeModelDataParallelTopology", "PipelineParallelGrid", "partition", "schedule", "topology"
 ]
 

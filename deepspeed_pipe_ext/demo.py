@@ -3,9 +3,9 @@
 Trains an MLP on scikit-learn's bundled handwritten digits (1,797 8x8 images,
 no download) with 2 pipeline stages in 2 processes over gloo. The model is a
 deepspeed_pipe_ext.PipelineModule (partition solved in C++, process groups
-from the C++ topology), trained by deepspeed_pipe_ext's PipelineEngine: the
-1F1B schedule runs in the C++ executor, activations and gradients move
-through c10d from C++.
+from the C++ topology); `deepspeed.initialize` returns deepspeed_pipe_ext's
+PipelineEngine for it: the 1F1B schedule runs in the C++ executor,
+activations and gradients move through c10d from C++.
 
     python -m deepspeed_pipe_ext.demo [--steps 60] [--stages 2]
 """
@@ -27,7 +27,7 @@ def launch(args):
     """Start one worker per stage with torchrun, as a user would."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.stages}",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "deepspeed_pipe_ext.demo",
-           "--worker", f"--steps={args.steps}", f"--stages={args.stages}"]
+           "--worker", f"--steps={args.steps}", f"--stages={args.stages}", f"--timeline={args.timeline}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.call(cmd, env=env)
 
@@ -51,7 +51,6 @@ def worker(args):
     import torch.nn as nn
     import deepspeed
     import deepspeed_pipe_ext as dpe
-    from deepspeed_pipe_ext import engine as dpe_engine
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -75,8 +74,8 @@ def worker(args):
         "pipeline": {"activation_checkpoint_interval": 0},
     }
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    engine, _, _, _ = dpe_engine.initialize(model=net, config=config, optimizer=optimizer,
-                                            model_parameters=net.parameters())
+    engine, _, _, _ = deepspeed.initialize(model=net, config=config, optimizer=optimizer,
+                                           model_parameters=net.parameters())
     data = digits_batches(micro_batch, seed=engine.grid.data_parallel_id)
     samples = micro_batch * micro_batches * engine.grid.data_parallel_size
     window_start, window_steps = time.perf_counter(), 0
@@ -87,8 +86,18 @@ def worker(args):
             rate = window_steps * samples / (time.perf_counter() - window_start)
             print(f"step {step:4d}  loss {loss.item():.4f}  {rate:8.1f} samples/s", flush=True)
             window_start, window_steps = time.perf_counter(), 0
+    # Every stage's forward and backward passes of the last step, as they ran.
+    timelines = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(timelines, engine.last_timeline)
     if rank == 0:
         print(f"engine: {type(engine).__module__}.{type(engine).__name__}", flush=True)
+        from deepspeed_pipe_ext import timeline
+        measured = timeline.measured_result(timelines[:args.stages])
+        os.makedirs(os.path.dirname(os.path.abspath(args.timeline)), exist_ok=True)
+        timeline.plot_timeline(measured, args.timeline, xlabel="milliseconds",
+                               title=f"last training step as measured: {args.stages} stages, {micro_batches} "
+                               f"micro-batches, idle fraction {measured['bubble_fraction']:.2f}")
+        print(f"timeline of the last step: {args.timeline}", flush=True)
     torch.distributed.barrier()
 
 
@@ -96,6 +105,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--timeline", default="out/demo_timeline.png",
+                        help="where to draw the last step's measured timeline (needs matplotlib)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -7,11 +7,15 @@ Python: loading a micro-batch, the stage's forward and loss, the loss
 backward (DeepSpeed's scaling), and the reductions and optimizer step that
 DeepSpeedEngine implements.
 
-Status: fp32 with the 1F1B schedule and ZeRO stage 0/1. Not yet wired into
-`deepspeed.initialize` (it still builds DeepSpeed's own engine); construct it
-with `deepspeed_pipe_ext.engine.initialize(...)`, which takes the same
-arguments.
+Status: fp32 with the 1F1B schedule. Importing deepspeed_pipe_ext makes
+`deepspeed.initialize` build this engine for deepspeed_pipe_ext's
+PipelineModule (and, after `run_deepspeed_pipelines_on_this_engine()`, for
+DeepSpeed's own PipelineModule too); configurations it cannot run yet
+(fp16/bf16) go to DeepSpeed's PipelineEngine, with a log line saying why.
+`deepspeed_pipe_ext.engine.initialize(...)` always builds this engine.
 """
+import time
+
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.config import DeepSpeedConfig
@@ -22,7 +26,7 @@ from deepspeed.utils import RepeatingLoader
 
 from ._native import _C
 
-__all__ = ["PipelineEngine", "initialize"]
+__all__ = ["PipelineEngine", "initialize", "run_deepspeed_pipelines_on_this_engine", "engine_class_for"]
 
 _TRAIN_TAGS, _EVAL_TAGS = 0, 2  # separate p2p channels: eval tensors differ (no grad, other shapes)
 
@@ -100,6 +104,7 @@ class PipelineEngine(DeepSpeedEngine):
                               peer_label="stage")
         self.total_loss = None
         self.agg_train_loss = None
+        self.last_timeline = []
         self.eval_return_logits = False
         self.outputs = None
 
@@ -115,10 +120,24 @@ class PipelineEngine(DeepSpeedEngine):
         self.module.train()
         self.total_loss = None
         self._compute_loss = True
+        start = time.perf_counter()
         self._run("1f1b", self.micro_batches, _TRAIN_TAGS)
         with torch.no_grad():
             self.agg_train_loss = self._aggregate_total_loss()
+        self._log_progress(time.perf_counter() - start)
         return self.agg_train_loss
+
+    def _log_progress(self, elapsed):
+        """DeepSpeed's steps_per_print line: loss, iteration time, samples/s."""
+        self._elapsed_since_print = getattr(self, "_elapsed_since_print", 0.0) + elapsed
+        every = self.steps_per_print()
+        if every is None or self.global_steps % every != 0:
+            return
+        if self.global_rank == 0:
+            iter_time = self._elapsed_since_print / every
+            print(f"steps: {self.global_steps} loss: {self.agg_train_loss:0.4f} iter time (s): {iter_time:0.3f} "
+                  f"samples/sec: {self.train_batch_size() / iter_time:0.3f}", flush=True)
+        self._elapsed_since_print = 0.0
 
     def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output='avg', bcast_loss=True,
                    num_micro_batches=None):
@@ -204,9 +223,11 @@ class PipelineEngine(DeepSpeedEngine):
             self._running_engine_backward_count += 1
             self._running_engine_backward = True
         try:
-            _C.run_stage(self.p2p, kind, micro_batches, self.num_stages, self.stage_id, peers[0], peers[1], tag_base,
-                         self._load, self._forward, self._backward_loss, self._reduce_tied_grads,
-                         self._reduce_grads, self._optimizer_step)
+            # (start, end, op code, micro_batch, chunk) per compute pass, monotonic seconds: see timeline.py
+            self.last_timeline = _C.run_stage(self.p2p, kind, micro_batches, self.num_stages, self.stage_id,
+                                              peers[0], peers[1], tag_base, self._load, self._forward,
+                                              self._backward_loss, self._reduce_tied_grads, self._reduce_grads,
+                                              self._optimizer_step)
         finally:
             with self._running_engine_backward_lock:
                 self._running_engine_backward_count -= 1
@@ -366,3 +387,53 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                             dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
                             config_class=config_class)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+# ---------------------------------------------------------------------- deepspeed.initialize integration
+_DS_PIPELINE_ENGINE = None
+_ADOPT_DEEPSPEED_MODULES = False
+
+
+def engine_class_for(model, config_class):
+    """The engine deepspeed.initialize builds for `model`: ours for our
+    PipelineModule (or any PipelineModule once adopted) unless the config
+    needs what only DeepSpeed's engine has (fp16/bf16)."""
+    from .module import PipelineModule as OurPipelineModule
+    ds_engine = _DS_PIPELINE_ENGINE or _deepspeed_pipeline_engine()
+    if not (isinstance(model, OurPipelineModule) or (_ADOPT_DEEPSPEED_MODULES and isinstance(model, DSPipelineModule))):
+        return ds_engine
+    if config_class.float16_config.enabled or config_class.bfloat16_config.enabled:
+        from deepspeed.utils import logger
+        logger.info("deepspeed_pipe_ext: fp16/bf16 run on DeepSpeed's PipelineEngine (ours is fp32 only so far)")
+        return ds_engine
+    return PipelineEngine
+
+
+def _deepspeed_pipeline_engine():
+    from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
+    return DSPipelineEngine
+
+
+def _build_pipeline_engine(*args, **kwargs):
+    return engine_class_for(kwargs.get("model"), kwargs.get("config_class"))(*args, **kwargs)
+
+
+def install():
+    """Route deepspeed.initialize's pipeline engine through engine_class_for.
+
+    deepspeed.initialize looks up `PipelineEngine` in the deepspeed module when
+    it runs, so replacing that name is enough; DeepSpeed's class stays
+    reachable as deepspeed.runtime.pipe.engine.PipelineEngine."""
+    global _DS_PIPELINE_ENGINE
+    import deepspeed
+    if getattr(deepspeed, "PipelineEngine", None) is _build_pipeline_engine:
+        return
+    _DS_PIPELINE_ENGINE = _deepspeed_pipeline_engine()
+    deepspeed.PipelineEngine = _build_pipeline_engine
+
+
+def run_deepspeed_pipelines_on_this_engine(enabled=True):
+    """Also build our engine for DeepSpeed's own deepspeed.pipe.PipelineModule models."""
+    global _ADOPT_DEEPSPEED_MODULES
+    install()
+    _ADOPT_DEEPSPEED_MODULES = bool(enabled)

@@ -50,7 +50,21 @@ def summary(result):
     return "\n".join(lines)
 
 
-def plot_timeline(result, path, title=""):
+def measured_result(stage_timelines):
+    """A simulator-shaped result from the executor's measured timelines (one
+    list per stage, as PipelineEngine.last_timeline), in milliseconds from
+    the earliest start."""
+    t0 = min((start for stage in stage_timelines for start, *_ in stage), default=0.0)
+    timeline = [[((s - t0) * 1e3, (e - t0) * 1e3, code, mb, chunk) for s, e, code, mb, chunk in stage]
+                for stage in stage_timelines]
+    makespan = max((e for stage in timeline for _, e, *_ in stage), default=0.0)
+    busy = [sum(e - s for s, e, *_ in stage) for stage in timeline]
+    idle = [1 - b / makespan if makespan else 0.0 for b in busy]
+    return {"timeline": timeline, "makespan": makespan, "busy": busy, "idle_fraction": idle,
+            "bubble_fraction": max(idle) if idle else 0.0}
+
+
+def plot_timeline(result, path, title="", xlabel="time (units of the given op costs)"):
     """Draw the timeline with matplotlib (an optional dependency) into `path`."""
     try:
         import matplotlib
@@ -67,13 +81,13 @@ def plot_timeline(result, path, title=""):
             name = _schedule.OP_NAMES[code]
             ax.broken_barh([(start, end - start)], (stage - 0.4, 0.8), facecolors=_COLORS[name],
                            edgecolors="white", linewidth=0.6, alpha=1.0 - 0.35 * (chunk % 2))
-            if end - start >= 0.5:
+            if end - start >= 0.02 * result["makespan"]:
                 ax.text((start + end) / 2, stage, str(mb), ha="center", va="center", fontsize=7, color="white")
     ax.set_yticks(range(stages))
     ax.set_yticklabels([f"stage {s}" for s in range(stages)])
     ax.invert_yaxis()
     ax.set_xlim(0, result["makespan"])
-    ax.set_xlabel("time (units of the given op costs)")
+    ax.set_xlabel(xlabel)
     ax.set_title(title or f"bubble fraction {result['bubble_fraction']:.3f}")
     used = {_schedule.OP_NAMES[code] for ops in timeline for _, _, code, _, _ in ops}
     legend = [Patch(color=_COLORS[n], label=label) for n, label in

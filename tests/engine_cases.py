@@ -31,16 +31,45 @@ def _train(module_cls, spec, make_engine, num_stages, steps, micro_batches, seed
     losses = [engine.train_batch(data_iter=data).item() for _ in range(steps)]
     evals = engine.eval_batch(iter(batches(7, micro_batches)), return_logits=True)
     weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    return losses, weights, evals, type(engine).__name__
+    return losses, weights, evals, type(engine)
 
 
 def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3):
+    """DeepSpeed's module and engine against ours, both built by deepspeed.initialize."""
     from deepspeed import initialize as ds_initialize
+    from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
     theirs = _train(DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize, num_stages, steps, micro_batches,
                     seed)
-    ours = _train(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, num_stages, steps, micro_batches, seed)
-    assert ours[3] == "PipelineEngine" and isinstance(ours, tuple)
+    ours = _train(dpe.PipelineModule, dpe.LayerSpec, ds_initialize, num_stages, steps, micro_batches, seed)
+    assert theirs[3] is DSPipelineEngine and ours[3] is dpe_engine.PipelineEngine, (theirs[3], ours[3])
     return theirs[:3], ours[:3]
+
+
+def engine_selection(rank, world_size):
+    """Which engine deepspeed.initialize builds: ours for our module, DeepSpeed's
+    for theirs unless adopted, DeepSpeed's for fp16/bf16."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
+    ours = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=2)
+    theirs = DSPipelineModule(layers=mlp_specs(deepspeed.pipe.LayerSpec), num_stages=2, loss_fn=nn.MSELoss())
+    base = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2}
+    fp32 = DeepSpeedConfig(base, ours.mpu())
+    bf16 = DeepSpeedConfig({**base, "bf16": {"enabled": True}}, ours.mpu())
+    choices = {"ours": dpe_engine.engine_class_for(ours, fp32), "theirs": dpe_engine.engine_class_for(theirs, fp32),
+               "ours_bf16": dpe_engine.engine_class_for(ours, bf16)}
+    dpe.run_deepspeed_pipelines_on_this_engine()
+    try:
+        choices["theirs_adopted"] = dpe_engine.engine_class_for(theirs, fp32)
+        torch.manual_seed(0)
+        engine, _, _, _ = deepspeed.initialize(model=theirs, config=base, model_parameters=theirs.parameters(),
+                                               optimizer=torch.optim.SGD(theirs.parameters(), lr=0.1))
+        choices["theirs_adopted_built"] = type(engine)
+        engine.train_batch(data_iter=iter([(torch.randn(1, 8), torch.randn(1, 4))] * 2))
+    finally:
+        dpe.run_deepspeed_pipelines_on_this_engine(False)
+    expected = {"ours": dpe_engine.PipelineEngine, "theirs": DSPipelineEngine, "ours_bf16": DSPipelineEngine,
+                "theirs_adopted": dpe_engine.PipelineEngine, "theirs_adopted_built": dpe_engine.PipelineEngine}
+    return {k: choices[k] is v for k, v in expected.items()}
 
 
 def gradient_accumulation(rank, world_size):
@@ -211,4 +240,12 @@ def engine_errors(rank, world_size):
     engine.set_batch_fn(lambda batch: (seen.append(1), (batch[0], batch[1] * 2))[1])
     engine.train_batch(data_iter=iter(batches(0, 2)))
     out["batch_fn_calls"] = len(seen)
+    # steps_per_print: rank 0 prints DeepSpeed's progress line.
+    import contextlib
+    import io
+    printing = attempt({**base, "steps_per_print": 1})
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        printing.train_batch(data_iter=iter(batches(0, 2)))
+    out["progress"] = captured.getvalue()
     return {k: (v if isinstance(v, (str, int)) or v is None else "engine") for k, v in out.items()}

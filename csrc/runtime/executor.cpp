@@ -4,9 +4,20 @@
 
 #include <c10/util/Exception.h>
 
+#include <chrono>
+
 namespace dpe::runtime {
 
 namespace {
+
+double monotonic_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+bool is_compute(core::Op op) {
+  return op == core::Op::ForwardPass || op == core::Op::BackwardPass || op == core::Op::BackwardInput ||
+         op == core::Op::BackwardWeight;
+}
 
 // Received tensors become this stage's leaves: float ones collect the
 // gradient to send back (as DeepSpeed's engine does).
@@ -44,12 +55,15 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
   outputs_.assign(num_buffers, Activation{});
   output_grads_.assign(num_buffers, {});
   step_ = 0;
+  timeline_.clear();
   for (const auto& step : steps) {
     for (const auto& in : step) {
       TORCH_CHECK(!core::op_has_buffer(in.op) || (in.buffer_id >= 0 && in.buffer_id < num_buffers), "stage ",
                   stage_id_, ", ", where(in),
                   ": buffer ", in.buffer_id, " outside the ", num_buffers, " allocated");
+      const double start = is_compute(in.op) ? monotonic_seconds() : 0.0;
       execute(in, cb);
+      if (is_compute(in.op)) timeline_.push_back({start, monotonic_seconds(), in.op, in.micro_batch, in.chunk});
     }
     if (p2p_) p2p_->reap_sends();
     ++step_;

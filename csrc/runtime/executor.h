@@ -28,6 +28,14 @@ struct StageCallbacks {
   std::function<void()> optimizer_step;
 };
 
+// A compute instruction as it ran: seconds on the machine's monotonic clock
+// (comparable across processes on one machine).
+struct TimedInstruction {
+  double start, end;
+  core::Op op;
+  int32_t micro_batch, chunk;
+};
+
 class Executor {
  public:
   // Peers are ranks in p2p's group; -1 where there is no previous/next stage.
@@ -36,6 +44,8 @@ class Executor {
 
   // Executes every step; throws (naming stage, step and instruction) on error.
   void run(const core::Steps& steps, int64_t num_buffers, const StageCallbacks& callbacks);
+  // The forward and backward passes of the last run, in order.
+  const std::vector<TimedInstruction>& timeline() const { return timeline_; }
 
  private:
   void execute(const core::Instruction& in, const StageCallbacks& cb);
@@ -48,6 +58,7 @@ class Executor {
   int64_t step_ = 0;
   std::vector<Activation> inputs_, outputs_;
   std::vector<std::vector<at::Tensor>> output_grads_;
+  std::vector<TimedInstruction> timeline_;
 };
 
 }  // namespace dpe::runtime

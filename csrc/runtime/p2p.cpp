@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <sstream>
+#include <stdexcept>
 
 namespace dpe::runtime {
 
@@ -71,15 +72,30 @@ P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds
   TORCH_CHECK(group_, "P2P needs a process group");
 }
 
-void P2P::wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::string& what, const char* verb) {
+[[noreturn]] void P2P::fail(const std::exception& err, int peer, const std::string& what, bool sending) const {
+  std::ostringstream msg;
+  msg << self_name_ << ": " << (sending ? "sending " : "receiving ") << what << (sending ? " to " : " from ")
+      << peer_label_ << " " << peer << " failed (timeout " << timeout_.count() / 1000.0 << " s): " << err.what()
+      << ". The peer may have died, or its schedule does not match this one.";
+  throw std::runtime_error(msg.str());
+}
+
+c10::intrusive_ptr<c10d::Work> P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, const std::string& what,
+                                          bool sending) {
+  try {
+    return sending ? group_->send(tensors, peer, tag) : group_->recv(tensors, peer, tag);
+  } catch (const std::exception& err) {  // e.g. the connection to a dead peer is already closed
+    fail(err, peer, what, sending);
+  }
+}
+
+void P2P::wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::string& what, bool sending) {
   try {
     if (!work->wait(timeout_)) {
       TORCH_CHECK(false, "timed out");
     }
   } catch (const std::exception& err) {
-    TORCH_CHECK(false, self_name_, ": ", verb, " ", what, (verb[0] == 's' && verb[1] == 'e' ? " to " : " from "),
-                peer_label_, " ", peer, " failed after waiting up to ", timeout_.count() / 1000.0, " s: ", err.what(),
-                ". The peer may have died, or its schedule does not match this one.");
+    fail(err, peer, what, sending);
   }
 }
 
@@ -100,13 +116,14 @@ void P2P::send(const Activation& value, int peer, int tag, const std::string& wh
     at::Tensor wire = encode(meta.tensors, meta.is_tuple);
     std::vector<at::Tensor> length{at::tensor({wire.numel()}, at::TensorOptions().dtype(at::kLong)).to(device_)};
     std::vector<at::Tensor> body{wire.to(device_)};
-    pending_.push_back({group_->send(length, peer, meta_tag(tag)), length, peer, what + " (meta length)"});
-    pending_.push_back({group_->send(body, peer, meta_tag(tag)), body, peer, what + " (meta)"});
+    pending_.push_back({start(length, peer, meta_tag(tag), what + " (meta length)", true), length, peer,
+                        what + " (meta length)"});
+    pending_.push_back({start(body, peer, meta_tag(tag), what + " (meta)", true), body, peer, what + " (meta)"});
     sent_meta_[channel] = std::move(meta);
   }
   for (const auto& t : tensors) {
     std::vector<at::Tensor> one{t.detach().contiguous()};
-    pending_.push_back({group_->send(one, peer, data_tag(tag)), one, peer, what});
+    pending_.push_back({start(one, peer, data_tag(tag), what, true), one, peer, what});
   }
 }
 
@@ -116,9 +133,9 @@ Activation P2P::recv(int peer, int tag, const std::string& what) {
   if (dynamic_ || known == recv_meta_.end()) {
     const auto long_options = at::TensorOptions().dtype(at::kLong).device(device_);
     std::vector<at::Tensor> length{at::empty({1}, long_options)};
-    wait(group_->recv(length, peer, meta_tag(tag)), peer, what + " (meta length)", "receiving");
+    wait(start(length, peer, meta_tag(tag), what + " (meta length)", false), peer, what + " (meta length)", false);
     std::vector<at::Tensor> body{at::empty({length[0].item<int64_t>()}, long_options)};
-    wait(group_->recv(body, peer, meta_tag(tag)), peer, what + " (meta)", "receiving");
+    wait(start(body, peer, meta_tag(tag), what + " (meta)", false), peer, what + " (meta)", false);
     body[0] = body[0].cpu();
     ChannelMeta meta;
     meta.tensors = decode(body[0], &meta.is_tuple);
@@ -134,7 +151,7 @@ Activation P2P::recv(int peer, int tag, const std::string& what) {
   auto& buffers = recv_buffers_[channel];
   for (auto& b : buffers) {
     std::vector<at::Tensor> one{b};
-    wait(group_->recv(one, peer, data_tag(tag)), peer, what, "receiving");
+    wait(start(one, peer, data_tag(tag), what, false), peer, what, false);
   }
   return Activation{buffers, recv_meta_[channel].is_tuple};
 }
@@ -142,7 +159,7 @@ Activation P2P::recv(int peer, int tag, const std::string& what) {
 void P2P::wait_sends() {
   std::vector<PendingSend> pending;
   pending.swap(pending_);
-  for (auto& p : pending) wait(p.work, p.peer, p.what, "sending");
+  for (auto& p : pending) wait(p.work, p.peer, p.what, true);
 }
 
 void P2P::reap_sends() {

@@ -65,7 +65,11 @@ class P2P {
 
  private:
   using Channel = std::pair<int, int>;  // (peer, tag)
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::string& what, const char* verb);
+  // Every c10d call goes through these, so any failure names stage, peer and transfer.
+  c10::intrusive_ptr<c10d::Work> start(std::vector<at::Tensor>& tensors, int peer, int tag, const std::string& what,
+                                       bool sending);
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::string& what, bool sending);
+  [[noreturn]] void fail(const std::exception& err, int peer, const std::string& what, bool sending) const;
   int data_tag(int tag) const { return 2 * tag + 1; }
   int meta_tag(int tag) const { return 2 * tag; }
 
