@@ -240,6 +240,8 @@ def engine_errors(rank, world_size):
     engine.set_batch_fn(lambda batch: (seen.append(1), (batch[0], batch[1] * 2))[1])
     engine.train_batch(data_iter=iter(batches(0, 2)))
     out["batch_fn_calls"] = len(seen)
+    from deepspeed_pipe_ext import schedule
+    out["timeline"] = ",".join(f"{schedule.OP_NAMES[code]}:{mb}" for _, _, code, mb, _ in engine.last_timeline)
     # steps_per_print: rank 0 prints DeepSpeed's progress line.
     import contextlib
     import io

@@ -234,3 +234,15 @@ def test_cli_rejects_bad_kind(capsys):
         cli_main(["--kind", "nope"])
     assert exit_info.value.code == 2
     assert "unknown schedule kind 'nope'" in capsys.readouterr().err
+
+
+def test_measured_timeline_picture(tmp_path):
+    from deepspeed_pipe_ext import timeline
+    F, B = OP["ForwardPass"], OP["BackwardPass"]
+    stages = [[(10.000, 10.001, F, 0, 0), (10.003, 10.005, B, 0, 0)], [(10.001, 10.002, F, 0, 0), (10.002, 10.003, B, 0, 0)]]
+    result = timeline.measured_result(stages)
+    assert result["makespan"] == pytest.approx(5.0)  # milliseconds from the earliest start
+    assert result["idle_fraction"] == pytest.approx([0.4, 0.6])
+    png = tmp_path / "measured.png"
+    timeline.plot_timeline(result, str(png), xlabel="milliseconds")
+    assert png.read_bytes()[:4] == b"\x89PNG"
