@@ -19,11 +19,11 @@ def batches(seed, count, micro_batch=2):
     return [(torch.randn(micro_batch, 8, generator=g), torch.randn(micro_batch, 4, generator=g)) for _ in range(count)]
 
 
-def _train(module_cls, spec, make_engine, num_stages, steps, micro_batches, seed):
+def _train(module_cls, spec, make_engine, num_stages, steps, micro_batches, seed, extra_config=None):
     torch.manual_seed(seed)
     net = module_cls(layers=mlp_specs(spec), num_stages=num_stages, loss_fn=nn.MSELoss())
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
-              "steps_per_print": 10**9}
+              "steps_per_print": 10**9, **(extra_config or {})}
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     engine, _, _, _ = make_engine(model=net, config=config, optimizer=optimizer, model_parameters=net.parameters())
     # The same batch every step (different per data-parallel rank), so the loss must fall.
@@ -34,13 +34,14 @@ def _train(module_cls, spec, make_engine, num_stages, steps, micro_batches, seed
     return losses, weights, evals, type(engine)
 
 
-def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3):
+def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3, extra_config=None):
     """DeepSpeed's module and engine against ours, both built by deepspeed.initialize."""
     from deepspeed import initialize as ds_initialize
     from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
     theirs = _train(DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize, num_stages, steps, micro_batches,
-                    seed)
-    ours = _train(dpe.PipelineModule, dpe.LayerSpec, ds_initialize, num_stages, steps, micro_batches, seed)
+                    seed, extra_config)
+    ours = _train(dpe.PipelineModule, dpe.LayerSpec, ds_initialize, num_stages, steps, micro_batches, seed,
+                  extra_config)
     assert theirs[3] is DSPipelineEngine and ours[3] is dpe_engine.PipelineEngine, (theirs[3], ours[3])
     return theirs[:3], ours[:3]
 

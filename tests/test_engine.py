@@ -35,6 +35,13 @@ def test_training_matches_deepspeed(world_size, num_stages):
     check_parity(run_ranks(engine_cases.train_both, world_size, num_stages, timeout=400))
 
 
+def test_zero1_gradient_clipping_and_lr_schedule_match_deepspeed():
+    extra = {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.5,
+             "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.05,
+                                                          "warmup_num_steps": 5}}}
+    check_parity(run_ranks(engine_cases.train_both, 4, 2, 20, 4, 3, extra, timeout=400))
+
+
 def test_gradient_accumulation_scaling_matches_deepspeed():
     for theirs, ours in run_ranks(engine_cases.gradient_accumulation, 2):
         assert ours[0] == pytest.approx(theirs[0], rel=1e-7)
