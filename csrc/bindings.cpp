@@ -214,7 +214,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           [](dpe::runtime::P2P& self, py::object value, int peer, int tag, const std::string& what) {
             auto a = activation_from_python(value, "a sent value");
             py::gil_scoped_release release;
-            self.send(a, peer, tag, what);
+            self.send(a, peer, tag, [what] { return what; });
           },
           py::arg("value"), py::arg("peer"), py::arg("tag"), py::arg("what"))
       .def(
@@ -223,7 +223,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             dpe::runtime::Activation a;
             {
               py::gil_scoped_release release;
-              a = self.recv(peer, tag, what);
+              a = self.recv(peer, tag, [&what] { return what; });
             }
             return activation_to_python(a);
           },

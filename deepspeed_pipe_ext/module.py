@@ -21,12 +21,9 @@ from deepspeed.runtime.pipe import module as ds_module
 from . import partition as _partition
 from .topology import PipeDataParallelTopology, PipelineParallelGrid, as_topology, _require_dist
 
-__all__ = ["PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineError", "PARTITION_METHODS"]
+__all__ = ["PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineError"]
 
 PipelineError = ds_module.PipelineError
-
-PARTITION_METHODS = ("parameters", "uniform", "type:REGEX", "parameters-minmax", "profile",
-                     "[explicit boundaries]")
 
 
 def _global_rank():

@@ -4,9 +4,6 @@
 `deepspeed.runtime.utils` returns for the same input. `partition_minmax` is the
 exact partition that minimises the heaviest stage.
 """
-import math
-from numbers import Real
-
 from ._native import _C
 
 __all__ = ["partition_uniform", "partition_balanced", "partition_minmax", "max_part_weight"]
@@ -25,16 +22,12 @@ def _check_count(value, name):
 
 
 def _as_weights(weights):
+    # Only the conversion lives here; the C++ solvers reject negative and
+    # non-finite weights (ValueError naming the layer).
     try:
-        values = [float(w) for w in weights]
+        return [float(w) for w in weights]
     except (TypeError, ValueError) as err:
         raise TypeError(f"weights must be a sequence of numbers: {err}") from None
-    for idx, w in enumerate(values):
-        if not math.isfinite(w):
-            raise ValueError(f"weight of layer {idx} is {w}: partition weights must be finite numbers")
-        if w < 0:
-            raise ValueError(f"weight of layer {idx} is negative ({w}): partition weights must be >= 0")
-    return values
 
 
 def partition_uniform(num_items, num_parts):
@@ -57,4 +50,6 @@ def partition_minmax(weights, num_parts):
 
 def max_part_weight(weights, parts):
     """The weight of the heaviest part of `parts`."""
-    return _C.max_part_weight(_as_weights(weights), [int(p) for p in parts])
+    values = _as_weights(weights)
+    _C.check_weights(values)
+    return _C.max_part_weight(values, [int(p) for p in parts])

@@ -445,14 +445,9 @@ Steps generate_steps(const ScheduleSpec& s, int64_t stage_id) {
       return ds_inference_steps(s, stage_id);
     case ScheduleKind::DataParallel:
       return ds_data_parallel_steps(s);
-    case ScheduleKind::GPipe:
-      return lower(s, stage_id, gpipe_order(s), nullptr);
-    case ScheduleKind::Interleaved1F1B:
-      return lower(s, stage_id, interleaved_orders(s)[stage_id], nullptr);
-    case ScheduleKind::ZeroBubbleH1:
-      return lower(s, stage_id, zero_bubble_h1_orders(s)[stage_id], nullptr);
+    default:
+      return lower(s, stage_id, compute_orders(s)[stage_id], nullptr);
   }
-  throw std::logic_error("unhandled schedule kind");
 }
 
 std::vector<Steps> generate_all_steps(const ScheduleSpec& s, std::vector<int64_t>* num_buffers) {

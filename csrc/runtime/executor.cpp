@@ -44,11 +44,21 @@ Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer
   TORCH_CHECK(num_stages == 1 || p2p != nullptr, "a pipeline of ", num_stages, " stages needs p2p");
 }
 
-std::string Executor::where(const core::Instruction& in) const {
-  std::string s = "step " + std::to_string(step_) + ", " + core::op_name(in.op);
+std::string Executor::where(const core::Instruction& in) const { return describe_step(step_, in); }
+
+std::string describe_step(int64_t step, const core::Instruction& in) {
+  std::string s = "step " + std::to_string(step) + ", " + core::op_name(in.op);
   if (in.micro_batch >= 0) s += " (micro-batch " + std::to_string(in.micro_batch) + ")";
   return s;
 }
+
+namespace {
+// Captures values only (16 bytes, so std::function stores it without
+// allocating); the string is built only if the transfer fails.
+Describe lazily(int64_t step, const core::Instruction& in) {
+  return [step = static_cast<int32_t>(step), in] { return describe_step(step, in); };
+}
+}  // namespace
 
 void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCallbacks& cb) {
   inputs_.assign(num_buffers, Activation{});
@@ -84,7 +94,7 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       break;
     }
     case Op::RecvActivation:
-      inputs_[b] = as_stage_inputs(p2p_->recv(prev_peer_, activation_tag_, where(in)));
+      inputs_[b] = as_stage_inputs(p2p_->recv(prev_peer_, activation_tag_, lazily(step_, in)));
       break;
     case Op::ForwardPass: {
       // Forward on clones so the buffer's leaves receive the input gradient.
@@ -94,10 +104,10 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       break;
     }
     case Op::SendActivation:
-      p2p_->send(outputs_[b], next_peer_, activation_tag_, where(in));
+      p2p_->send(outputs_[b], next_peer_, activation_tag_, lazily(step_, in));
       break;
     case Op::RecvGrad: {
-      const Activation grads = p2p_->recv(next_peer_, grad_tag_, where(in));
+      const Activation grads = p2p_->recv(next_peer_, grad_tag_, lazily(step_, in));
       std::vector<at::Tensor> outs, grad_tensors;
       for (const auto& t : outputs_[b].tensors) {
         if (t.is_floating_point()) outs.push_back(t);
@@ -140,7 +150,7 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
                     "tensor)");
         grads.tensors.push_back(t.grad());
       }
-      p2p_->send(grads, prev_peer_, grad_tag_, where(in));
+      p2p_->send(grads, prev_peer_, grad_tag_, lazily(step_, in));
       inputs_[b] = Activation{};
       break;
     }

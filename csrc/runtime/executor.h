@@ -36,6 +36,9 @@ struct TimedInstruction {
   int32_t micro_batch, chunk;
 };
 
+// "step 3, RecvGrad (micro-batch 0)": how errors name an instruction.
+std::string describe_step(int64_t step, const core::Instruction& in);
+
 class Executor {
  public:
   // Peers are ranks in p2p's group; -1 where there is no previous/next stage.

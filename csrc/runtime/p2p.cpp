@@ -72,41 +72,43 @@ P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds
   TORCH_CHECK(group_, "P2P needs a process group");
 }
 
-[[noreturn]] void P2P::fail(const std::exception& err, int peer, const std::string& what, bool sending) const {
+[[noreturn]] void P2P::fail(const std::exception& err, int peer, const Describe& what, const char* part,
+                            bool sending) const {
   std::ostringstream msg;
-  msg << self_name_ << ": " << (sending ? "sending " : "receiving ") << what << (sending ? " to " : " from ")
+  msg << self_name_ << ": " << (sending ? "sending " : "receiving ") << what() << part << (sending ? " to " : " from ")
       << peer_label_ << " " << peer << " failed (timeout " << timeout_.count() / 1000.0 << " s): " << err.what()
       << ". The peer may have died, or its schedule does not match this one.";
   throw std::runtime_error(msg.str());
 }
 
-c10::intrusive_ptr<c10d::Work> P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, const std::string& what,
-                                          bool sending) {
+c10::intrusive_ptr<c10d::Work> P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, const Describe& what,
+                                          const char* part, bool sending) {
   try {
     return sending ? group_->send(tensors, peer, tag) : group_->recv(tensors, peer, tag);
   } catch (const std::exception& err) {  // e.g. the connection to a dead peer is already closed
-    fail(err, peer, what, sending);
+    fail(err, peer, what, part, sending);
   }
 }
 
-void P2P::wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::string& what, bool sending) {
+void P2P::wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const Describe& what, const char* part,
+               bool sending) {
   try {
     if (!work->wait(timeout_)) {
       TORCH_CHECK(false, "timed out");
     }
   } catch (const std::exception& err) {
-    fail(err, peer, what, sending);
+    fail(err, peer, what, part, sending);
   }
 }
 
-void P2P::send(const Activation& value, int peer, int tag, const std::string& what) {
+void P2P::send(const Activation& value, int peer, int tag, const Describe& what) {
   const Channel channel{peer, tag};
   const std::vector<at::Tensor>& tensors = value.tensors;
   ChannelMeta meta{meta_of(tensors), value.is_tuple};
   auto known = sent_meta_.find(channel);
   const bool send_meta = dynamic_ || known == sent_meta_.end();
   if (!send_meta && !(known->second == meta)) {
-    TORCH_CHECK(false, self_name_, ": ", what, " changed from ", describe(known->second.tensors), " to ",
+    TORCH_CHECK(false, self_name_, ": ", what(), " changed from ", describe(known->second.tensors), " to ",
                 describe(meta.tensors),
                 " since the first transfer; pass dynamic_shape=True to PipelineModule (or call "
                 "engine.reset_activation_shape()) when activation shapes vary");
@@ -116,26 +118,26 @@ void P2P::send(const Activation& value, int peer, int tag, const std::string& wh
     at::Tensor wire = encode(meta.tensors, meta.is_tuple);
     std::vector<at::Tensor> length{at::tensor({wire.numel()}, at::TensorOptions().dtype(at::kLong)).to(device_)};
     std::vector<at::Tensor> body{wire.to(device_)};
-    pending_.push_back({start(length, peer, meta_tag(tag), what + " (meta length)", true), length, peer,
-                        what + " (meta length)"});
-    pending_.push_back({start(body, peer, meta_tag(tag), what + " (meta)", true), body, peer, what + " (meta)"});
+    pending_.push_back({start(length, peer, meta_tag(tag), what, " (meta length)", true), length, peer, what,
+                        " (meta length)"});
+    pending_.push_back({start(body, peer, meta_tag(tag), what, " (meta)", true), body, peer, what, " (meta)"});
     sent_meta_[channel] = std::move(meta);
   }
   for (const auto& t : tensors) {
     std::vector<at::Tensor> one{t.detach().contiguous()};
-    pending_.push_back({start(one, peer, data_tag(tag), what, true), one, peer, what});
+    pending_.push_back({start(one, peer, data_tag(tag), what, "", true), one, peer, what, ""});
   }
 }
 
-Activation P2P::recv(int peer, int tag, const std::string& what) {
+Activation P2P::recv(int peer, int tag, const Describe& what) {
   const Channel channel{peer, tag};
   auto known = recv_meta_.find(channel);
   if (dynamic_ || known == recv_meta_.end()) {
     const auto long_options = at::TensorOptions().dtype(at::kLong).device(device_);
     std::vector<at::Tensor> length{at::empty({1}, long_options)};
-    wait(start(length, peer, meta_tag(tag), what + " (meta length)", false), peer, what + " (meta length)", false);
+    wait(start(length, peer, meta_tag(tag), what, " (meta length)", false), peer, what, " (meta length)", false);
     std::vector<at::Tensor> body{at::empty({length[0].item<int64_t>()}, long_options)};
-    wait(start(body, peer, meta_tag(tag), what + " (meta)", false), peer, what + " (meta)", false);
+    wait(start(body, peer, meta_tag(tag), what, " (meta)", false), peer, what, " (meta)", false);
     body[0] = body[0].cpu();
     ChannelMeta meta;
     meta.tensors = decode(body[0], &meta.is_tuple);
@@ -151,7 +153,7 @@ Activation P2P::recv(int peer, int tag, const std::string& what) {
   auto& buffers = recv_buffers_[channel];
   for (auto& b : buffers) {
     std::vector<at::Tensor> one{b};
-    wait(start(one, peer, data_tag(tag), what, false), peer, what, false);
+    wait(start(one, peer, data_tag(tag), what, "", false), peer, what, "", false);
   }
   return Activation{buffers, recv_meta_[channel].is_tuple};
 }
@@ -159,7 +161,7 @@ Activation P2P::recv(int peer, int tag, const std::string& what) {
 void P2P::wait_sends() {
   std::vector<PendingSend> pending;
   pending.swap(pending_);
-  for (auto& p : pending) wait(p.work, p.peer, p.what, true);
+  for (auto& p : pending) wait(p.work, p.peer, p.what, p.part, true);
 }
 
 void P2P::reap_sends() {

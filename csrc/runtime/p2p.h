@@ -12,6 +12,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -37,6 +38,10 @@ struct Activation {
   bool is_tuple = false;
 };
 
+// Describes a transfer for error messages; called only when one fails, so the
+// hot path builds no strings.
+using Describe = std::function<std::string()>;
+
 class P2P {
  public:
   // `group` holds this rank and its peers; peers are ranks within `group`.
@@ -48,11 +53,11 @@ class P2P {
 
   // Starts sending `tensors` to `peer`; returns at once. The tensors must stay
   // unmodified until wait_sends() (the executor keeps them in its buffers).
-  void send(const Activation& value, int peer, int tag, const std::string& what);
+  void send(const Activation& value, int peer, int tag, const Describe& what);
   // Receives from `peer` into buffers allocated on first use (or when the
   // meta changes) and reused afterwards; returns those buffers, so copy what
   // must outlive the next receive on the same channel.
-  Activation recv(int peer, int tag, const std::string& what);
+  Activation recv(int peer, int tag, const Describe& what);
   // Waits for every send started so far.
   void wait_sends();
   // Drops the sends that have completed (never blocks).
@@ -66,10 +71,13 @@ class P2P {
  private:
   using Channel = std::pair<int, int>;  // (peer, tag)
   // Every c10d call goes through these, so any failure names stage, peer and transfer.
-  c10::intrusive_ptr<c10d::Work> start(std::vector<at::Tensor>& tensors, int peer, int tag, const std::string& what,
-                                       bool sending);
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const std::string& what, bool sending);
-  [[noreturn]] void fail(const std::exception& err, int peer, const std::string& what, bool sending) const;
+  // `part` names the piece of a transfer ("", " (meta length)", " (meta)").
+  c10::intrusive_ptr<c10d::Work> start(std::vector<at::Tensor>& tensors, int peer, int tag, const Describe& what,
+                                       const char* part, bool sending);
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const Describe& what, const char* part,
+            bool sending);
+  [[noreturn]] void fail(const std::exception& err, int peer, const Describe& what, const char* part,
+                         bool sending) const;
   int data_tag(int tag) const { return 2 * tag + 1; }
   int meta_tag(int tag) const { return 2 * tag; }
 
@@ -91,7 +99,8 @@ class P2P {
     c10::intrusive_ptr<c10d::Work> work;
     std::vector<at::Tensor> keep_alive;
     int peer;
-    std::string what;
+    Describe what;  // a copy: the caller's description outlives no send
+    const char* part;
   };
   std::vector<PendingSend> pending_;
 };
