@@ -8,6 +8,7 @@
 #include "core/schedule.h"
 #include "core/simulator.h"
 #include "core/topology.h"
+#include "runtime/checkpoint.h"
 #include "runtime/executor.h"
 #include "runtime/p2p.h"
 
@@ -103,6 +104,21 @@ dpe::runtime::Activation activation_from_python(const py::handle& obj, const cha
   }
   throw py::type_error(std::string(what) + " must be a tensor or a tuple of tensors, got " +
                        std::string(py::str(py::type::of(obj).attr("__name__"))));
+}
+
+// A Python callable the autograd graph may hold and drop on any thread:
+// calls and the final release take the GIL.
+dpe::runtime::GroupForward group_forward_from_python(py::function fn) {
+  std::shared_ptr<py::function> held(new py::function(std::move(fn)), [](py::function* f) {
+    py::gil_scoped_acquire gil;
+    delete f;
+  });
+  return [held](const std::vector<at::Tensor>& inputs) {
+    py::gil_scoped_acquire gil;
+    py::tuple args(inputs.size());
+    for (size_t i = 0; i < inputs.size(); ++i) args[i] = py::cast(inputs[i]);
+    return activation_from_python((*held)(*args), "a checkpointed group's output").tensors;
+  };
 }
 
 }  // namespace
@@ -278,6 +294,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("p2p"), py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"),
       py::arg("prev_peer"), py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
       py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"));
+
+  m.def(
+      "checkpoint",
+      [](py::function forward, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& params,
+         bool reentrant) {
+        auto fn = group_forward_from_python(std::move(forward));
+        py::gil_scoped_release release;
+        return reentrant ? dpe::runtime::checkpoint_reentrant(std::move(fn), inputs)
+                         : dpe::runtime::checkpoint_non_reentrant(std::move(fn), inputs, params);
+      },
+      "Runs forward(*inputs) without keeping its activations; recomputes it during backward. "
+      "params: the parameters whose gradients flow through the checkpoint in non-reentrant mode.",
+      py::arg("forward"), py::arg("inputs"), py::arg("params"), py::arg("reentrant"));
 
   py::class_<Topology>(m, "Topology")
       .def(py::init<std::vector<std::string>, std::vector<int64_t>>(), py::arg("axes"), py::arg("dims"))

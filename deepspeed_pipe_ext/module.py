@@ -18,6 +18,7 @@ from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.activation_checkpointing import checkpointing
 from deepspeed.runtime.pipe import module as ds_module
 
+from . import activation_checkpointing
 from . import partition as _partition
 from .topology import PipeDataParallelTopology, PipelineParallelGrid, as_topology, _require_dist
 
@@ -296,13 +297,57 @@ class PipelineModule(ds_module.PipelineModule):
         # DeepSpeed's forward sets self.curr_layer (an nn.Module __setattr__)
         # for every layer; without per-layer seeds or checkpointing nothing
         # reads it, so run the layers directly (same arithmetic).
-        if self.activation_checkpoint_interval > 0 or self.seed_layers:
+        if self.activation_checkpoint_interval == 0 and not self.seed_layers:
+            self.micro_offset += 1
+            x = forward_input
+            for layer in self.forward_funcs:
+                x = layer(x)
+            return x
+        if self.activation_checkpoint_interval == 0:  # per-layer seeds only
+            self.micro_offset += 1
+            return self._group_forward(0, len(self.forward_funcs), self.micro_offset + 1)(forward_input)
+        checkpoint = self._checkpoint_function()
+        if checkpoint is None:  # a user's own activation_checkpoint_func: DeepSpeed's loop calls it
             return super().forward(forward_input)
         self.micro_offset += 1
+        micro_offset = self.micro_offset + 1  # what DeepSpeed's per-layer seeds use
+        interval = self.activation_checkpoint_interval
+        if self.is_checkpointable_results_interval != interval:
+            self._precompute_checkpointable_values()
         x = forward_input
-        for layer in self.forward_funcs:
-            x = layer(x)
+        for start, checkpointable in zip(range(0, len(self.forward_funcs), interval), self.is_checkpointable_results):
+            run_group = self._group_forward(start, min(start + interval, len(self.forward_funcs)), micro_offset)
+            if not isinstance(x, tuple):
+                x = (x, )
+            x = checkpoint(run_group, *x) if checkpointable else run_group(*x)
         return x
+
+    def _checkpoint_function(self):
+        """Our C++ checkpoint in place of DeepSpeed's two (same rules for which
+        groups qualify); None for any other function."""
+        func = self.activation_checkpoint_func
+        if func is checkpointing.checkpoint or func is activation_checkpointing.checkpoint:
+            return activation_checkpointing.checkpoint
+        if func is checkpointing.non_reentrant_checkpoint or func is activation_checkpointing.non_reentrant_checkpoint:
+            # Every trainable parameter of the stage: those the group does not use get no gradient from it.
+            params = [p for p in self.parameters() if p.requires_grad]
+            return lambda run_group, *x: activation_checkpointing.non_reentrant_checkpoint(run_group, *x,
+                                                                                             params=params)
+        return None
+
+    def _group_forward(self, start, end, micro_offset):
+        """Layers [start, end) as one function of the group's inputs, seeding
+        each layer as DeepSpeed does when seed_layers is set."""
+        def run_group(*inputs):
+            x = inputs[0] if len(inputs) == 1 else inputs
+            for idx, layer in enumerate(self.forward_funcs[start:end]):
+                self.curr_layer = idx + self._local_start  # as DeepSpeed numbers it (not idx + start)
+                if self.seed_layers:
+                    seed = self.base_seed * micro_offset + self.curr_layer
+                    (self.seed_fn or ds_utils.set_random_seed)(seed)
+                x = layer(x)
+            return x
+        return run_group
 
     # ------------------------------------------------------------------ building
     def _build(self):

@@ -252,3 +252,56 @@ def engine_errors(rank, world_size):
         printing.train_batch(data_iter=iter(batches(0, 2)))
     out["progress"] = captured.getvalue()
     return {k: (v if isinstance(v, (str, int)) or v is None else "engine") for k, v in out.items()}
+
+
+class DropoutBlock(MaskedBlock):
+    """MaskedBlock with dropout: checkpointing must replay the same masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, inputs):
+        hidden, mask, positions = inputs
+        update = self.drop(torch.tanh(self.lin(hidden))) * mask.unsqueeze(-1) + 0.01 * positions.unsqueeze(-1)
+        return hidden + update, mask, positions
+
+
+def train_checkpointed(rank, world_size, model, num_stages, interval, reentrant, steps=20, micro_batches=4):
+    """DeepSpeed's engine with activation checkpointing, ours with it, and ours
+    without it, on a model with dropout. Halfway through, set_checkpoint_interval
+    changes the interval (on all three, so the runs stay comparable)."""
+    from deepspeed import initialize as ds_initialize
+    runs = ((DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize, interval),
+            (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, interval),
+            (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 0))
+    results = []
+    for module_cls, spec, make, run_interval in runs:
+        torch.manual_seed(21)
+        if model == "dropout_mlp":
+            layers = [spec(nn.Linear, 8, 16), spec(nn.Dropout, 0.2), nn.ReLU(), spec(nn.Linear, 16, 16),
+                      spec(nn.Dropout, 0.2), nn.Tanh(), spec(nn.Linear, 16, 16), nn.ReLU(), spec(nn.Linear, 16, 4)]
+            net = module_cls(layers=layers, num_stages=num_stages, loss_fn=nn.MSELoss())
+            data_for = batches
+        else:
+            layers = [spec(Embed), spec(DropoutBlock), spec(DropoutBlock), spec(DropoutBlock), spec(Head)]
+            # Only the blocks: with reentrant checkpointing a checkpointed embedding would get no gradient.
+            net = module_cls(layers=layers, num_stages=num_stages, loss_fn=nn.CrossEntropyLoss(),
+                             partition_method="uniform", checkpointable_layers=["DropoutBlock"])
+            data_for = token_batches
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
+                  "steps_per_print": 10**9,
+                  "pipeline": {"activation_checkpoint_interval": run_interval, "use_reentrant": reentrant}}
+        engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.Adam(net.parameters(), lr=0.01),
+                               model_parameters=net.parameters())
+        torch.manual_seed(1000 + rank)  # dropout masks differ per rank, the same in every run
+        data = iter(data_for(100 + engine.grid.data_parallel_id, micro_batches) * steps)
+        losses = []
+        for step in range(steps):
+            if step == steps // 2 and run_interval > 0:
+                net.set_checkpoint_interval(run_interval + 1)
+            losses.append(engine.train_batch(data_iter=data).item())
+        evals = engine.eval_batch(iter(data_for(5, micro_batches)), return_logits=True)
+        weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        results.append((losses, weights, evals))
+    return tuple(results)
