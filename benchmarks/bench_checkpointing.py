@@ -1,0 +1,122 @@
+"""Activation checkpointing: peak activation memory and step time, DeepSpeed's
+PipelineEngine against ours, with and without checkpointing, side by side.
+
+Two processes over gloo (2 pipeline stages), each pinned to one core and one
+thread. The model: 8 blocks per stage of Linear(512, 512) + GELU +
+Dropout(0.1), 8 micro-batches of 64, 1F1B. "Peak memory" is the peak resident
+memory of a stage's process during one train_batch above where it started
+(see peak_memory): activations kept for backward, gradients, buffers.
+Checkpointing uses interval 1 (each block is a group), reentrant (DeepSpeed's
+default) for both engines, and also our non-reentrant mode.
+
+    .venv/bin/python benchmarks/bench_checkpointing.py [--repeats 7]
+"""
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+WIDTH, MICRO_BATCH, MICRO_BATCHES, BLOCKS = 256, 256, 8, 8
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def peak_memory(run):
+    """Peak resident memory while run() runs, above where it started (bytes).
+
+    main() sets a fixed glibc mmap threshold of 64 KiB, so every tensor of
+    that size or more is its own mapping, returned to the system when freed:
+    resident memory then follows the live tensors instead of the heap's high
+    water mark. Writing 5 to clear_refs resets the peak (VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - start) * 1024
+
+
+def measure(rank, world_size, repeats):
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import deepspeed
+    from deepspeed.pipe import PipelineModule as DSPipelineModule
+    import deepspeed_pipe_ext as dpe
+    from deepspeed_pipe_ext import engine as dpe_engine
+    os.sched_setaffinity(0, {rank % os.cpu_count()})
+    torch.set_num_threads(1)
+
+    class Block(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(WIDTH, WIDTH), nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.drop(nn.functional.gelu(self.lin(x)))
+
+    def build(module_cls, spec, make, interval, reentrant):
+        torch.manual_seed(0)
+        net = module_cls(layers=[spec(Block) for _ in range(2 * BLOCKS)], num_stages=2, loss_fn=nn.MSELoss(),
+                         partition_method="uniform")
+        config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": MICRO_BATCHES,
+                  "steps_per_print": 10**9,
+                  "pipeline": {"activation_checkpoint_interval": interval, "use_reentrant": reentrant}}
+        engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.SGD(net.parameters(), lr=1e-4),
+                               model_parameters=net.parameters())
+        return engine
+
+    configs = {
+        "DeepSpeed": (DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize, 0, True),
+        "DeepSpeed, checkpointing": (DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize, 1, True),
+        "ours": (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 0, True),
+        "ours, checkpointing": (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 1, True),
+        "ours, checkpointing (non-reentrant)": (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 1, False),
+    }
+    engines = {name: build(*args) for name, args in configs.items()}
+    batch = (torch.randn(MICRO_BATCH, WIDTH), torch.randn(MICRO_BATCH, WIDTH))
+    data = lambda: iter([batch] * MICRO_BATCHES)
+
+    memory = {}
+    for name, engine in engines.items():
+        engine.train_batch(data_iter=data())  # warm-up: gradients, optimizer state, receive buffers
+        memory[name] = peak_memory(lambda: engine.train_batch(data_iter=data()))
+
+    times = {name: [] for name in engines}
+    for rep in range(repeats + 1):
+        for name, engine in engines.items():
+            dist.barrier()
+            start = time.perf_counter()
+            engine.train_batch(data_iter=data())
+            if rep >= 1:  # warm-up
+                times[name].append(time.perf_counter() - start)
+    return {name: (memory[name], statistics.median(times[name])) for name in engines}
+
+
+def main():
+    from distributed import run_ranks
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # read by glibc when the ranks start: see peak_memory
+    per_rank = run_ranks(measure, 2, args.repeats, timeout=1800)
+    print(f"2 stages x {BLOCKS} blocks of Linear({WIDTH}, {WIDTH}) + GELU + Dropout, {MICRO_BATCHES} micro-batches "
+          f"of {MICRO_BATCH}, 1F1B; checkpoint interval 1; median train_batch of {args.repeats}")
+    print(f"  {'':38s} {'stage 0 peak MiB':>16s} {'stage 1 peak MiB':>16s} {'step ms':>9s} {'vs. no ckpt':>11s}")
+    for name in per_rank[0]:
+        mem = [r[name][0] / 2**20 for r in per_rank]
+        step = max(r[name][1] for r in per_rank)
+        base = "DeepSpeed" if name.startswith("DeepSpeed") else "ours"
+        cost = step / max(r[base][1] for r in per_rank)
+        print(f"  {name:38s} {mem[0]:16.2f} {mem[1]:16.2f} {step * 1000:9.1f} {cost:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
