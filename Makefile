@@ -46,6 +46,7 @@ bench: build
 	$(PY) benchmarks/bench_partition.py
 	$(PY) benchmarks/bench_schedule.py
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_torch_pipelining.py
 
 clean:
 	rm -rf build $(VENV) deepspeed_pipe_ext/*.so *.egg-info

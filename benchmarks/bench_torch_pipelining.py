@@ -1,0 +1,170 @@
+"""Train step time: DeepSpeed's PipelineEngine, ours and torch.distributed.pipelining, side by side.
+
+Two processes over gloo (2 pipeline stages), each pinned to its own core and
+one thread. The three engines train the same model (same seed; torch's stage
+module is a copy of our module's local layers) on the same data, in the same
+processes, alternating within each repetition; medians and ratios are reported.
+
+  DeepSpeed: deepspeed.pipe.PipelineModule + deepspeed.initialize, engine.train_batch
+  ours:      deepspeed_pipe_ext.PipelineModule + deepspeed_pipe_ext.engine.initialize, engine.train_batch
+  torch:     PipelineStage(nn.Sequential(this rank's layers)) + Schedule1F1B(loss_fn=MSELoss),
+             schedule.step(inputs on stage 0, target= and losses= on stage 1), the mean of the
+             per-micro-batch losses on the last stage, then SGD step and zero_grad
+
+All three: SGD(lr=1e-4), gradients = mean over micro-batches (DeepSpeed divides
+each micro-batch's loss by gradient_accumulation_steps; torch's schedule divides
+the gradients by n_microbatches, scale_grads=True), and a returned loss = mean of
+the per-micro-batch losses. DeepSpeed's and our train_batch also broadcast that
+loss from the last stage to every stage; torch's step leaves it on the last stage.
+Before timing, the first two steps' losses of the three are compared.
+
+  overhead-bound: 2 stages x 16 Linear(8, 8) layers, 32 micro-batches of batch size 1
+  compute-bound:  2 stages x 4 Linear(768, 768) layers, 8 micro-batches of 64
+
+    .venv/bin/python benchmarks/bench_torch_pipelining.py [--repeats 15]
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+CASES = {  # layers per stage, width, micro-batch size, micro-batches
+    "overhead": (16, 8, 1, 32),
+    "compute": (4, 768, 64, 8),
+}
+LR = 1e-4
+WARMUP = 2
+LOSS_TOLERANCE = 1e-5
+
+
+def build(module_cls, spec, make, layers, width, micro_batch, micro_batches):
+    import torch
+    torch.manual_seed(0)
+    net = module_cls(layers=[spec(torch.nn.Linear, width, width) for _ in range(layers)], num_stages=2,
+                     loss_fn=torch.nn.MSELoss(), partition_method="uniform")
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro_batches,
+              "steps_per_print": 10**9}
+    engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.SGD(net.parameters(), lr=LR),
+                           model_parameters=net.parameters())
+    return engine
+
+
+class TorchPipelining:
+    """torch.distributed.pipelining's 1F1B on this rank's stage, with an optimizer step."""
+
+    def __init__(self, stage_module, rank, world_size, micro_batches, xs, ys):
+        import torch
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+        self.rank, self.last = rank, rank == world_size - 1
+        # No input/output example args: the stage infers shapes on the first step (a warm-up rep).
+        stage = PipelineStage(stage_module, stage_index=rank, num_stages=world_size, device=torch.device("cpu"))
+        self.schedule = Schedule1F1B(stage, micro_batches, loss_fn=torch.nn.MSELoss())
+        self.optimizer = torch.optim.SGD(stage_module.parameters(), lr=LR)
+        # step() splits the whole batch along dim 0 into micro-batches: pass the concatenation.
+        self.inputs, self.target = torch.cat(xs), torch.cat(ys)
+
+    def train_batch(self):
+        import torch
+        if self.rank == 0:
+            self.schedule.step(self.inputs)
+            loss = None
+        elif self.last:
+            losses = []
+            self.schedule.step(target=self.target, losses=losses, return_outputs=False)
+            loss = torch.stack(losses).mean().detach()
+        else:
+            self.schedule.step()
+            loss = None
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss
+
+
+def measure(rank, world_size, case, repeats):
+    import torch
+    import torch.distributed as dist
+    import deepspeed
+    from deepspeed.pipe import PipelineModule as DSPipelineModule
+    from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
+    import deepspeed_pipe_ext as dpe
+    from deepspeed_pipe_ext import engine as dpe_engine
+    os.sched_setaffinity(0, {rank % os.cpu_count()})
+    torch.set_num_threads(1)
+
+    layers, width, micro_batch, micro_batches = CASES[case]
+    gen = torch.Generator().manual_seed(1234)
+    xs = [torch.randn(micro_batch, width, generator=gen) for _ in range(micro_batches)]
+    ys = [torch.randn(micro_batch, width, generator=gen) for _ in range(micro_batches)]
+    data = lambda: iter(list(zip(xs, ys)))
+
+    ds = build(DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize, 2 * layers, width, micro_batch,
+               micro_batches)
+    ours = build(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 2 * layers, width, micro_batch,
+                 micro_batches)
+    assert type(ds) is DSPipelineEngine, f"deepspeed.initialize gave {type(ds)}, not DeepSpeed's PipelineEngine"
+    assert type(ours) is dpe_engine.PipelineEngine, f"ours is {type(ours)}"
+    # torch's stage: the same layers this rank holds, with our module's starting weights.
+    stage_module = torch.nn.Sequential(*[copy.deepcopy(layer) for layer in ours.module.forward_funcs])
+    assert len(stage_module) == layers
+    tp = TorchPipelining(stage_module, rank, world_size, micro_batches, xs, ys)
+
+    steps = {
+        "deepspeed": lambda: ds.train_batch(data_iter=data()),
+        "ours": lambda: ours.train_batch(data_iter=data()),
+        "torch": tp.train_batch,
+    }
+    times = {name: [] for name in steps}
+    first_losses = {name: [] for name in steps}  # the loss of each of the warm-up steps, on the last stage
+    for rep in range(repeats + WARMUP):
+        for name, step in steps.items():
+            dist.barrier()
+            start = time.perf_counter()
+            loss = step()
+            elapsed = time.perf_counter() - start
+            if rep < WARMUP:
+                first_losses[name].append(float(loss) if loss is not None else float("nan"))
+            else:
+                times[name].append(elapsed)
+    # A step lasts until its slower stage is done: per repetition, the max over ranks, then the median.
+    result = {}
+    for name, t in times.items():
+        gathered = [torch.zeros(repeats, dtype=torch.float64) for _ in range(world_size)]
+        dist.all_gather(gathered, torch.tensor(t, dtype=torch.float64))
+        result[name] = statistics.median(torch.stack(gathered).max(dim=0).values.tolist())
+    if rank == world_size - 1:
+        result["losses"] = first_losses
+    return result
+
+
+def main():
+    from distributed import run_ranks
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cases", default="overhead,compute")
+    args = parser.parse_args()
+    print(f"train step, 2 stages on 2 processes (gloo, 1 core and 1 thread each), median of {args.repeats}, "
+          f"{WARMUP} warm-up steps discarded")
+    for case in args.cases.split(","):
+        layers, width, micro_batch, micro_batches = CASES[case]
+        results = run_ranks(measure, 2, case, args.repeats, timeout=1800)
+        losses = results[-1]["losses"]
+        t = {name: results[0][name] for name in ("deepspeed", "ours", "torch")}
+        print(f"  {case}: 2 x {layers} Linear({width}, {width}), {micro_batches} micro-batches of {micro_batch}")
+        for i in range(WARMUP):
+            vals = {name: losses[name][i] for name in t}
+            diff = max(abs(vals[a] - vals[b]) for a in vals for b in vals)
+            verdict = "match" if diff <= LOSS_TOLERANCE else "MISMATCH: not the same work"
+            print(f"    step {i + 1} loss   DeepSpeed {vals['deepspeed']:.8f}   ours {vals['ours']:.8f}   "
+                  f"torch {vals['torch']:.8f}   max |diff| {diff:.1e} ({verdict})")
+        print(f"    step time  DeepSpeed {t['deepspeed'] * 1000:9.2f} ms   ours {t['ours'] * 1000:9.2f} ms   "
+              f"torch.distributed.pipelining {t['torch'] * 1000:9.2f} ms")
+        print(f"    speed-up (their time / ours)   ours vs DeepSpeed {t['deepspeed'] / t['ours']:5.2f}x   "
+              f"ours vs torch.distributed.pipelining {t['torch'] / t['ours']:5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
