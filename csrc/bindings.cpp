@@ -249,14 +249,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("rank", &dpe::runtime::P2P::rank)
       .def_property_readonly("size", &dpe::runtime::P2P::size);
 
+  // One stage's instruction stream and buffer count for a schedule
+  // configuration: built once (the engine caches it), run many times.
+  struct StageProgram {
+    core::Steps steps;
+    int64_t num_buffers;
+  };
+  py::class_<StageProgram>(m, "StageProgram")
+      .def(py::init([](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id) {
+             const auto spec = make_spec(kind, micro_batches, stages, 1);
+             core::validate_stage(spec, stage_id);
+             std::vector<int64_t> buffers;
+             auto all = core::generate_all_steps(spec, &buffers);
+             return StageProgram{std::move(all[stage_id]), buffers[stage_id]};
+           }),
+           py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"))
+      .def_readonly("num_buffers", &StageProgram::num_buffers)
+      .def_property_readonly("steps", [](const StageProgram& p) { return steps_to_python(p.steps); });
+
   m.def(
       "run_stage",
-      [](dpe::runtime::P2P* p2p, const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id,
-         int prev_peer, int next_peer, int tag_base, py::function load, py::function forward, py::function backward_loss,
+      [](dpe::runtime::P2P* p2p, const StageProgram& program, int64_t stages, int64_t stage_id, int prev_peer,
+         int next_peer, int tag_base, py::function load, py::function forward, py::function backward_loss,
          py::function reduce_tied_grads, py::function reduce_grads, py::function optimizer_step) {
-        const auto spec = make_spec(kind, micro_batches, stages, 1);
-        const core::Steps steps = core::generate_steps(spec, stage_id);
-        const int64_t buffers = core::num_pipe_buffers(spec, stage_id);
         dpe::runtime::StageCallbacks cb;
         cb.load = [&](int64_t buffer) {
           py::gil_scoped_acquire gil;
@@ -282,7 +297,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base);
         {
           py::gil_scoped_release release;
-          executor.run(steps, buffers, cb);
+          executor.run(program.steps, program.num_buffers, cb);
         }
         // The compute passes as they ran: (start, end, op code, micro_batch, chunk), monotonic seconds.
         py::list timeline;
@@ -291,8 +306,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         return timeline;
       },
-      py::arg("p2p"), py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"),
-      py::arg("prev_peer"), py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
+      "Runs one stage's program (a StageProgram) for a whole batch, calling back into Python only for "
+      "loading, forward (+ loss), the loss backward, reductions and the optimizer step; returns the "
+      "measured timeline.",
+      py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("prev_peer"),
+      py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
       py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"));
 
   m.def(

@@ -29,13 +29,15 @@ def _train(module_cls, spec, make_engine, num_stages, steps, micro_batches, seed
     # The same batch every step (different per data-parallel rank), so the loss must fall.
     data = iter(batches(100 + engine.grid.data_parallel_id, micro_batches) * steps)
     losses = [engine.train_batch(data_iter=data).item() for _ in range(steps)]
+    passes = "".join("F" if code == 1 else "B" for _, _, code, _, _ in getattr(engine, "last_timeline", []))
     evals = engine.eval_batch(iter(batches(7, micro_batches)), return_logits=True)
     weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    return losses, weights, evals, type(engine)
+    return losses, weights, evals, type(engine), passes
 
 
-def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3, extra_config=None):
-    """DeepSpeed's module and engine against ours, both built by deepspeed.initialize."""
+def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3, extra_config=None, timeline=False):
+    """DeepSpeed's module and engine against ours, both built by deepspeed.initialize
+    (with `timeline`, also our last train_batch's compute passes as a string of F and B)."""
     from deepspeed import initialize as ds_initialize
     from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
     theirs = _train(DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize, num_stages, steps, micro_batches,
@@ -43,6 +45,8 @@ def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3, 
     ours = _train(dpe.PipelineModule, dpe.LayerSpec, ds_initialize, num_stages, steps, micro_batches, seed,
                   extra_config)
     assert theirs[3] is DSPipelineEngine and ours[3] is dpe_engine.PipelineEngine, (theirs[3], ours[3])
+    if timeline:
+        return theirs[:3], ours[:3], ours[4]
     return theirs[:3], ours[:3]
 
 

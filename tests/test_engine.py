@@ -42,6 +42,17 @@ def test_zero1_gradient_clipping_and_lr_schedule_match_deepspeed():
     check_parity(run_ranks(engine_cases.train_both, 4, 2, 20, 4, 3, extra, timeout=400))
 
 
+@pytest.mark.parametrize("world_size,num_stages", [(2, 2), (4, 4)])
+def test_gpipe_schedule_matches_deepspeed(world_size, num_stages):
+    """GPipe runs every forward before any backward: the same arithmetic as
+    DeepSpeed's 1F1B (gradients accumulate in the same micro-batch order)."""
+    results = run_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3, {"pipeline": {"schedule": "gpipe"}},
+                        True, timeout=400)
+    check_parity([r[:2] for r in results])
+    for rank, (_, _, timeline) in enumerate(results):
+        assert timeline == "F" * 4 + "B" * 4, (rank, timeline)
+
+
 def test_gradient_accumulation_scaling_matches_deepspeed():
     for theirs, ours in run_ranks(engine_cases.gradient_accumulation, 2):
         assert ours[0] == pytest.approx(theirs[0], rel=1e-7)
@@ -72,7 +83,7 @@ def test_bad_configurations_and_calls():
     out = per_rank[0]
     assert "ZeRO stage 2 partitions gradients" in out["zero2"]
     assert "fp32 only" in out["fp16"]
-    assert "schedule 'zb-h1' cannot run on the pipeline runtime yet" in out["schedule"]
+    assert "schedule 'zb-h1' cannot run on the pipeline runtime yet: choose one of ['1f1b', 'gpipe']" in out["schedule"]
     assert "train_batch_size" in out["batch_size"]
     for name in ("forward", "backward", "step"):
         assert out[name] == "PipelineError: Only train_batch() is accessible in pipeline mode."

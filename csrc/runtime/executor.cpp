@@ -25,7 +25,8 @@ Activation as_stage_inputs(const Activation& received) {
   Activation out{{}, received.is_tuple};
   out.tensors.reserve(received.tensors.size());
   for (const auto& t : received.tensors) {
-    at::Tensor mine = t.clone().detach();
+    // P2P reuses its own buffers for the next receive; a posted receive's are ours already.
+    at::Tensor mine = received.owned ? t.detach() : t.clone().detach();
     if (mine.is_floating_point()) mine.requires_grad_(true);
     out.tensors.push_back(std::move(mine));
   }
@@ -66,6 +67,14 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
   output_grads_.assign(num_buffers, {});
   step_ = 0;
   timeline_.clear();
+  pending_activation_recvs_ = pending_grad_recvs_ = 0;
+  for (const auto& step : steps) {
+    for (const auto& in : step) {
+      pending_activation_recvs_ += in.op == core::Op::RecvActivation;
+      pending_grad_recvs_ += in.op == core::Op::RecvGrad;
+    }
+  }
+  post_next_receives();
   for (const auto& step : steps) {
     for (const auto& in : step) {
       TORCH_CHECK(!core::op_has_buffer(in.op) || (in.buffer_id >= 0 && in.buffer_id < num_buffers), "stage ",
@@ -84,6 +93,14 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
   output_grads_.clear();
 }
 
+// Receives are posted as soon as the previous one on their channel arrived,
+// so each transfer overlaps the compute that comes before its use.
+void Executor::post_next_receives() {
+  if (!p2p_) return;
+  if (pending_activation_recvs_ > 0 && prev_peer_ >= 0) p2p_->post_recv(prev_peer_, activation_tag_);
+  if (pending_grad_recvs_ > 0 && next_peer_ >= 0) p2p_->post_recv(next_peer_, grad_tag_);
+}
+
 void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
   using core::Op;
   const int64_t b = in.buffer_id;
@@ -95,6 +112,8 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
     }
     case Op::RecvActivation:
       inputs_[b] = as_stage_inputs(p2p_->recv(prev_peer_, activation_tag_, lazily(step_, in)));
+      --pending_activation_recvs_;
+      post_next_receives();
       break;
     case Op::ForwardPass: {
       // Forward on clones so the buffer's leaves receive the input gradient.
@@ -107,15 +126,17 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       p2p_->send(outputs_[b], next_peer_, activation_tag_, lazily(step_, in));
       break;
     case Op::RecvGrad: {
-      const Activation grads = p2p_->recv(next_peer_, grad_tag_, lazily(step_, in));
+      Activation grads = p2p_->recv(next_peer_, grad_tag_, lazily(step_, in));
+      --pending_grad_recvs_;
+      post_next_receives();
       std::vector<at::Tensor> outs, grad_tensors;
       for (const auto& t : outputs_[b].tensors) {
         if (t.is_floating_point()) outs.push_back(t);
       }
       TORCH_CHECK(outs.size() == grads.tensors.size(), "stage ", stage_id_, ", ", where(in), ": received ", grads.tensors.size(),
                   " gradients for ", outs.size(), " floating-point outputs");
-      // Copied: p2p reuses its receive buffers on the next receive.
-      for (const auto& g : grads.tensors) grad_tensors.push_back(g.clone());
+      // Copied unless they are ours: p2p reuses its receive buffers on the next receive.
+      for (auto& g : grads.tensors) grad_tensors.push_back(grads.owned ? std::move(g) : g.clone());
       output_grads_[b] = std::move(grad_tensors);
       break;
     }

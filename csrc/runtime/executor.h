@@ -52,6 +52,7 @@ class Executor {
 
  private:
   void execute(const core::Instruction& in, const StageCallbacks& cb);
+  void post_next_receives();
   std::string where(const core::Instruction& in) const;
 
   P2P* p2p_;
@@ -59,6 +60,7 @@ class Executor {
   int prev_peer_, next_peer_;
   int activation_tag_, grad_tag_;
   int64_t step_ = 0;
+  int64_t pending_activation_recvs_ = 0, pending_grad_recvs_ = 0;  // still to come in this run
   std::vector<Activation> inputs_, outputs_;
   std::vector<std::vector<at::Tensor>> output_grads_;
   std::vector<TimedInstruction> timeline_;

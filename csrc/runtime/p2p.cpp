@@ -129,8 +129,39 @@ void P2P::send(const Activation& value, int peer, int tag, const Describe& what)
   }
 }
 
+bool P2P::post_recv(int peer, int tag) {
+  const Channel channel{peer, tag};
+  auto known = recv_meta_.find(channel);
+  if (dynamic_ || known == recv_meta_.end() || posted_.count(channel)) return false;
+  PostedRecv posted;
+  for (const auto& m : known->second.tensors) {
+    posted.tensors.push_back(at::empty(m.shape, at::TensorOptions().dtype(m.dtype).device(device_)));
+    std::vector<at::Tensor> one{posted.tensors.back()};
+    // A failure to start is reported by the recv() that waits for it, which knows what it receives.
+    try {
+      posted.works.push_back(group_->recv(one, peer, data_tag(tag)));
+    } catch (const std::exception&) {
+      posted.works.push_back(nullptr);
+    }
+  }
+  posted_.emplace(channel, std::move(posted));
+  return true;
+}
+
 Activation P2P::recv(int peer, int tag, const Describe& what) {
   const Channel channel{peer, tag};
+  if (auto posted = posted_.find(channel); posted != posted_.end()) {
+    PostedRecv mine = std::move(posted->second);
+    posted_.erase(posted);
+    for (size_t i = 0; i < mine.tensors.size(); ++i) {
+      if (!mine.works[i]) {  // starting it failed: start again here to get the error, named
+        std::vector<at::Tensor> one{mine.tensors[i]};
+        mine.works[i] = start(one, peer, data_tag(tag), what, "", false);
+      }
+      wait(mine.works[i], peer, what, "", false);
+    }
+    return Activation{std::move(mine.tensors), recv_meta_[channel].is_tuple, /*owned=*/true};
+  }
   auto known = recv_meta_.find(channel);
   if (dynamic_ || known == recv_meta_.end()) {
     const auto long_options = at::TensorOptions().dtype(at::kLong).device(device_);
@@ -172,6 +203,7 @@ void P2P::reap_sends() {
 
 void P2P::reset() {
   wait_sends();
+  TORCH_CHECK(posted_.empty(), self_name_, ": reset() while receives are posted");
   sent_meta_.clear();
   recv_meta_.clear();
   recv_buffers_.clear();

@@ -36,6 +36,9 @@ std::string describe(const std::vector<TensorMeta>& meta);
 struct Activation {
   std::vector<at::Tensor> tensors;
   bool is_tuple = false;
+  // Set by P2P::recv when the tensors are the caller's to keep (a posted
+  // receive's own buffers), not buffers P2P reuses for the next receive.
+  bool owned = false;
 };
 
 // Describes a transfer for error messages; called only when one fails, so the
@@ -58,6 +61,11 @@ class P2P {
   // meta changes) and reused afterwards; returns those buffers, so copy what
   // must outlive the next receive on the same channel.
   Activation recv(int peer, int tag, const Describe& what);
+  // Starts the next receive on (peer, tag) now, into buffers of its own, so
+  // the transfer overlaps whatever the caller computes before it calls recv()
+  // for it. Needs the channel's meta (not the first transfer, not dynamic);
+  // returns whether it posted. At most one posted receive per channel.
+  bool post_recv(int peer, int tag);
   // Waits for every send started so far.
   void wait_sends();
   // Drops the sends that have completed (never blocks).
@@ -95,6 +103,11 @@ class P2P {
   std::map<Channel, ChannelMeta> sent_meta_;
   std::map<Channel, ChannelMeta> recv_meta_;
   std::map<Channel, std::vector<at::Tensor>> recv_buffers_;
+  struct PostedRecv {
+    std::vector<at::Tensor> tensors;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  };
+  std::map<Channel, PostedRecv> posted_;
   struct PendingSend {
     c10::intrusive_ptr<c10d::Work> work;
     std::vector<at::Tensor> keep_alive;
