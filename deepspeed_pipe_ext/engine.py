@@ -7,7 +7,7 @@ Python: loading a micro-batch, the stage's forward and loss, the loss
 backward (DeepSpeed's scaling), and the reductions and optimizer step that
 DeepSpeedEngine implements.
 
-Status: fp32 with the 1F1B schedule. Importing deepspeed_pipe_ext makes
+Status: fp32 with the 1F1B or GPipe schedule. Importing deepspeed_pipe_ext makes
 `deepspeed.initialize` build this engine for deepspeed_pipe_ext's
 PipelineModule (and, after `run_deepspeed_pipelines_on_this_engine()`, for
 DeepSpeed's own PipelineModule too); configurations it cannot run yet
@@ -28,6 +28,9 @@ from ._native import _C
 
 __all__ = ["PipelineEngine", "initialize", "run_deepspeed_pipelines_on_this_engine", "engine_class_for"]
 
+# Schedules the executor runs end to end (interleaved needs several model
+# chunks per rank and zero-bubble a split backward, which it lacks so far).
+RUNNABLE_SCHEDULES = frozenset({"1f1b", "gpipe"})
 _TRAIN_TAGS, _EVAL_TAGS = 0, 2  # separate p2p channels: eval tensors differ (no grad, other shapes)
 
 
@@ -41,9 +44,10 @@ def _check_supported(config):
         raise NotImplementedError("deepspeed_pipe_ext's PipelineEngine runs fp32 only so far; "
                                   "use DeepSpeed's PipelineEngine for fp16/bf16")
     kind = config.pipeline.get("schedule", "1f1b")
-    if kind != "1f1b":
-        raise ValueError(f"schedule {kind!r} cannot run on the pipeline runtime yet: only '1f1b' runs end to end "
-                         "(the others can be simulated with deepspeed_pipe_ext.schedule.simulate)")
+    if kind not in RUNNABLE_SCHEDULES:
+        raise ValueError(f"schedule {kind!r} cannot run on the pipeline runtime yet: choose one of "
+                         f"{sorted(RUNNABLE_SCHEDULES)} (the others can be simulated with "
+                         "deepspeed_pipe_ext.schedule.simulate)")
 
 
 class PipelineEngine(DeepSpeedEngine):
@@ -104,6 +108,7 @@ class PipelineEngine(DeepSpeedEngine):
                               peer_label="stage")
         self.total_loss = None
         self.agg_train_loss = None
+        self._programs = {}
         self.last_timeline = []
         self.eval_return_logits = False
         self.outputs = None
@@ -121,7 +126,7 @@ class PipelineEngine(DeepSpeedEngine):
         self.total_loss = None
         self._compute_loss = True
         start = time.perf_counter()
-        self._run("1f1b", self.micro_batches, _TRAIN_TAGS)
+        self._run(self.schedule_kind, self.micro_batches, _TRAIN_TAGS)
         with torch.no_grad():
             self.agg_train_loss = self._aggregate_total_loss()
         self._log_progress(time.perf_counter() - start)
@@ -213,6 +218,29 @@ class PipelineEngine(DeepSpeedEngine):
             return super()._backward_prologue_per_tensor(grad)
         return grad
 
+    # ------------------------------------------------------------------ checkpoints (DeepSpeed's pipeline layout)
+    def module_state_dict(self, exclude_frozen_parameters=False):
+        """Called by DeepSpeedEngine.save_checkpoint: the weights go to per-layer files."""
+        from . import checkpointing
+        return checkpointing.save_module_layers(self, exclude_frozen_parameters)
+
+    def load_module_state_dict(self, checkpoint, strict=True, custom_load_fn=None, fetch_z3_params=False,
+                               z3_params_to_fetch=None, allowed_missing_keys=None):
+        """Called by DeepSpeedEngine.load_checkpoint: the weights come from per-layer files."""
+        from . import checkpointing
+        return checkpointing.load_module_layers(self, checkpoint, strict=strict, custom_load_fn=custom_load_fn)
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        """DeepSpeedEngine.load_checkpoint, after checking the files this engine will read."""
+        from . import checkpointing
+        checkpointing.check_before_load(self, load_dir, tag, load_optimizer_states=load_optimizer_states,
+                                        load_module_only=load_module_only, load_module_strict=load_module_strict)
+        return super().load_checkpoint(load_dir, tag=tag, load_module_strict=load_module_strict,
+                                       load_optimizer_states=load_optimizer_states,
+                                       load_lr_scheduler_states=load_lr_scheduler_states,
+                                       load_module_only=load_module_only, custom_load_fn=custom_load_fn)
+
     # ------------------------------------------------------------------ executor callbacks
     def _run(self, kind, micro_batches, tag_base):
         self.fwd_outputs = []
@@ -224,14 +252,21 @@ class PipelineEngine(DeepSpeedEngine):
             self._running_engine_backward = True
         try:
             # (start, end, op code, micro_batch, chunk) per compute pass, monotonic seconds: see timeline.py
-            self.last_timeline = _C.run_stage(self.p2p, kind, micro_batches, self.num_stages, self.stage_id,
-                                              peers[0], peers[1], tag_base, self._load, self._forward,
+            self.last_timeline = _C.run_stage(self.p2p, self._program(kind, micro_batches), self.num_stages,
+                                              self.stage_id, peers[0], peers[1], tag_base, self._load, self._forward,
                                               self._backward_loss, self._reduce_tied_grads, self._reduce_grads,
                                               self._optimizer_step)
         finally:
             with self._running_engine_backward_lock:
                 self._running_engine_backward_count -= 1
                 self._running_engine_backward = self._running_engine_backward_count > 0
+
+    def _program(self, kind, micro_batches):
+        """This stage's instruction stream, generated once per configuration."""
+        key = (kind, micro_batches)
+        if key not in self._programs:
+            self._programs[key] = _C.StageProgram(kind, micro_batches, self.num_stages, self.stage_id)
+        return self._programs[key]
 
     def _require_data(self):
         # Checked before the schedule starts, so the stages that load data fail
