@@ -4,6 +4,8 @@
 
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "core/partition.h"
 #include "core/schedule.h"
 #include "core/simulator.h"
@@ -271,7 +273,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "run_stage",
       [](dpe::runtime::P2P* p2p, const StageProgram& program, int64_t stages, int64_t stage_id, int prev_peer,
          int next_peer, int tag_base, py::function load, py::function forward, py::function backward_loss,
-         py::function reduce_tied_grads, py::function reduce_grads, py::function optimizer_step) {
+         py::function reduce_tied_grads, py::function reduce_grads, py::function optimizer_step,
+         std::optional<py::function> before_backward, std::optional<py::function> after_backward) {
         dpe::runtime::StageCallbacks cb;
         cb.load = [&](int64_t buffer) {
           py::gil_scoped_acquire gil;
@@ -294,6 +297,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         cb.reduce_tied_grads = plain(reduce_tied_grads);
         cb.reduce_grads = plain(reduce_grads);
         cb.optimizer_step = plain(optimizer_step);
+        if (before_backward) cb.before_backward = plain(*before_backward);
+        if (after_backward) cb.after_backward = plain(*after_backward);
         dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base);
         {
           py::gil_scoped_release release;
@@ -311,7 +316,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "measured timeline.",
       py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("prev_peer"),
       py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
-      py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"));
+      py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"),
+      py::arg("before_backward") = py::none(), py::arg("after_backward") = py::none());
 
   m.def(
       "checkpoint",

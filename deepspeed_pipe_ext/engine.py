@@ -7,17 +7,18 @@ Python: loading a micro-batch, the stage's forward and loss, the loss
 backward (DeepSpeed's scaling), and the reductions and optimizer step that
 DeepSpeedEngine implements.
 
-Status: fp32 with the 1F1B or GPipe schedule. Importing deepspeed_pipe_ext makes
+Status: fp32 and bf16, with the 1F1B or GPipe schedule. Importing deepspeed_pipe_ext makes
 `deepspeed.initialize` build this engine for deepspeed_pipe_ext's
 PipelineModule (and, after `run_deepspeed_pipelines_on_this_engine()`, for
 DeepSpeed's own PipelineModule too); configurations it cannot run yet
-(fp16/bf16) go to DeepSpeed's PipelineEngine, with a log line saying why.
+(fp16) go to DeepSpeed's PipelineEngine, with a log line saying why.
 `deepspeed_pipe_ext.engine.initialize(...)` always builds this engine.
 """
 import time
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE, DeepSpeedEngine
 from deepspeed.runtime.pipe.module import PipelineError, PipelineModule as DSPipelineModule
@@ -40,9 +41,9 @@ def _check_supported(config):
     if stage >= ZeroStageEnum.gradients:
         raise ValueError(f"ZeRO stage {int(stage)} partitions gradients, which pipeline parallelism cannot use: "
                          "set zero_optimization.stage to 0 or 1")
-    if config.float16_config.enabled or config.bfloat16_config.enabled:
-        raise NotImplementedError("deepspeed_pipe_ext's PipelineEngine runs fp32 only so far; "
-                                  "use DeepSpeed's PipelineEngine for fp16/bf16")
+    if config.float16_config.enabled:
+        raise NotImplementedError("deepspeed_pipe_ext's PipelineEngine runs fp32 and bf16 so far, not fp16; "
+                                  "use DeepSpeed's PipelineEngine for fp16 (deepspeed.initialize picks it)")
     kind = config.pipeline.get("schedule", "1f1b")
     if kind not in RUNNABLE_SCHEDULES:
         raise ValueError(f"schedule {kind!r} cannot run on the pipeline runtime yet: choose one of "
@@ -68,6 +69,8 @@ class PipelineEngine(DeepSpeedEngine):
         self.pipeline_enable_backward_allreduce = True
         self._force_grad_boundary = False
 
+        # DeepSpeed's bf16 optimizer keeps fp32 gradients beside the model's bf16 ones.
+        self.using_bf16_optimizer = type(self.optimizer) is BF16_Optimizer
         self.micro_batch_size = self.train_micro_batch_size_per_gpu()
         self.micro_batches = self.gradient_accumulation_steps()
         self.grid = self.module._grid
@@ -255,7 +258,7 @@ class PipelineEngine(DeepSpeedEngine):
             self.last_timeline = _C.run_stage(self.p2p, self._program(kind, micro_batches), self.num_stages,
                                               self.stage_id, peers[0], peers[1], tag_base, self._load, self._forward,
                                               self._backward_loss, self._reduce_tied_grads, self._reduce_grads,
-                                              self._optimizer_step)
+                                              self._optimizer_step, *self._stage_backward_callbacks())
         finally:
             with self._running_engine_backward_lock:
                 self._running_engine_backward_count -= 1
@@ -331,15 +334,29 @@ class PipelineEngine(DeepSpeedEngine):
     def _backward_loss(self, buffer_id):
         super().backward(self._losses.pop(buffer_id))
 
+    def _stage_backward_callbacks(self):
+        """Around the executor's backward on stages without the loss: the bf16
+        optimizer's gradient bookkeeping, which DeepSpeedEngine.backward does
+        for the loss stage."""
+        if not self.using_bf16_optimizer or self.is_last_stage():
+            return None, None
+        after = None
+        if not self._config.bfloat16_config.immediate_grad_update:
+            after = lambda: self.optimizer.update_hp_grads(clear_lp_grads=False)
+        return self.optimizer.clear_lp_grads, after
+
     def _reduce_tied_grads(self):
         for weight, group in self.module.get_tied_weights_and_groups():
-            if weight.grad is not None:
-                dist.all_reduce(weight.grad, group=group)
+            grad = weight._hp_grad if self.using_bf16_optimizer else weight.grad
+            if grad is not None:
+                dist.all_reduce(grad, group=group)
 
     def _reduce_grads(self):
         self._force_grad_boundary = True
         try:
-            if self.pipeline_enable_backward_allreduce:
+            if self.pipeline_enable_backward_allreduce and self.using_bf16_optimizer:
+                self.buffered_allreduce_fallback(grads=None, elements_per_buffer=MEMORY_OPT_ALLREDUCE_SIZE)
+            elif self.pipeline_enable_backward_allreduce:
                 self.allreduce_gradients(bucket_size=MEMORY_OPT_ALLREDUCE_SIZE)
         finally:
             self._force_grad_boundary = False
@@ -432,14 +449,14 @@ _ADOPT_DEEPSPEED_MODULES = False
 def engine_class_for(model, config_class):
     """The engine deepspeed.initialize builds for `model`: ours for our
     PipelineModule (or any PipelineModule once adopted) unless the config
-    needs what only DeepSpeed's engine has (fp16/bf16)."""
+    needs what only DeepSpeed's engine has (fp16)."""
     from .module import PipelineModule as OurPipelineModule
     ds_engine = _DS_PIPELINE_ENGINE or _deepspeed_pipeline_engine()
     if not (isinstance(model, OurPipelineModule) or (_ADOPT_DEEPSPEED_MODULES and isinstance(model, DSPipelineModule))):
         return ds_engine
-    if config_class.float16_config.enabled or config_class.bfloat16_config.enabled:
+    if config_class.float16_config.enabled:
         from deepspeed.utils import logger
-        logger.info("deepspeed_pipe_ext: fp16/bf16 run on DeepSpeed's PipelineEngine (ours is fp32 only so far)")
+        logger.info("deepspeed_pipe_ext: fp16 runs on DeepSpeed's PipelineEngine (ours runs fp32 and bf16 so far)")
         return ds_engine
     return PipelineEngine
 

@@ -27,10 +27,13 @@ def _train(module_cls, spec, make_engine, num_stages, steps, micro_batches, seed
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     engine, _, _, _ = make_engine(model=net, config=config, optimizer=optimizer, model_parameters=net.parameters())
     # The same batch every step (different per data-parallel rank), so the loss must fall.
-    data = iter(batches(100 + engine.grid.data_parallel_id, micro_batches) * steps)
+    # bf16 models take bf16 inputs (neither engine casts the data).
+    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
+    cast = lambda data: [(x.to(dtype), y.to(dtype)) for x, y in data]
+    data = iter(cast(batches(100 + engine.grid.data_parallel_id, micro_batches)) * steps)
     losses = [engine.train_batch(data_iter=data).item() for _ in range(steps)]
     passes = "".join("F" if code == 1 else "B" for _, _, code, _, _ in getattr(engine, "last_timeline", []))
-    evals = engine.eval_batch(iter(batches(7, micro_batches)), return_logits=True)
+    evals = engine.eval_batch(iter(cast(batches(7, micro_batches))), return_logits=True)
     weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return losses, weights, evals, type(engine), passes
 
@@ -52,7 +55,7 @@ def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3, 
 
 def engine_selection(rank, world_size):
     """Which engine deepspeed.initialize builds: ours for our module, DeepSpeed's
-    for theirs unless adopted, DeepSpeed's for fp16/bf16."""
+    for theirs unless adopted, DeepSpeed's for fp16."""
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
     ours = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=2)
@@ -60,8 +63,9 @@ def engine_selection(rank, world_size):
     base = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2}
     fp32 = DeepSpeedConfig(base, ours.mpu())
     bf16 = DeepSpeedConfig({**base, "bf16": {"enabled": True}}, ours.mpu())
+    fp16 = DeepSpeedConfig({**base, "fp16": {"enabled": True}}, ours.mpu())
     choices = {"ours": dpe_engine.engine_class_for(ours, fp32), "theirs": dpe_engine.engine_class_for(theirs, fp32),
-               "ours_bf16": dpe_engine.engine_class_for(ours, bf16)}
+               "ours_bf16": dpe_engine.engine_class_for(ours, bf16), "ours_fp16": dpe_engine.engine_class_for(ours, fp16)}
     dpe.run_deepspeed_pipelines_on_this_engine()
     try:
         choices["theirs_adopted"] = dpe_engine.engine_class_for(theirs, fp32)
@@ -72,7 +76,8 @@ def engine_selection(rank, world_size):
         engine.train_batch(data_iter=iter([(torch.randn(1, 8), torch.randn(1, 4))] * 2))
     finally:
         dpe.run_deepspeed_pipelines_on_this_engine(False)
-    expected = {"ours": dpe_engine.PipelineEngine, "theirs": DSPipelineEngine, "ours_bf16": DSPipelineEngine,
+    expected = {"ours": dpe_engine.PipelineEngine, "theirs": DSPipelineEngine, "ours_bf16": dpe_engine.PipelineEngine,
+                "ours_fp16": DSPipelineEngine,
                 "theirs_adopted": dpe_engine.PipelineEngine, "theirs_adopted_built": dpe_engine.PipelineEngine}
     return {k: choices[k] is v for k, v in expected.items()}
 

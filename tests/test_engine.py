@@ -53,6 +53,15 @@ def test_gpipe_schedule_matches_deepspeed(world_size, num_stages):
         assert timeline == "F" * 4 + "B" * 4, (rank, timeline)
 
 
+@pytest.mark.parametrize("world_size,num_stages,zero_stage", [(2, 2, 0), (4, 2, 1)])
+def test_bf16_matches_deepspeed(world_size, num_stages, zero_stage):
+    """bf16 weights and activations, DeepSpeed's BF16_Optimizer (fp32 master
+    weights and gradients) on both engines."""
+    extra = {"bf16": {"enabled": True}, "zero_optimization": {"stage": zero_stage},
+             "zero_allow_untested_optimizer": True}
+    check_parity(run_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3, extra, timeout=400))
+
+
 def test_gradient_accumulation_scaling_matches_deepspeed():
     for theirs, ours in run_ranks(engine_cases.gradient_accumulation, 2):
         assert ours[0] == pytest.approx(theirs[0], rel=1e-7)
@@ -82,7 +91,7 @@ def test_bad_configurations_and_calls():
     per_rank = run_ranks(engine_cases.engine_errors, 2)
     out = per_rank[0]
     assert "ZeRO stage 2 partitions gradients" in out["zero2"]
-    assert "fp32 only" in out["fp16"]
+    assert "runs fp32 and bf16 so far, not fp16" in out["fp16"]
     assert "schedule 'zb-h1' cannot run on the pipeline runtime yet: choose one of ['1f1b', 'gpipe']" in out["schedule"]
     assert "train_batch_size" in out["batch_size"]
     for name in ("forward", "backward", "step"):

@@ -157,7 +157,9 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
             grads.push_back(g);
           }
         }
+        if (cb.before_backward) cb.before_backward();
         if (!outs.empty()) torch::autograd::backward(outs, grads);
+        if (cb.after_backward) cb.after_backward();
       }
       outputs_[b] = Activation{};
       output_grads_[b].clear();

@@ -23,6 +23,9 @@ struct StageCallbacks {
   std::function<Activation(int64_t buffer, const Activation& inputs)> forward;
   // Last stage: backward of the loss of `buffer`'s micro-batch.
   std::function<void(int64_t buffer)> backward_loss;
+  // Other stages, optional: run just before and after the executor's own
+  // backward of a micro-batch (DeepSpeed's bf16 optimizer moves gradients there).
+  std::function<void()> before_backward, after_backward;
   std::function<void()> reduce_tied_grads;
   std::function<void()> reduce_grads;
   std::function<void()> optimizer_step;
