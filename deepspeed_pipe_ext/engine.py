@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE, DeepSpeedEngine
@@ -246,6 +247,7 @@ class PipelineEngine(DeepSpeedEngine):
 
     # ------------------------------------------------------------------ executor callbacks
     def _run(self, kind, micro_batches, tag_base):
+        self._plain_path = self._plain_engine_path()
         self.fwd_outputs = []
         self._labels, self._losses = {}, {}
         peers = (self.prev_stage if self.prev_stage >= 0 else -1,
@@ -263,6 +265,18 @@ class PipelineEngine(DeepSpeedEngine):
             with self._running_engine_backward_lock:
                 self._running_engine_backward_count -= 1
                 self._running_engine_backward = self._running_engine_backward_count > 0
+
+    def _plain_engine_path(self):
+        """True when DeepSpeedEngine's forward and backward wrappers would add
+        only bookkeeping (no ZeRO or bf16 optimizer, autocast, compilation,
+        timers or memory reports): the callbacks then call the module and
+        autograd directly, with the same arithmetic (the loss divided by the
+        gradient accumulation steps, as DeepSpeedEngine.backward does)."""
+        return (not isinstance(self.optimizer, ZeROOptimizer) and not self.using_bf16_optimizer
+                and not self.torch_autocast_enabled() and self.torch_autocast_z0_gradscaler is None
+                and not self.is_deepcompile_enabled() and not self.is_compiled
+                and not self._is_compiled_autograd_enabled and not self.wall_clock_breakdown()
+                and not self.memory_breakdown() and not self.autotuning_profile_model_info())
 
     def _program(self, kind, micro_batches):
         """This stage's instruction stream, generated once per configuration."""
@@ -313,7 +327,7 @@ class PipelineEngine(DeepSpeedEngine):
                 and self.module.activation_checkpoint_func is not checkpointing.non_reentrant_checkpoint)
 
     def _forward(self, buffer_id, inputs):
-        outputs = super().forward(inputs)
+        outputs = self.module(inputs) if self._plain_path else super().forward(inputs)
         if not self.is_last_stage():
             return outputs
         if self._compute_loss and self.module.loss_fn is not None:
@@ -332,7 +346,11 @@ class PipelineEngine(DeepSpeedEngine):
         return None
 
     def _backward_loss(self, buffer_id):
-        super().backward(self._losses.pop(buffer_id))
+        loss = self._losses.pop(buffer_id)
+        if self._plain_path:
+            (loss / self.gradient_accumulation_steps()).backward()
+        else:
+            super().backward(loss)
 
     def _stage_backward_callbacks(self):
         """Around the executor's backward on stages without the loss: the bf16
