@@ -5,8 +5,9 @@ one thread. Both engines train the same model (same seeds, same data) in the
 same processes, alternating repetitions; medians and the ratio are reported.
 
   overhead-bound: 2 stages x 16 tiny Linear layers, 32 micro-batches of batch size 1
-  compute-bound:  2 stages x 4 Linear(768, 768) layers, 8 micro-batches of 64;
-                  also the simulator's 1F1B prediction from measured per-stage costs
+  compute-bound:  2 stages x 4 Linear(768, 768) layers, 8 micro-batches of 64
+In both, the simulator's 1F1B prediction from each stage's forward and backward
+measured alone: what a runtime without any overhead of its own would take.
 
     .venv/bin/python benchmarks/bench_engine.py [--repeats 15]
 """
@@ -68,25 +69,24 @@ def measure(rank, world_size, case, repeats):
                 times[name].append(elapsed)
     result = {name: statistics.median(t) for name, t in times.items()}
 
-    if case == "compute":
-        # Per-micro-batch forward and backward cost of this stage, measured alone.
-        module = engines["ours"].module
-        x = torch.randn(micro_batch, width, requires_grad=True)
-        fwd, bwd = [], []
-        for _ in range(10):
-            start = time.perf_counter()
-            out = module(x)
-            mid = time.perf_counter()
-            out.backward(torch.ones_like(out))
-            fwd.append(mid - start)
-            bwd.append(time.perf_counter() - mid)
-        costs = torch.tensor([statistics.median(fwd), statistics.median(bwd)])
-        gathered = [torch.zeros(2) for _ in range(world_size)]
-        dist.all_gather(gathered, costs)
-        f = max(c[0].item() for c in gathered)
-        b = max(c[1].item() for c in gathered)
-        predicted = schedule.simulate("1f1b", micro_batches, 2, forward=f, backward_input=b, backward_weight=0.0)
-        result["predicted"] = predicted["makespan"]
+    # The no-overhead limit: the simulator's 1F1B from this stage's compute measured alone.
+    module = engines["ours"].module
+    x = torch.randn(micro_batch, width, requires_grad=True)
+    fwd, bwd = [], []
+    for _ in range(50 if case == "overhead" else 10):
+        start = time.perf_counter()
+        out = module(x)
+        mid = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        fwd.append(mid - start)
+        bwd.append(time.perf_counter() - mid)
+    costs = torch.tensor([statistics.median(fwd), statistics.median(bwd)])
+    gathered = [torch.zeros(2) for _ in range(world_size)]
+    dist.all_gather(gathered, costs)
+    f = max(c[0].item() for c in gathered)
+    b = max(c[1].item() for c in gathered)
+    predicted = schedule.simulate("1f1b", micro_batches, 2, forward=f, backward_input=b, backward_weight=0.0)
+    result["predicted"] = predicted["makespan"]
     return result
 
 
