@@ -47,6 +47,7 @@ bench: build
 	$(PY) benchmarks/bench_schedule.py
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_torch_pipelining.py
+	$(PY) benchmarks/bench_checkpointing.py
 
 clean:
 	rm -rf build $(VENV) deepspeed_pipe_ext/*.so *.egg-info
