@@ -248,6 +248,7 @@ class PipelineEngine(DeepSpeedEngine):
     # ------------------------------------------------------------------ executor callbacks
     def _run(self, kind, micro_batches, tag_base):
         self._plain_path = self._plain_engine_path()
+        self._stage_forward = self.module.forward if self._only_engine_hooks() else self.module
         self.fwd_outputs = []
         self._labels, self._losses = {}, {}
         peers = (self.prev_stage if self.prev_stage >= 0 else -1,
@@ -277,6 +278,24 @@ class PipelineEngine(DeepSpeedEngine):
                 and not self.is_deepcompile_enabled() and not self.is_compiled
                 and not self._is_compiled_autograd_enabled and not self.wall_clock_breakdown()
                 and not self.memory_breakdown() and not self.autotuning_profile_model_info())
+
+    def _only_engine_hooks(self):
+        """On the plain path, DeepSpeedEngine's own forward pre/post hooks on
+        the module only start and stop timers it does not use there; when they
+        are the module's only hooks, the callbacks call module.forward directly.
+        Anyone else's hook (a user's, a profiler's) keeps the full module call."""
+        module = self.module
+        if not self._plain_path or self.flops_profiler_enabled() or self.random_ltd_enabled():
+            return False
+        handles = (getattr(self, "module_forward_pre_hook", None), getattr(self, "module_forward_post_hook", None))
+        if None in handles:
+            return False
+        import torch.nn.modules.module as torch_module
+        global_hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
+                        torch_module._global_backward_hooks, torch_module._global_backward_pre_hooks)
+        return (list(module._forward_pre_hooks) == [handles[0].id] and list(module._forward_hooks) == [handles[1].id]
+                and not module._backward_hooks and not module._backward_pre_hooks
+                and not any(global_hooks))
 
     def _program(self, kind, micro_batches):
         """This stage's instruction stream, generated once per configuration."""
@@ -327,7 +346,7 @@ class PipelineEngine(DeepSpeedEngine):
                 and self.module.activation_checkpoint_func is not checkpointing.non_reentrant_checkpoint)
 
     def _forward(self, buffer_id, inputs):
-        outputs = self.module(inputs) if self._plain_path else super().forward(inputs)
+        outputs = self._stage_forward(inputs) if self._plain_path else super().forward(inputs)
         if not self.is_last_stage():
             return outputs
         if self._compute_loss and self.module.loss_fn is not None:

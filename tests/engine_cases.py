@@ -250,6 +250,13 @@ def engine_errors(rank, world_size):
     engine.set_batch_fn(lambda batch: (seen.append(1), (batch[0], batch[1] * 2))[1])
     engine.train_batch(data_iter=iter(batches(0, 2)))
     out["batch_fn_calls"] = len(seen)
+    # A user's forward hook on the module still runs (the plain path calls
+    # module.forward directly only while DeepSpeed's own hooks are the only ones).
+    hook_calls = []
+    handle = engine.module.register_forward_hook(lambda module, inputs, output: hook_calls.append(1))
+    engine.train_batch(data_iter=iter(batches(0, 2)))
+    handle.remove()
+    out["user_hook_calls"] = len(hook_calls)
     from deepspeed_pipe_ext import schedule
     out["timeline"] = ",".join(f"{schedule.OP_NAMES[code]}:{mb}" for _, _, code, mb, _ in engine.last_timeline)
     # steps_per_print: rank 0 prints DeepSpeed's progress line.

@@ -99,6 +99,7 @@ def test_bad_configurations_and_calls():
     assert "stage 0 needs data: pass data_iter" in out["no_data"]
     # Only the first and last stages load data: with 2 stages each loads every micro-batch once.
     assert [r["batch_fn_calls"] for r in per_rank] == [2, 2]
+    assert [r["user_hook_calls"] for r in per_rank] == [2, 2]
     # The executor's measured compute passes follow DeepSpeed's 1F1B order for 2 micro-batches.
     assert per_rank[0]["timeline"] == "ForwardPass:0,ForwardPass:1,BackwardPass:0,BackwardPass:1"
     assert per_rank[1]["timeline"] == "ForwardPass:0,BackwardPass:0,ForwardPass:1,BackwardPass:1"
