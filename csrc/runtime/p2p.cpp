@@ -113,19 +113,25 @@ void P2P::send(const Activation& value, int peer, int tag, const Describe& what)
                 " since the first transfer; pass dynamic_shape=True to PipelineModule (or call "
                 "engine.reset_activation_shape()) when activation shapes vary");
   }
-  std::vector<at::Tensor> keep;
+  // At most one transfer in flight per channel. Gloo marks a send complete
+  // only once it is waited for, so without this every sent tensor would stay
+  // alive until the end of the batch; the previous send has normally long
+  // arrived (receivers post early), so this wait is short, and it comes later
+  // than a blocking send's would, so it cannot deadlock a schedule that runs
+  // with blocking sends.
+  finish_channel_sends(peer, tag);
   if (send_meta) {
     at::Tensor wire = encode(meta.tensors, meta.is_tuple);
     std::vector<at::Tensor> length{at::tensor({wire.numel()}, at::TensorOptions().dtype(at::kLong)).to(device_)};
     std::vector<at::Tensor> body{wire.to(device_)};
-    pending_.push_back({start(length, peer, meta_tag(tag), what, " (meta length)", true), length, peer, what,
+    pending_.push_back({start(length, peer, meta_tag(tag), what, " (meta length)", true), length, peer, tag, what,
                         " (meta length)"});
-    pending_.push_back({start(body, peer, meta_tag(tag), what, " (meta)", true), body, peer, what, " (meta)"});
+    pending_.push_back({start(body, peer, meta_tag(tag), what, " (meta)", true), body, peer, tag, what, " (meta)"});
     sent_meta_[channel] = std::move(meta);
   }
   for (const auto& t : tensors) {
     std::vector<at::Tensor> one{t.detach().contiguous()};
-    pending_.push_back({start(one, peer, data_tag(tag), what, "", true), one, peer, what, ""});
+    pending_.push_back({start(one, peer, data_tag(tag), what, "", true), one, peer, tag, what, ""});
   }
 }
 
@@ -187,6 +193,19 @@ Activation P2P::recv(int peer, int tag, const Describe& what) {
     wait(start(one, peer, data_tag(tag), what, "", false), peer, what, "", false);
   }
   return Activation{buffers, recv_meta_[channel].is_tuple};
+}
+
+void P2P::finish_channel_sends(int peer, int tag) {
+  std::vector<PendingSend> still;
+  still.reserve(pending_.size());
+  for (auto& p : pending_) {
+    if (p.peer == peer && p.tag == tag) {
+      wait(p.work, p.peer, p.what, p.part, true);
+    } else {
+      still.push_back(std::move(p));
+    }
+  }
+  pending_.swap(still);
 }
 
 void P2P::wait_sends() {

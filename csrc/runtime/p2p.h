@@ -55,7 +55,8 @@ class P2P {
       bool dynamic_shapes, at::Device device = at::kCPU, std::string peer_label = "rank");
 
   // Starts sending `tensors` to `peer`; returns at once. The tensors must stay
-  // unmodified until wait_sends() (the executor keeps them in its buffers).
+  // unmodified until the send is done: the next send on the same (peer, tag)
+  // first waits for this one, and wait_sends() waits for all.
   void send(const Activation& value, int peer, int tag, const Describe& what);
   // Receives from `peer` into buffers allocated on first use (or when the
   // meta changes) and reused afterwards; returns those buffers, so copy what
@@ -108,10 +109,12 @@ class P2P {
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
   };
   std::map<Channel, PostedRecv> posted_;
+  // Waits for the sends still pending on (peer, tag).
+  void finish_channel_sends(int peer, int tag);
   struct PendingSend {
     c10::intrusive_ptr<c10d::Work> work;
     std::vector<at::Tensor> keep_alive;
-    int peer;
+    int peer, tag;
     Describe what;  // a copy: the caller's description outlives no send
     const char* part;
   };
