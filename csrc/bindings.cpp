@@ -246,6 +246,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             return activation_to_python(a);
           },
           py::arg("peer"), py::arg("tag"), py::arg("what"))
+      .def("post_recv", &dpe::runtime::P2P::post_recv, py::arg("peer"), py::arg("tag"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Starts the next receive on (peer, tag) into buffers of its own; False before the channel's meta is known.")
+      .def_property_readonly("pending_sends", &dpe::runtime::P2P::pending_sends)
       .def("wait_sends", &dpe::runtime::P2P::wait_sends, py::call_guard<py::gil_scoped_release>())
       .def("reset", &dpe::runtime::P2P::reset, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &dpe::runtime::P2P::rank)

@@ -79,3 +79,33 @@ def timeout_names_the_peer(rank, world_size):
     except RuntimeError as err:
         return str(err), time.monotonic() - start
     return "no error", time.monotonic() - start
+
+
+def posted_receives_and_sends_in_flight(rank, world_size):
+    """A posted receive lands in tensors of its own (they stay valid after the
+    next receive); before the channel's meta is known nothing is posted; at most
+    one send is in flight per channel, however many are sent."""
+    p2p = _C.P2P(dist.group.WORLD, 30.0, f"stage {rank}")
+    out = {}
+    if rank == 0:
+        for step in range(6):
+            p2p.send((torch.full((3, ), float(step)), torch.tensor([step])), 1, 0, "activation")
+            p2p.send(torch.full((2, ), -float(step)), 1, 1, "other channel")
+        # The latest send on each channel (2 + 1 tensors) may still be in flight, no more.
+        out["pending"] = p2p.pending_sends
+        p2p.wait_sends()
+        out["pending_after_wait"] = p2p.pending_sends
+    else:
+        out["posted_before_meta"] = p2p.post_recv(0, 0)
+        kept = [p2p.recv(0, 0, "activation")]
+        p2p.recv(0, 1, "other channel")
+        out["posted"] = []
+        for _ in range(5):
+            out["posted"].append(p2p.post_recv(0, 0))
+            out["posted_twice"] = p2p.post_recv(0, 0)  # one per channel: a second is refused
+            kept.append(p2p.recv(0, 0, "activation"))
+            p2p.recv(0, 1, "other channel")
+        out["values"] = [(t[0].tolist(), t[1].item()) for t in kept]
+        out["distinct_storages"] = len({t[0].data_ptr() for t in kept[1:]})
+    dist.barrier()
+    return out

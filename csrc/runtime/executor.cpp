@@ -84,7 +84,7 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
       execute(in, cb);
       if (is_compute(in.op)) timeline_.push_back({start, monotonic_seconds(), in.op, in.micro_batch, in.chunk});
     }
-    if (p2p_) p2p_->reap_sends();
+    if (p2p_) p2p_->reap_sends();  // frees sends a backend completed on its own (NCCL); gloo waits per channel
     ++step_;
   }
   if (p2p_) p2p_->wait_sends();

@@ -74,6 +74,8 @@ class P2P {
   // Forgets cached meta and buffers: the next transfers send meta again.
   void reset();
 
+  // Transfers started and not yet waited for (each tensor and meta piece counts).
+  int64_t pending_sends() const { return static_cast<int64_t>(pending_.size()); }
   int rank() const { return group_->getRank(); }
   int size() const { return group_->getSize(); }
 
