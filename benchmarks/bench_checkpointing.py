@@ -14,11 +14,8 @@ default) for both engines, and also our non-reentrant mode.
 import argparse
 import os
 import re
-import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from common import alternate, build_engine, pin_to_one_core, slowest_rank_medians
 
 WIDTH, MICRO_BATCH, MICRO_BATCHES, BLOCKS = 256, 256, 8, 8
 
@@ -44,14 +41,12 @@ def peak_memory(run):
 
 def measure(rank, world_size, repeats):
     import torch
-    import torch.distributed as dist
     import torch.nn as nn
     import deepspeed
     from deepspeed.pipe import PipelineModule as DSPipelineModule
     import deepspeed_pipe_ext as dpe
     from deepspeed_pipe_ext import engine as dpe_engine
-    os.sched_setaffinity(0, {rank % os.cpu_count()})
-    torch.set_num_threads(1)
+    pin_to_one_core(rank)
 
     class Block(nn.Module):
 
@@ -63,15 +58,9 @@ def measure(rank, world_size, repeats):
             return self.drop(nn.functional.gelu(self.lin(x)))
 
     def build(module_cls, spec, make, interval, reentrant):
-        torch.manual_seed(0)
-        net = module_cls(layers=[spec(Block) for _ in range(2 * BLOCKS)], num_stages=2, loss_fn=nn.MSELoss(),
-                         partition_method="uniform")
-        config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": MICRO_BATCHES,
-                  "steps_per_print": 10**9,
-                  "pipeline": {"activation_checkpoint_interval": interval, "use_reentrant": reentrant}}
-        engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.SGD(net.parameters(), lr=1e-4),
-                               model_parameters=net.parameters())
-        return engine
+        return build_engine(module_cls, spec, make, [spec(Block) for _ in range(2 * BLOCKS)], MICRO_BATCH,
+                            MICRO_BATCHES, pipeline={"activation_checkpoint_interval": interval,
+                                                     "use_reentrant": reentrant})
 
     configs = {
         "DeepSpeed": (DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize, 0, True),
@@ -89,15 +78,10 @@ def measure(rank, world_size, repeats):
         engine.train_batch(data_iter=data())  # warm-up: gradients, optimizer state, receive buffers
         memory[name] = peak_memory(lambda: engine.train_batch(data_iter=data()))
 
-    times = {name: [] for name in engines}
-    for rep in range(repeats + 1):
-        for name, engine in engines.items():
-            dist.barrier()
-            start = time.perf_counter()
-            engine.train_batch(data_iter=data())
-            if rep >= 1:  # warm-up
-                times[name].append(time.perf_counter() - start)
-    return {name: (memory[name], statistics.median(times[name])) for name in engines}
+    times, _ = alternate({name: (lambda e=e: e.train_batch(data_iter=data())) for name, e in engines.items()},
+                         repeats, warmup=1)
+    steps = slowest_rank_medians(times)
+    return {name: (memory[name], steps[name]) for name in engines}
 
 
 def main():
@@ -112,9 +96,9 @@ def main():
     print(f"  {'':38s} {'stage 0 peak MiB':>16s} {'stage 1 peak MiB':>16s} {'step ms':>9s} {'vs. no ckpt':>11s}")
     for name in per_rank[0]:
         mem = [r[name][0] / 2**20 for r in per_rank]
-        step = max(r[name][1] for r in per_rank)
+        step = per_rank[0][name][1]
         base = "DeepSpeed" if name.startswith("DeepSpeed") else "ours"
-        cost = step / max(r[base][1] for r in per_rank)
+        cost = step / per_rank[0][base][1]
         print(f"  {name:38s} {mem[0]:16.2f} {mem[1]:16.2f} {step * 1000:9.1f} {cost:10.2f}x")
 
 

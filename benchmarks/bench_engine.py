@@ -2,7 +2,8 @@
 
 Two processes over gloo (2 pipeline stages), each pinned to its own core and
 one thread. Both engines train the same model (same seeds, same data) in the
-same processes, alternating repetitions; medians and the ratio are reported.
+same processes, alternating repetitions; medians of the slower rank's time and
+the ratio are reported.
 
   overhead-bound: 2 stages x 16 tiny Linear layers, 32 micro-batches of batch size 1
   compute-bound:  2 stages x 4 Linear(768, 768) layers, 8 micro-batches of 64
@@ -14,25 +15,10 @@ keeps a stage from waiting for the other's reply after every micro-batch.
     .venv/bin/python benchmarks/bench_engine.py [--repeats 15]
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-
-def build(module_cls, spec, make, layers_fn, micro_batch, micro_batches, schedule=None):
-    import torch
-    torch.manual_seed(0)
-    net = module_cls(layers=layers_fn(spec), num_stages=2, loss_fn=torch.nn.MSELoss(), partition_method="uniform")
-    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro_batches,
-              "steps_per_print": 10**9}
-    if schedule:
-        config["pipeline"] = {"schedule": schedule}
-    engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.SGD(net.parameters(), lr=1e-4),
-                           model_parameters=net.parameters())
-    return engine
+from common import alternate, build_engine, pin_to_one_core, slowest_rank_medians
 
 
 def measure(rank, world_size, case, repeats):
@@ -44,36 +30,24 @@ def measure(rank, world_size, case, repeats):
     import deepspeed_pipe_ext as dpe
     from deepspeed_pipe_ext import engine as dpe_engine
     from deepspeed_pipe_ext import schedule
-    os.sched_setaffinity(0, {rank % os.cpu_count()})
-    torch.set_num_threads(1)
+    pin_to_one_core(rank)
 
-    if case == "overhead":
-        width, micro_batch, micro_batches = 8, 1, 32
-        layers_fn = lambda spec: [spec(nn.Linear, width, width) for _ in range(32)]
-    else:
-        width, micro_batch, micro_batches = 768, 64, 8
-        layers_fn = lambda spec: [spec(nn.Linear, width, width) for _ in range(8)]
+    width, micro_batch, micro_batches, layers = (8, 1, 32, 32) if case == "overhead" else (768, 64, 8, 8)
+    model = lambda spec: [spec(nn.Linear, width, width) for _ in range(layers)]
     batch = (torch.randn(micro_batch, width), torch.randn(micro_batch, width))
     data = lambda: iter([batch] * micro_batches)
 
     engines = {
-        "deepspeed": build(DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize, layers_fn, micro_batch,
-                           micro_batches),
-        "ours": build(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, layers_fn, micro_batch,
-                      micro_batches),
-        "ours, gpipe": build(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, layers_fn, micro_batch,
-                             micro_batches, "gpipe"),
+        "deepspeed": build_engine(DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize,
+                                  model(deepspeed.pipe.LayerSpec), micro_batch, micro_batches),
+        "ours": build_engine(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, model(dpe.LayerSpec),
+                             micro_batch, micro_batches),
+        "ours, gpipe": build_engine(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, model(dpe.LayerSpec),
+                                    micro_batch, micro_batches, pipeline={"schedule": "gpipe"}),
     }
-    times = {name: [] for name in engines}
-    for rep in range(repeats + 2):
-        for name, engine in engines.items():
-            dist.barrier()
-            start = time.perf_counter()
-            engine.train_batch(data_iter=data())
-            elapsed = time.perf_counter() - start
-            if rep >= 2:  # warm-up
-                times[name].append(elapsed)
-    result = {name: statistics.median(t) for name, t in times.items()}
+    times, _ = alternate({name: (lambda e=e: e.train_batch(data_iter=data())) for name, e in engines.items()},
+                         repeats, warmup=2)
+    result = slowest_rank_medians(times)
 
     # The no-overhead limit: the simulator's 1F1B from this stage's compute measured alone.
     module = engines["ours"].module

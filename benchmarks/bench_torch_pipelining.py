@@ -25,12 +25,8 @@ Before timing, the first two steps' losses of the three are compared.
 """
 import argparse
 import copy
-import os
-import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from common import alternate, build_engine, pin_to_one_core, slowest_rank_medians
 
 CASES = {  # layers per stage, width, micro-batch size, micro-batches
     "overhead": (16, 8, 1, 32),
@@ -39,18 +35,6 @@ CASES = {  # layers per stage, width, micro-batch size, micro-batches
 LR = 1e-4
 WARMUP = 2
 LOSS_TOLERANCE = 1e-5
-
-
-def build(module_cls, spec, make, layers, width, micro_batch, micro_batches):
-    import torch
-    torch.manual_seed(0)
-    net = module_cls(layers=[spec(torch.nn.Linear, width, width) for _ in range(layers)], num_stages=2,
-                     loss_fn=torch.nn.MSELoss(), partition_method="uniform")
-    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro_batches,
-              "steps_per_print": 10**9}
-    engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.SGD(net.parameters(), lr=LR),
-                           model_parameters=net.parameters())
-    return engine
 
 
 class TorchPipelining:
@@ -86,14 +70,12 @@ class TorchPipelining:
 
 def measure(rank, world_size, case, repeats):
     import torch
-    import torch.distributed as dist
     import deepspeed
     from deepspeed.pipe import PipelineModule as DSPipelineModule
     from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
     import deepspeed_pipe_ext as dpe
     from deepspeed_pipe_ext import engine as dpe_engine
-    os.sched_setaffinity(0, {rank % os.cpu_count()})
-    torch.set_num_threads(1)
+    pin_to_one_core(rank)
 
     layers, width, micro_batch, micro_batches = CASES[case]
     gen = torch.Generator().manual_seed(1234)
@@ -101,10 +83,11 @@ def measure(rank, world_size, case, repeats):
     ys = [torch.randn(micro_batch, width, generator=gen) for _ in range(micro_batches)]
     data = lambda: iter(list(zip(xs, ys)))
 
-    ds = build(DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize, 2 * layers, width, micro_batch,
-               micro_batches)
-    ours = build(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 2 * layers, width, micro_batch,
-                 micro_batches)
+    model = lambda spec: [spec(torch.nn.Linear, width, width) for _ in range(2 * layers)]
+    ds = build_engine(DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize,
+                      model(deepspeed.pipe.LayerSpec), micro_batch, micro_batches, lr=LR)
+    ours = build_engine(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, model(dpe.LayerSpec), micro_batch,
+                        micro_batches, lr=LR)
     assert type(ds) is DSPipelineEngine, f"deepspeed.initialize gave {type(ds)}, not DeepSpeed's PipelineEngine"
     assert type(ours) is dpe_engine.PipelineEngine, f"ours is {type(ours)}"
     # torch's stage: the same layers this rank holds, with our module's starting weights.
@@ -117,24 +100,11 @@ def measure(rank, world_size, case, repeats):
         "ours": lambda: ours.train_batch(data_iter=data()),
         "torch": tp.train_batch,
     }
-    times = {name: [] for name in steps}
-    first_losses = {name: [] for name in steps}  # the loss of each of the warm-up steps, on the last stage
-    for rep in range(repeats + WARMUP):
-        for name, step in steps.items():
-            dist.barrier()
-            start = time.perf_counter()
-            loss = step()
-            elapsed = time.perf_counter() - start
-            if rep < WARMUP:
-                first_losses[name].append(float(loss) if loss is not None else float("nan"))
-            else:
-                times[name].append(elapsed)
-    # A step lasts until its slower stage is done: per repetition, the max over ranks, then the median.
-    result = {}
-    for name, t in times.items():
-        gathered = [torch.zeros(repeats, dtype=torch.float64) for _ in range(world_size)]
-        dist.all_gather(gathered, torch.tensor(t, dtype=torch.float64))
-        result[name] = statistics.median(torch.stack(gathered).max(dim=0).values.tolist())
+    times, warmup_losses = alternate(steps, repeats, WARMUP)
+    # The loss of each warm-up step, on the last stage.
+    first_losses = {name: [float(loss) if loss is not None else float("nan") for loss in losses]
+                    for name, losses in warmup_losses.items()}
+    result = slowest_rank_medians(times)
     if rank == world_size - 1:
         result["losses"] = first_losses
     return result

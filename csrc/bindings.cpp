@@ -264,10 +264,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<StageProgram>(m, "StageProgram")
       .def(py::init([](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id) {
              const auto spec = make_spec(kind, micro_batches, stages, 1);
-             core::validate_stage(spec, stage_id);
-             std::vector<int64_t> buffers;
-             auto all = core::generate_all_steps(spec, &buffers);
-             return StageProgram{std::move(all[stage_id]), buffers[stage_id]};
+             StageProgram program;
+             program.steps = core::generate_steps(spec, stage_id, &program.num_buffers);
+             return program;
            }),
            py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"))
       .def_readonly("num_buffers", &StageProgram::num_buffers)

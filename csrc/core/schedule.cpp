@@ -436,17 +436,17 @@ void validate_stage(const ScheduleSpec& s, int64_t stage_id) {
   }
 }
 
-Steps generate_steps(const ScheduleSpec& s, int64_t stage_id) {
+Steps generate_steps(const ScheduleSpec& s, int64_t stage_id, int64_t* num_buffers) {
   validate_stage(s, stage_id);
+  if (is_compute_order_kind(s.kind)) return lower(s, stage_id, compute_orders(s)[stage_id], num_buffers);
+  if (num_buffers) *num_buffers = num_pipe_buffers(s, stage_id);
   switch (s.kind) {
     case ScheduleKind::Train1F1B:
       return ds_train_steps(s, stage_id);
     case ScheduleKind::Inference:
       return ds_inference_steps(s, stage_id);
-    case ScheduleKind::DataParallel:
-      return ds_data_parallel_steps(s);
     default:
-      return lower(s, stage_id, compute_orders(s)[stage_id], nullptr);
+      return ds_data_parallel_steps(s);
   }
 }
 
@@ -455,16 +455,11 @@ std::vector<Steps> generate_all_steps(const ScheduleSpec& s, std::vector<int64_t
   std::vector<Steps> all;
   all.reserve(s.stages);
   if (num_buffers) num_buffers->assign(s.stages, 0);
-  if (is_compute_order_kind(s.kind)) {
-    const auto orders = compute_orders(s);
-    for (int64_t i = 0; i < s.stages; ++i) {
-      all.push_back(lower(s, i, orders[i], num_buffers ? &(*num_buffers)[i] : nullptr));
-    }
-  } else {
-    for (int64_t i = 0; i < s.stages; ++i) {
-      all.push_back(generate_steps(s, i));
-      if (num_buffers) (*num_buffers)[i] = num_pipe_buffers(s, i);
-    }
+  // Compute-order schedules are built for the whole pipeline at once: build them once.
+  const auto orders = is_compute_order_kind(s.kind) ? compute_orders(s) : std::vector<ComputeOrder>{};
+  for (int64_t i = 0; i < s.stages; ++i) {
+    int64_t* buffers = num_buffers ? &(*num_buffers)[i] : nullptr;
+    all.push_back(orders.empty() ? generate_steps(s, i, buffers) : lower(s, i, orders[i], buffers));
   }
   return all;
 }
@@ -478,9 +473,9 @@ int64_t num_pipe_buffers(const ScheduleSpec& s, int64_t stage_id) {
       return 2;
     case ScheduleKind::DataParallel:
       return 1;
-    default: {
+    default: {  // the peak of live buffers of the lowered stream
       int64_t peak = 0;
-      lower(s, stage_id, compute_orders(s)[stage_id], &peak);
+      generate_steps(s, stage_id, &peak);
       return peak;
     }
   }

@@ -66,8 +66,9 @@ struct ScheduleSpec {
 void validate(const ScheduleSpec& spec);
 void validate_stage(const ScheduleSpec& spec, int64_t stage_id);
 
-// The steps of one stage.
-Steps generate_steps(const ScheduleSpec& spec, int64_t stage_id);
+// The steps of one stage, and optionally the activation buffers they use
+// (num_pipe_buffers below).
+Steps generate_steps(const ScheduleSpec& spec, int64_t stage_id, int64_t* num_buffers = nullptr);
 // The steps of every stage (cheaper than calling generate_steps per stage for
 // schedules whose construction looks at the whole pipeline), and optionally
 // each stage's num_pipe_buffers.
