@@ -13,6 +13,7 @@
 #include "runtime/checkpoint.h"
 #include "runtime/executor.h"
 #include "runtime/p2p.h"
+#include "runtime/split_backward.h"
 
 namespace py = pybind11;
 using dpe::core::Topology;
@@ -277,7 +278,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](dpe::runtime::P2P* p2p, const StageProgram& program, int64_t stages, int64_t stage_id, int prev_peer,
          int next_peer, int tag_base, py::function load, py::function forward, py::function backward_loss,
          py::function reduce_tied_grads, py::function reduce_grads, py::function optimizer_step,
-         std::optional<py::function> before_backward, std::optional<py::function> after_backward) {
+         std::optional<py::function> before_backward, std::optional<py::function> after_backward,
+         std::optional<py::function> loss_to_differentiate) {
         dpe::runtime::StageCallbacks cb;
         cb.load = [&](int64_t buffer) {
           py::gil_scoped_acquire gil;
@@ -302,6 +304,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         cb.optimizer_step = plain(optimizer_step);
         if (before_backward) cb.before_backward = plain(*before_backward);
         if (after_backward) cb.after_backward = plain(*after_backward);
+        if (loss_to_differentiate) {
+          cb.loss_to_differentiate = [&fn = *loss_to_differentiate](int64_t buffer) {
+            py::gil_scoped_acquire gil;
+            py::object loss = fn(buffer);
+            TORCH_CHECK(THPVariable_Check(loss.ptr()), "the loss to differentiate must be a tensor, got ",
+                        std::string(py::str(loss.get_type().attr("__name__"))));
+            return THPVariable_Unpack(loss.ptr());
+          };
+        }
         dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base);
         {
           py::gil_scoped_release release;
@@ -320,7 +331,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("prev_peer"),
       py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
       py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"),
-      py::arg("before_backward") = py::none(), py::arg("after_backward") = py::none());
+      py::arg("before_backward") = py::none(), py::arg("after_backward") = py::none(),
+      py::arg("loss_to_differentiate") = py::none());
+
+  py::class_<dpe::runtime::DeferredWeightGrads>(m, "DeferredWeightGrads")
+      .def_property_readonly("empty", &dpe::runtime::DeferredWeightGrads::empty)
+      .def("run", &dpe::runtime::DeferredWeightGrads::run, py::call_guard<py::gil_scoped_release>(),
+           "W: accumulates the deferred weight gradients into .grad and releases the graph.");
+  m.def("backward_input", &dpe::runtime::backward_input, py::call_guard<py::gil_scoped_release>(),
+        "B of a split backward: gradients of `outputs` (seeded with `output_grads`) w.r.t. the leaves `inputs` "
+        "only (set as their .grad); returns the deferred weight gradients (W).",
+        py::arg("outputs"), py::arg("output_grads"), py::arg("inputs"));
 
   m.def(
       "checkpoint",

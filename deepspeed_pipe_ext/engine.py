@@ -7,7 +7,8 @@ Python: loading a micro-batch, the stage's forward and loss, the loss
 backward (DeepSpeed's scaling), and the reductions and optimizer step that
 DeepSpeedEngine implements.
 
-Status: fp32 and bf16, with the 1F1B or GPipe schedule. Importing deepspeed_pipe_ext makes
+Status: fp32 and bf16 with the 1F1B or GPipe schedule; the ZB-H1 zero-bubble
+schedule (split backward) with fp32 and ZeRO stage 0. Importing deepspeed_pipe_ext makes
 `deepspeed.initialize` build this engine for deepspeed_pipe_ext's
 PipelineModule (and, after `run_deepspeed_pipelines_on_this_engine()`, for
 DeepSpeed's own PipelineModule too); configurations it cannot run yet
@@ -31,8 +32,11 @@ from ._native import _C
 __all__ = ["PipelineEngine", "initialize", "run_deepspeed_pipelines_on_this_engine", "engine_class_for"]
 
 # Schedules the executor runs end to end (interleaved needs several model
-# chunks per rank and zero-bubble a split backward, which it lacks so far).
-RUNNABLE_SCHEDULES = frozenset({"1f1b", "gpipe"})
+# chunks per rank, which PipelineModule lacks so far).
+RUNNABLE_SCHEDULES = frozenset({"1f1b", "gpipe", "zb-h1"})
+# Schedules that split the backward: the loss backward is the executor's, so
+# DeepSpeedEngine's backward wrappers (ZeRO, bf16, autocast...) cannot run.
+SPLIT_BACKWARD_SCHEDULES = frozenset({"zb-h1"})
 _TRAIN_TAGS, _EVAL_TAGS = 0, 2  # separate p2p channels: eval tensors differ (no grad, other shapes)
 
 
@@ -72,6 +76,10 @@ class PipelineEngine(DeepSpeedEngine):
 
         # DeepSpeed's bf16 optimizer keeps fp32 gradients beside the model's bf16 ones.
         self.using_bf16_optimizer = type(self.optimizer) is BF16_Optimizer
+        if self.schedule_kind in SPLIT_BACKWARD_SCHEDULES and self._plain_path_blockers():
+            raise ValueError(f"schedule {self.schedule_kind!r} splits the backward pass, which runs with fp32 and ZeRO "
+                             f"stage 0 without DeepSpeed's backward wrappers; this config has: "
+                             f"{', '.join(self._plain_path_blockers())}. Remove those or use the 1f1b schedule")
         self.micro_batch_size = self.train_micro_batch_size_per_gpu()
         self.micro_batches = self.gradient_accumulation_steps()
         self.grid = self.module._grid
@@ -261,7 +269,8 @@ class PipelineEngine(DeepSpeedEngine):
             self.last_timeline = _C.run_stage(self.p2p, self._program(kind, micro_batches), self.num_stages,
                                               self.stage_id, peers[0], peers[1], tag_base, self._load, self._forward,
                                               self._backward_loss, self._reduce_tied_grads, self._reduce_grads,
-                                              self._optimizer_step, *self._stage_backward_callbacks())
+                                              self._optimizer_step, *self._stage_backward_callbacks(),
+                                              loss_to_differentiate=self._loss_to_differentiate)
         finally:
             with self._running_engine_backward_lock:
                 self._running_engine_backward_count -= 1
@@ -273,11 +282,18 @@ class PipelineEngine(DeepSpeedEngine):
         timers or memory reports): the callbacks then call the module and
         autograd directly, with the same arithmetic (the loss divided by the
         gradient accumulation steps, as DeepSpeedEngine.backward does)."""
-        return (not isinstance(self.optimizer, ZeROOptimizer) and not self.using_bf16_optimizer
-                and not self.torch_autocast_enabled() and self.torch_autocast_z0_gradscaler is None
-                and not self.is_deepcompile_enabled() and not self.is_compiled
-                and not self._is_compiled_autograd_enabled and not self.wall_clock_breakdown()
-                and not self.memory_breakdown() and not self.autotuning_profile_model_info())
+        return not self._plain_path_blockers()
+
+    def _plain_path_blockers(self):
+        """What in the config needs DeepSpeedEngine's forward/backward wrappers."""
+        checks = (("a ZeRO optimizer", isinstance(self.optimizer, ZeROOptimizer) and not self.using_bf16_optimizer),
+                  ("bf16", self.using_bf16_optimizer),
+                  ("torch_autocast", self.torch_autocast_enabled() or self.torch_autocast_z0_gradscaler is not None),
+                  ("compile", self.is_deepcompile_enabled() or self.is_compiled or self._is_compiled_autograd_enabled),
+                  ("wall_clock_breakdown", self.wall_clock_breakdown()),
+                  ("memory_breakdown", self.memory_breakdown()),
+                  ("autotuning", self.autotuning_profile_model_info()))
+        return [name for name, present in checks if present]
 
     def _only_engine_hooks(self):
         """On the plain path, DeepSpeedEngine's own forward pre/post hooks on
@@ -370,6 +386,15 @@ class PipelineEngine(DeepSpeedEngine):
             (loss / self.gradient_accumulation_steps()).backward()
         else:
             super().backward(loss)
+
+    def _loss_to_differentiate(self, buffer_id):
+        """Split backward (zero-bubble schedules) on the loss stage: the executor
+        differentiates this, as the plain path's _backward_loss would."""
+        loss = self._losses.pop(buffer_id)
+        if not torch.is_tensor(loss):
+            raise TypeError(f"stage {self.stage_id}: schedule {self.schedule_kind!r} needs the loss to be one tensor, "
+                            f"got {type(loss).__name__}; give the PipelineModule a loss_fn")
+        return loss / self.gradient_accumulation_steps()
 
     def _stage_backward_callbacks(self):
         """Around the executor's backward on stages without the loss: the bf16

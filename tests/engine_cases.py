@@ -32,7 +32,8 @@ def _train(module_cls, spec, make_engine, num_stages, steps, micro_batches, seed
     cast = lambda data: [(x.to(dtype), y.to(dtype)) for x, y in data]
     data = iter(cast(batches(100 + engine.grid.data_parallel_id, micro_batches)) * steps)
     losses = [engine.train_batch(data_iter=data).item() for _ in range(steps)]
-    passes = "".join("F" if code == 1 else "B" for _, _, code, _, _ in getattr(engine, "last_timeline", []))
+    letters = {1: "F", 2: "B", 3: "B", 4: "W"}  # forward, backward, backward (input), backward (weight)
+    passes = "".join(letters[code] for _, _, code, _, _ in getattr(engine, "last_timeline", []))
     evals = engine.eval_batch(iter(cast(batches(7, micro_batches))), return_logits=True)
     weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return losses, weights, evals, type(engine), passes
@@ -40,7 +41,7 @@ def _train(module_cls, spec, make_engine, num_stages, steps, micro_batches, seed
 
 def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3, extra_config=None, timeline=False):
     """DeepSpeed's module and engine against ours, both built by deepspeed.initialize
-    (with `timeline`, also our last train_batch's compute passes as a string of F and B)."""
+    (with `timeline`, also our last train_batch's compute passes as a string of F, B and W)."""
     from deepspeed import initialize as ds_initialize
     from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
     theirs = _train(DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize, num_stages, steps, micro_batches,
@@ -160,9 +161,10 @@ def tied_specs(spec, tied):
             spec(nn.Linear, 8, 8), tied("shared", nn.Linear, 8, 8, bias=False)]
 
 
-def train_model_both(rank, world_size, model, num_stages, steps=20, micro_batches=4):
+def train_model_both(rank, world_size, model, num_stages, steps=20, micro_batches=4, extra_config=None):
     """`model`: 'transformer' (tuple activations with bool and int tensors) or
-    'tied' (a weight shared by the first and last stage)."""
+    'tied' (a weight shared by the first and last stage). `extra_config` goes
+    to both engines (DeepSpeed's ignores a "pipeline": {"schedule"})."""
     from deepspeed import initialize as ds_initialize
     results = []
     for module_cls, spec, tied, make in (
@@ -178,7 +180,7 @@ def train_model_both(rank, world_size, model, num_stages, steps=20, micro_batche
                              partition_method="uniform")
             data_for = lambda seed, n: [(x[:, :8], y.repeat(1, 2)) for x, y in batches(seed, n)]
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
-                  "steps_per_print": 10**9}
+                  "steps_per_print": 10**9, **(extra_config or {})}
         engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.Adam(net.parameters(), lr=0.01),
                                model_parameters=net.parameters())
         data = iter(data_for(100 + engine.grid.data_parallel_id, micro_batches) * steps)
@@ -230,7 +232,10 @@ def engine_errors(rank, world_size):
     out = {
         "zero2": attempt({**base, "zero_optimization": {"stage": 2}}),
         "fp16": attempt({**base, "fp16": {"enabled": True}}),
-        "schedule": attempt({**base, "pipeline": {"schedule": "zb-h1", "p2p_timeout": 20}}),
+        "schedule": attempt({**base, "pipeline": {"schedule": "interleaved-1f1b", "p2p_timeout": 20}}),
+        "zb_zero1": attempt({**base, "pipeline": {"schedule": "zb-h1"}, "zero_optimization": {"stage": 1},
+                             "zero_allow_untested_optimizer": True}),
+        "zb_bf16": attempt({**base, "pipeline": {"schedule": "zb-h1"}, "bf16": {"enabled": True}}),
         "batch_size": attempt({**base, "train_batch_size": 6}),
     }
     engine = attempt(base)

@@ -53,6 +53,35 @@ def test_gpipe_schedule_matches_deepspeed(world_size, num_stages):
         assert timeline == "F" * 4 + "B" * 4, (rank, timeline)
 
 
+def expected_passes(kind, micro_batches, num_stages, stage_id):
+    """The compute passes of the generated stream, as letters."""
+    from deepspeed_pipe_ext._native import _C
+    letters = {"ForwardPass": "F", "BackwardPass": "B", "BackwardInput": "B", "BackwardWeight": "W"}
+    program = _C.StageProgram(kind, micro_batches, num_stages, stage_id)
+    names = [_C.OP_NAMES[code] for step in program.steps for code, _, _, _ in step]
+    return "".join(letters[n] for n in names if n in letters)
+
+
+@pytest.mark.parametrize("world_size,num_stages", [(2, 2), (4, 4), (4, 2)])
+def test_zero_bubble_schedule_matches_deepspeed(world_size, num_stages):
+    """ZB-H1 splits each backward into B (input gradients, sent at once) and W
+    (weight gradients, deferred into bubbles): the same gradients as
+    DeepSpeed's 1F1B, summed in the same micro-batch order."""
+    results = run_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3, {"pipeline": {"schedule": "zb-h1"}},
+                        True, timeout=400)
+    check_parity([r[:2] for r in results])
+    for rank, (_, _, passes) in enumerate(results):
+        stage = rank // (world_size // num_stages)  # DeepSpeed's topology: the pipe axis outermost
+        assert passes == expected_passes("zb-h1", 4, num_stages, stage), (rank, passes)
+        assert passes.count("W") == 4, (rank, passes)
+
+
+@pytest.mark.parametrize("model,world_size,num_stages", [("transformer", 2, 2), ("transformer", 4, 4), ("tied", 2, 2)])
+def test_zero_bubble_schedule_on_tuple_activations_and_tied_weights(model, world_size, num_stages):
+    check_parity(run_ranks(engine_cases.train_model_both, world_size, model, num_stages, 20, 4,
+                           {"pipeline": {"schedule": "zb-h1"}}, timeout=400))
+
+
 @pytest.mark.parametrize("world_size,num_stages,zero_stage", [(2, 2, 0), (4, 2, 1)])
 def test_bf16_matches_deepspeed(world_size, num_stages, zero_stage):
     """bf16 weights and activations, DeepSpeed's BF16_Optimizer (fp32 master
@@ -92,7 +121,11 @@ def test_bad_configurations_and_calls():
     out = per_rank[0]
     assert "ZeRO stage 2 partitions gradients" in out["zero2"]
     assert "runs fp32 and bf16 so far, not fp16" in out["fp16"]
-    assert "schedule 'zb-h1' cannot run on the pipeline runtime yet: choose one of ['1f1b', 'gpipe']" in out["schedule"]
+    assert ("schedule 'interleaved-1f1b' cannot run on the pipeline runtime yet: choose one of "
+            "['1f1b', 'gpipe', 'zb-h1']") in out["schedule"]
+    assert ("schedule 'zb-h1' splits the backward pass, which runs with fp32 and ZeRO stage 0 without DeepSpeed's "
+            "backward wrappers; this config has: a ZeRO optimizer. Remove those or use the 1f1b schedule") in out["zb_zero1"]
+    assert "this config has: bf16." in out["zb_bf16"]
     assert "train_batch_size" in out["batch_size"]
     for name in ("forward", "backward", "step"):
         assert out[name] == "PipelineError: Only train_batch() is accessible in pipeline mode."

@@ -65,6 +65,7 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
   inputs_.assign(num_buffers, Activation{});
   outputs_.assign(num_buffers, Activation{});
   output_grads_.assign(num_buffers, {});
+  deferred_weight_grads_.assign(num_buffers, DeferredWeightGrads{});
   step_ = 0;
   timeline_.clear();
   pending_activation_recvs_ = pending_grad_recvs_ = 0;
@@ -91,6 +92,7 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
   inputs_.clear();
   outputs_.clear();
   output_grads_.clear();
+  deferred_weight_grads_.clear();
 }
 
 // Receives are posted as soon as the previous one on their channel arrived,
@@ -99,6 +101,23 @@ void Executor::post_next_receives() {
   if (!p2p_) return;
   if (pending_activation_recvs_ > 0 && prev_peer_ >= 0) p2p_->post_recv(prev_peer_, activation_tag_);
   if (pending_grad_recvs_ > 0 && next_peer_ >= 0) p2p_->post_recv(next_peer_, grad_tag_);
+}
+
+void Executor::backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs,
+                              std::vector<at::Tensor>* grads) const {
+  const int64_t b = in.buffer_id;
+  // Floating-point outputs pair with the received gradients, in order.
+  size_t next_grad = 0;
+  for (const auto& t : outputs_[b].tensors) {
+    if (!t.is_floating_point()) continue;
+    TORCH_CHECK(next_grad < output_grads_[b].size(), "stage ", stage_id_, ", ", where(in),
+                ": no gradient received for an output");
+    const at::Tensor& g = output_grads_[b][next_grad++];
+    if (t.requires_grad()) {
+      outs->push_back(t);
+      grads->push_back(g);
+    }
+  }
 }
 
 void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
@@ -144,25 +163,47 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       if (stage_id_ == num_stages_ - 1) {
         cb.backward_loss(b);
       } else {
-        // Floating-point outputs pair with the received gradients, in order.
         std::vector<at::Tensor> outs, grads;
-        size_t next_grad = 0;
-        for (const auto& t : outputs_[b].tensors) {
-          if (!t.is_floating_point()) continue;
-          TORCH_CHECK(next_grad < output_grads_[b].size(), "stage ", stage_id_, ", ", where(in),
-                      ": no gradient received for an output");
-          const at::Tensor& g = output_grads_[b][next_grad++];
-          if (t.requires_grad()) {
-            outs.push_back(t);
-            grads.push_back(g);
-          }
-        }
+        backward_seeds(in, &outs, &grads);
         if (cb.before_backward) cb.before_backward();
         if (!outs.empty()) torch::autograd::backward(outs, grads);
         if (cb.after_backward) cb.after_backward();
       }
       outputs_[b] = Activation{};
       output_grads_[b].clear();
+      break;
+    case Op::BackwardInput: {
+      TORCH_CHECK(!cb.before_backward && !cb.after_backward, "stage ", stage_id_, ", ", where(in),
+                  ": split backward passes cannot run the bf16 optimizer's gradient bookkeeping; use the 1f1b "
+                  "schedule with bf16");
+      std::vector<at::Tensor> outs, grads;
+      if (stage_id_ == num_stages_ - 1) {
+        TORCH_CHECK(cb.loss_to_differentiate, "stage ", stage_id_, ", ", where(in),
+                    ": a split backward on the last stage needs the loss_to_differentiate callback");
+        at::Tensor loss = cb.loss_to_differentiate(b);
+        TORCH_CHECK(loss.defined() && loss.numel() == 1, "stage ", stage_id_, ", ", where(in),
+                    ": the loss must be a scalar tensor (got shape ", loss.defined() ? loss.sizes() : at::IntArrayRef{},
+                    "); give the PipelineModule a loss_fn that reduces to one value");
+        outs.push_back(loss);
+        grads.push_back(at::ones_like(loss));
+      } else {
+        backward_seeds(in, &outs, &grads);
+      }
+      // The first stage sends no gradient back, so all of its backward waits for W.
+      std::vector<at::Tensor> stage_inputs;
+      if (stage_id_ > 0) {
+        for (const auto& t : inputs_[b].tensors) {
+          if (t.requires_grad()) stage_inputs.push_back(t);
+        }
+      }
+      deferred_weight_grads_[b] = backward_input(outs, grads, stage_inputs);
+      outputs_[b] = Activation{};
+      output_grads_[b].clear();
+      break;
+    }
+    case Op::BackwardWeight:
+      deferred_weight_grads_[b].run();
+      deferred_weight_grads_[b] = DeferredWeightGrads{};
       break;
     case Op::SendGrad: {
       Activation grads{{}, true};
@@ -186,10 +227,6 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
     case Op::OptimizerStep:
       cb.optimizer_step();
       break;
-    case Op::BackwardInput:
-    case Op::BackwardWeight:
-      TORCH_CHECK(false, "stage ", stage_id_, ", ", where(in), ": the runtime does not execute split backward passes (zero-bubble "
-                  "schedules) yet; use the 1f1b schedule");
   }
 }
 

@@ -12,6 +12,7 @@
 
 #include "core/schedule.h"
 #include "runtime/p2p.h"
+#include "runtime/split_backward.h"
 
 namespace dpe::runtime {
 
@@ -23,8 +24,13 @@ struct StageCallbacks {
   std::function<Activation(int64_t buffer, const Activation& inputs)> forward;
   // Last stage: backward of the loss of `buffer`'s micro-batch.
   std::function<void(int64_t buffer)> backward_loss;
+  // Last stage, split backward (zero-bubble schedules): the scalar that
+  // backward_loss would differentiate (the loss scaled as it scales it); the
+  // executor splits its backward.
+  std::function<at::Tensor(int64_t buffer)> loss_to_differentiate;
   // Other stages, optional: run just before and after the executor's own
-  // backward of a micro-batch (DeepSpeed's bf16 optimizer moves gradients there).
+  // backward of a micro-batch (DeepSpeed's bf16 optimizer moves gradients
+  // there). Not supported with split backward passes.
   std::function<void()> before_backward, after_backward;
   std::function<void()> reduce_tied_grads;
   std::function<void()> reduce_grads;
@@ -56,6 +62,8 @@ class Executor {
  private:
   void execute(const core::Instruction& in, const StageCallbacks& cb);
   void post_next_receives();
+  // The floating-point outputs of `buffer` that require grad, paired with their received gradients.
+  void backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs, std::vector<at::Tensor>* grads) const;
   std::string where(const core::Instruction& in) const;
 
   P2P* p2p_;
@@ -66,6 +74,7 @@ class Executor {
   int64_t pending_activation_recvs_ = 0, pending_grad_recvs_ = 0;  // still to come in this run
   std::vector<Activation> inputs_, outputs_;
   std::vector<std::vector<at::Tensor>> output_grads_;
+  std::vector<DeferredWeightGrads> deferred_weight_grads_;  // between BackwardInput and BackwardWeight
   std::vector<TimedInstruction> timeline_;
 };
 

@@ -1,0 +1,231 @@
+#include "runtime/split_backward.h"
+
+#include <algorithm>
+#include <numeric>
+#include <unordered_map>
+
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/variable.h>
+
+namespace dpe::runtime {
+namespace {
+
+using torch::autograd::Edge;
+using torch::autograd::edge_list;
+using torch::autograd::Node;
+using NodePtr = c10::intrusive_ptr<Node>;
+
+// By name: dynamic_cast across libtorch's and this extension's RTTI is not reliable.
+bool is_leaf_accumulator(const Node& node) { return node.name() == "torch::autograd::AccumulateGrad"; }
+
+// The backward graph reachable from the roots, nodes numbered in discovery order.
+struct Graph {
+  std::vector<NodePtr> nodes;
+  std::vector<std::vector<size_t>> children, parents;  // along next edges, and against them
+  std::unordered_map<const Node*, size_t> index;
+
+  size_t add(const NodePtr& node) {
+    auto [it, inserted] = index.emplace(node.get(), nodes.size());
+    if (inserted) {
+      nodes.push_back(node);
+      children.emplace_back();
+      parents.emplace_back();
+    }
+    return it->second;
+  }
+
+  explicit Graph(const edge_list& roots) {
+    std::vector<size_t> stack;
+    for (const auto& edge : roots) {
+      if (!edge.function) continue;
+      const size_t before = nodes.size();
+      const size_t i = add(edge.function);
+      if (nodes.size() > before) stack.push_back(i);
+    }
+    while (!stack.empty()) {
+      const size_t i = stack.back();
+      stack.pop_back();
+      for (const auto& edge : nodes[i]->next_edges()) {
+        if (!edge.function) continue;
+        const size_t before = nodes.size();
+        const size_t j = add(edge.function);
+        children[i].push_back(j);
+        parents[j].push_back(i);
+        if (nodes.size() > before) stack.push_back(j);
+      }
+    }
+  }
+
+  // Marks every node reachable from `start` against (up) or along (down) the edges.
+  std::vector<bool> closure(const std::vector<size_t>& start, bool up) const {
+    std::vector<bool> seen(nodes.size(), false);
+    std::vector<size_t> stack(start);
+    while (!stack.empty()) {
+      const size_t i = stack.back();
+      stack.pop_back();
+      if (seen[i]) continue;
+      seen[i] = true;
+      for (size_t j : up ? parents[i] : children[i]) stack.push_back(j);
+    }
+    return seen;
+  }
+};
+
+size_t find(std::vector<size_t>& parent, size_t x) {
+  while (parent[x] != x) x = parent[x] = parent[parent[x]];
+  return x;
+}
+
+}  // namespace
+
+DeferredWeightGrads backward_input(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& output_grads,
+                                   const std::vector<at::Tensor>& inputs) {
+  TORCH_CHECK(outputs.size() == output_grads.size(), "backward_input: ", outputs.size(), " outputs but ",
+              output_grads.size(), " gradients");
+  edge_list roots;
+  std::vector<at::Tensor> root_grads;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    if (!outputs[i].requires_grad()) continue;
+    roots.push_back(torch::autograd::impl::gradient_edge(outputs[i]));
+    root_grads.push_back(output_grads[i]);
+  }
+  DeferredWeightGrads deferred;
+  if (roots.empty()) return deferred;
+
+  const Graph graph(roots);
+  const size_t n = graph.nodes.size();
+  edge_list input_edges;
+  std::vector<bool> is_input(n, false), is_root(n, false);
+  std::vector<size_t> input_nodes;
+  for (const auto& t : inputs) {
+    input_edges.push_back(t.requires_grad() ? torch::autograd::impl::gradient_edge(t) : Edge());
+    if (!input_edges.back().function) continue;
+    auto it = graph.index.find(input_edges.back().function.get());
+    if (it == graph.index.end()) continue;  // not used by the outputs: no gradient
+    is_input[it->second] = true;
+    input_nodes.push_back(it->second);
+  }
+  for (const auto& edge : roots) {
+    if (edge.function) is_root[graph.index.at(edge.function.get())] = true;
+  }
+  // The activation-gradient path: nodes from which an input is reachable. B runs these.
+  const std::vector<bool> on_input_path = graph.closure(input_nodes, /*up=*/true);
+
+  // Each weight's gradient path, walked up from its accumulator until it
+  // meets the input path or a root: the nodes where it meets are where W
+  // restarts, with the gradient B saw flowing into them.
+  std::vector<size_t> weights, restart_nodes;
+  std::unordered_map<size_t, std::vector<size_t>> restarts_of;  // weight -> its restart nodes
+  for (size_t w = 0; w < n; ++w) {
+    if (is_input[w] || !is_leaf_accumulator(*graph.nodes[w])) continue;
+    weights.push_back(w);
+    std::vector<bool> seen(n, false);
+    std::vector<size_t> stack(graph.parents[w]);
+    auto& restarts = restarts_of[w];
+    while (!stack.empty()) {
+      const size_t i = stack.back();
+      stack.pop_back();
+      if (seen[i]) continue;
+      seen[i] = true;
+      if (on_input_path[i] || is_root[i]) {
+        restarts.push_back(i);
+        continue;
+      }
+      for (size_t p : graph.parents[i]) stack.push_back(p);
+    }
+  }
+
+  // Weights sharing a restart node form one group (one engine call in W).
+  std::vector<size_t> group_of(n);
+  std::iota(group_of.begin(), group_of.end(), 0);
+  std::unordered_map<size_t, size_t> first_weight_at;  // restart node -> a weight restarting there
+  for (size_t w : weights) {
+    for (size_t r : restarts_of[w]) {
+      auto [it, inserted] = first_weight_at.emplace(r, w);
+      if (!inserted) group_of[find(group_of, w)] = find(group_of, it->second);
+    }
+  }
+  std::unordered_map<size_t, size_t> group_slot;
+  std::vector<std::vector<size_t>> group_weights, group_restarts;
+  for (size_t w : weights) {
+    const size_t root = find(group_of, w);
+    auto [it, inserted] = group_slot.emplace(root, group_weights.size());
+    if (inserted) {
+      group_weights.emplace_back();
+      group_restarts.emplace_back();
+    }
+    group_weights[it->second].push_back(w);
+    for (size_t r : restarts_of[w]) group_restarts[it->second].push_back(r);
+  }
+
+  // B: the input gradients, and what flows into every restart node (all its inputs).
+  edge_list capture = input_edges;
+  std::vector<std::pair<size_t, size_t>> capture_range(group_weights.size());  // [begin, end) per group
+  std::vector<std::vector<Edge>> restart_edges(group_weights.size());
+  for (size_t g = 0; g < group_weights.size(); ++g) {
+    auto& rs = group_restarts[g];
+    std::sort(rs.begin(), rs.end());
+    rs.erase(std::unique(rs.begin(), rs.end()), rs.end());
+    capture_range[g].first = capture.size();
+    for (size_t r : rs) {
+      for (uint32_t k = 0; k < graph.nodes[r]->num_inputs(); ++k) {
+        capture.emplace_back(graph.nodes[r], k);
+        restart_edges[g].emplace_back(graph.nodes[r], k);
+      }
+    }
+    capture_range[g].second = capture.size();
+  }
+  auto& engine = torch::autograd::Engine::get_default_engine();
+  std::vector<at::Tensor> captured;
+  if (!capture.empty()) {
+    captured = engine.execute(roots, root_grads, /*keep_graph=*/true, /*create_graph=*/false,
+                              /*accumulate_grad=*/false, capture);
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (input_edges[i].function && captured[i].defined()) {
+      at::Tensor input = inputs[i];
+      input.mutable_grad() = captured[i];
+    }
+  }
+
+  for (size_t g = 0; g < group_weights.size(); ++g) {
+    DeferredWeightGrads::Group group;
+    for (size_t w : group_weights[g]) group.weights.emplace_back(graph.nodes[w], 0);
+    // Restarting from two nodes where one leads to the other would count the
+    // lower one's gradient twice (a weight used at two depths of one stage,
+    // e.g. tied inside a stage); such a group reruns the whole backward
+    // towards its weights instead, correct at the cost of the activation path.
+    const auto& rs = group_restarts[g];
+    bool nested = false;
+    for (size_t a = 0; a < rs.size() && !nested && rs.size() > 1; ++a) {
+      const std::vector<bool> below = graph.closure(graph.children[rs[a]], /*up=*/false);
+      for (size_t b = 0; b < rs.size() && !nested; ++b) nested = b != a && below[rs[b]];
+    }
+    if (nested) {
+      group.roots = roots;
+      group.grads = root_grads;
+    } else {
+      for (size_t c = capture_range[g].first; c < capture_range[g].second; ++c) {
+        if (!captured[c].defined()) continue;
+        group.roots.push_back(restart_edges[g][c - capture_range[g].first]);
+        group.grads.push_back(captured[c]);
+      }
+    }
+    if (!group.roots.empty()) deferred.groups_.push_back(std::move(group));
+  }
+  return deferred;
+}
+
+void DeferredWeightGrads::run() {
+  auto& engine = torch::autograd::Engine::get_default_engine();
+  for (auto& group : groups_) {
+    // keep_graph: a rerun group (above) goes over nodes other groups restart from.
+    engine.execute(group.roots, group.grads, /*keep_graph=*/true, /*create_graph=*/false, /*accumulate_grad=*/true,
+                   group.weights);
+  }
+  groups_.clear();
+}
+
+}  // namespace dpe::runtime
