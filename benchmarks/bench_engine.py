@@ -10,7 +10,9 @@ the ratio are reported.
 In both, the simulator's 1F1B prediction from each stage's forward and backward
 measured alone: what a runtime without any overhead of its own would take.
 Ours also runs with the gpipe schedule (all forwards, then all backwards), which
-keeps a stage from waiting for the other's reply after every micro-batch.
+keeps a stage from waiting for the other's reply after every micro-batch, and
+with zb-h1 (backward split into B and W, W filling the bubbles), against the
+simulator's zb-h1 prediction from B and W measured alone.
 
     .venv/bin/python benchmarks/bench_engine.py [--repeats 15]
 """
@@ -44,29 +46,40 @@ def measure(rank, world_size, case, repeats):
                              micro_batch, micro_batches),
         "ours, gpipe": build_engine(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, model(dpe.LayerSpec),
                                     micro_batch, micro_batches, pipeline={"schedule": "gpipe"}),
+        "ours, zb-h1": build_engine(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, model(dpe.LayerSpec),
+                                    micro_batch, micro_batches, pipeline={"schedule": "zb-h1"}),
     }
     times, _ = alternate({name: (lambda e=e: e.train_batch(data_iter=data())) for name, e in engines.items()},
                          repeats, warmup=2)
     result = slowest_rank_medians(times)
 
-    # The no-overhead limit: the simulator's 1F1B from this stage's compute measured alone.
+    # The no-overhead limits: the simulator's 1F1B and zb-h1 from this stage's compute measured alone.
+    from deepspeed_pipe_ext._native import _C
     module = engines["ours"].module
     x = torch.randn(micro_batch, width, requires_grad=True)
-    fwd, bwd = [], []
+    costs = {"forward": [], "backward": [], "backward_input": [], "backward_weight": []}
     for _ in range(50 if case == "overhead" else 10):
         start = time.perf_counter()
         out = module(x)
         mid = time.perf_counter()
         out.backward(torch.ones_like(out))
-        fwd.append(mid - start)
-        bwd.append(time.perf_counter() - mid)
-    costs = torch.tensor([statistics.median(fwd), statistics.median(bwd)])
-    gathered = [torch.zeros(2) for _ in range(world_size)]
-    dist.all_gather(gathered, costs)
-    f = max(c[0].item() for c in gathered)
-    b = max(c[1].item() for c in gathered)
-    predicted = schedule.simulate("1f1b", micro_batches, 2, forward=f, backward_input=b, backward_weight=0.0)
-    result["predicted"] = predicted["makespan"]
+        costs["forward"].append(mid - start)
+        costs["backward"].append(time.perf_counter() - mid)
+        out = module(x)
+        start = time.perf_counter()
+        deferred = _C.backward_input([out], [torch.ones_like(out)], [x])
+        mid = time.perf_counter()
+        deferred.run()
+        costs["backward_input"].append(mid - start)
+        costs["backward_weight"].append(time.perf_counter() - mid)
+    mine = torch.tensor([statistics.median(v) for v in costs.values()])
+    gathered = [torch.zeros(len(costs)) for _ in range(world_size)]
+    dist.all_gather(gathered, mine)
+    f, b, b_input, b_weight = (max(c[i].item() for c in gathered) for i in range(len(costs)))
+    result["predicted"] = schedule.simulate("1f1b", micro_batches, 2, forward=f, backward_input=b,
+                                            backward_weight=0.0)["makespan"]
+    result["predicted zb-h1"] = schedule.simulate("zb-h1", micro_batches, 2, forward=f, backward_input=b_input,
+                                                  backward_weight=b_weight)["makespan"]
     return result
 
 
@@ -84,6 +97,10 @@ def main():
               f"1F1B prediction {result['predicted'] * 1000:9.2f} ms (ours / prediction "
               f"{ours / result['predicted']:.3f})", flush=True)
         print(f"  {case:9s} ours with the gpipe schedule {gpipe * 1000:9.2f} ms   speed-up {ds / gpipe:5.2f}x", flush=True)
+        zb, zb_predicted = result["ours, zb-h1"], result["predicted zb-h1"]
+        print(f"  {case:9s} ours with the zb-h1 schedule {zb * 1000:9.2f} ms   speed-up {ds / zb:5.2f}x   "
+              f"zb-h1 prediction {zb_predicted * 1000:9.2f} ms (ours / prediction {zb / zb_predicted:.3f}); "
+              f"zb-h1 / 1f1b: ours {zb / ours:.3f}, predicted {zb_predicted / result['predicted']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -288,10 +288,12 @@ class DropoutBlock(MaskedBlock):
         return hidden + update, mask, positions
 
 
-def train_checkpointed(rank, world_size, model, num_stages, interval, reentrant, steps=20, micro_batches=4):
+def train_checkpointed(rank, world_size, model, num_stages, interval, reentrant, schedule="1f1b", steps=20,
+                       micro_batches=4):
     """DeepSpeed's engine with activation checkpointing, ours with it, and ours
     without it, on a model with dropout. Halfway through, set_checkpoint_interval
-    changes the interval (on all three, so the runs stay comparable)."""
+    changes the interval (on all three, so the runs stay comparable). Ours run
+    `schedule` (DeepSpeed's engine ignores the key and runs its 1F1B)."""
     from deepspeed import initialize as ds_initialize
     runs = ((DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize, interval),
             (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, interval),
@@ -312,7 +314,8 @@ def train_checkpointed(rank, world_size, model, num_stages, interval, reentrant,
             data_for = token_batches
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
                   "steps_per_print": 10**9,
-                  "pipeline": {"activation_checkpoint_interval": run_interval, "use_reentrant": reentrant}}
+                  "pipeline": {"activation_checkpoint_interval": run_interval, "use_reentrant": reentrant,
+                               "schedule": schedule}}
         engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.Adam(net.parameters(), lr=0.01),
                                model_parameters=net.parameters())
         torch.manual_seed(1000 + rank)  # dropout masks differ per rank, the same in every run

@@ -130,16 +130,19 @@ def test_bad_group_outputs_are_reported():
 
 
 # ---------------------------------------------------------------------- in the pipeline engine
-@pytest.mark.parametrize("model,world_size,num_stages,interval,reentrant", [
-    ("dropout_mlp", 2, 2, 2, True),
-    ("dropout_mlp", 2, 2, 1, False),
-    ("dropout_transformer", 2, 2, 1, True),
-    ("dropout_transformer", 4, 4, 1, False),
+@pytest.mark.parametrize("model,world_size,num_stages,interval,reentrant,schedule", [
+    ("dropout_mlp", 2, 2, 2, True, "1f1b"),
+    ("dropout_mlp", 2, 2, 1, False, "1f1b"),
+    ("dropout_transformer", 2, 2, 1, True, "1f1b"),
+    ("dropout_transformer", 4, 4, 1, False, "1f1b"),
+    # Split backward: a reentrant group's weights get their gradients in B, a non-reentrant group is recomputed in W too.
+    ("dropout_mlp", 2, 2, 1, True, "zb-h1"),
+    ("dropout_transformer", 2, 2, 1, False, "zb-h1"),
 ])
 def test_engine_checkpointing_matches_deepspeed_and_no_checkpointing(model, world_size, num_stages, interval,
-                                                                    reentrant):
+                                                                    reentrant, schedule):
     results = run_ranks(engine_cases.train_checkpointed, world_size, model, num_stages, interval, reentrant,
-                        timeout=400)
+                        schedule, timeout=400)
     check_parity([(theirs, ours) for theirs, ours, _ in results])
     # Checkpointing changes memory, not arithmetic: the same run without it gives the same numbers.
     check_parity([(plain, ours) for _, ours, plain in results])
