@@ -414,6 +414,8 @@ class PipelineEngine(DeepSpeedEngine):
                 dist.all_reduce(grad, group=group)
 
     def _reduce_grads(self):
+        if self._plain_path and self.dp_world_size == 1 and not self.has_moe_layers:
+            return  # an all-reduce over one rank (and a division by 1) changes nothing
         self._force_grad_boundary = True
         try:
             if self.pipeline_enable_backward_allreduce and self.using_bf16_optimizer:
