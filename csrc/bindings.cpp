@@ -323,11 +323,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (const auto& t : executor.timeline()) {
           timeline.append(py::make_tuple(t.start, t.end, static_cast<int>(t.op), t.micro_batch, t.chunk));
         }
-        return timeline;
+        py::dict usage;
+        usage["buffers"] = program.num_buffers;
+        usage["peak_live_buffers"] = executor.buffer_usage().peak_live_buffers;
+        usage["peak_activation_bytes"] = executor.buffer_usage().peak_bytes;
+        return py::make_tuple(timeline, usage);
       },
       "Runs one stage's program (a StageProgram) for a whole batch, calling back into Python only for "
       "loading, forward (+ loss), the loss backward, reductions and the optimizer step; returns the "
-      "measured timeline.",
+      "measured timeline and the activation buffers' usage.",
       py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("prev_peer"),
       py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
       py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"),

@@ -122,6 +122,9 @@ class PipelineEngine(DeepSpeedEngine):
         self.agg_train_loss = None
         self._programs = {}
         self.last_timeline = []
+        # The last batch's activation buffers: count allocated, most in use at
+        # once, and the bytes of activation tensors they held at their fullest.
+        self.last_buffer_usage = {}
         self.eval_return_logits = False
         self.outputs = None
 
@@ -266,11 +269,10 @@ class PipelineEngine(DeepSpeedEngine):
             self._running_engine_backward = True
         try:
             # (start, end, op code, micro_batch, chunk) per compute pass, monotonic seconds: see timeline.py
-            self.last_timeline = _C.run_stage(self.p2p, self._program(kind, micro_batches), self.num_stages,
-                                              self.stage_id, peers[0], peers[1], tag_base, self._load, self._forward,
-                                              self._backward_loss, self._reduce_tied_grads, self._reduce_grads,
-                                              self._optimizer_step, *self._stage_backward_callbacks(),
-                                              loss_to_differentiate=self._loss_to_differentiate)
+            self.last_timeline, self.last_buffer_usage = _C.run_stage(
+                self.p2p, self._program(kind, micro_batches), self.num_stages, self.stage_id, peers[0], peers[1],
+                tag_base, self._load, self._forward, self._backward_loss, self._reduce_tied_grads, self._reduce_grads,
+                self._optimizer_step, *self._stage_backward_callbacks(), loss_to_differentiate=self._loss_to_differentiate)
         finally:
             with self._running_engine_backward_lock:
                 self._running_engine_backward_count -= 1

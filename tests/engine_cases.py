@@ -34,14 +34,16 @@ def _train(module_cls, spec, make_engine, num_stages, steps, micro_batches, seed
     losses = [engine.train_batch(data_iter=data).item() for _ in range(steps)]
     letters = {1: "F", 2: "B", 3: "B", 4: "W"}  # forward, backward, backward (input), backward (weight)
     passes = "".join(letters[code] for _, _, code, _, _ in getattr(engine, "last_timeline", []))
+    buffer_usage = dict(getattr(engine, "last_buffer_usage", {}))
     evals = engine.eval_batch(iter(cast(batches(7, micro_batches))), return_logits=True)
     weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    return losses, weights, evals, type(engine), passes
+    return losses, weights, evals, type(engine), passes, buffer_usage
 
 
 def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3, extra_config=None, timeline=False):
     """DeepSpeed's module and engine against ours, both built by deepspeed.initialize
-    (with `timeline`, also our last train_batch's compute passes as a string of F, B and W)."""
+    (with `timeline`, also our last train_batch's compute passes as a string of
+    F, B and W, and its buffer usage)."""
     from deepspeed import initialize as ds_initialize
     from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
     theirs = _train(DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize, num_stages, steps, micro_batches,
@@ -50,7 +52,7 @@ def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3, 
                   extra_config)
     assert theirs[3] is DSPipelineEngine and ours[3] is dpe_engine.PipelineEngine, (theirs[3], ours[3])
     if timeline:
-        return theirs[:3], ours[:3], ours[4]
+        return theirs[:3], ours[:3], ours[4], ours[5]
     return theirs[:3], ours[:3]
 
 
@@ -264,6 +266,7 @@ def engine_errors(rank, world_size):
     out["user_hook_calls"] = len(hook_calls)
     from deepspeed_pipe_ext import schedule
     out["timeline"] = ",".join(f"{schedule.OP_NAMES[code]}:{mb}" for _, _, code, mb, _ in engine.last_timeline)
+    out["buffer_usage"] = dict(engine.last_buffer_usage)
     # steps_per_print: rank 0 prints DeepSpeed's progress line.
     import contextlib
     import io
@@ -272,7 +275,7 @@ def engine_errors(rank, world_size):
     with contextlib.redirect_stdout(captured):
         printing.train_batch(data_iter=iter(batches(0, 2)))
     out["progress"] = captured.getvalue()
-    return {k: (v if isinstance(v, (str, int)) or v is None else "engine") for k, v in out.items()}
+    return {k: (v if isinstance(v, (str, int, dict)) or v is None else "engine") for k, v in out.items()}
 
 
 class DropoutBlock(MaskedBlock):

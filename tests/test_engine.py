@@ -49,8 +49,10 @@ def test_gpipe_schedule_matches_deepspeed(world_size, num_stages):
     results = run_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3, {"pipeline": {"schedule": "gpipe"}},
                         True, timeout=400)
     check_parity([r[:2] for r in results])
-    for rank, (_, _, timeline) in enumerate(results):
+    for rank, (_, _, timeline, usage) in enumerate(results):
         assert timeline == "F" * 4 + "B" * 4, (rank, timeline)
+        # Every micro-batch is live between the forwards and the backwards.
+        assert usage["buffers"] == usage["peak_live_buffers"] == 4, (rank, usage)
 
 
 def expected_passes(kind, micro_batches, num_stages, stage_id):
@@ -70,10 +72,12 @@ def test_zero_bubble_schedule_matches_deepspeed(world_size, num_stages):
     results = run_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3, {"pipeline": {"schedule": "zb-h1"}},
                         True, timeout=400)
     check_parity([r[:2] for r in results])
-    for rank, (_, _, passes) in enumerate(results):
+    for rank, (_, _, passes, usage) in enumerate(results):
         stage = rank // (world_size // num_stages)  # DeepSpeed's topology: the pipe axis outermost
         assert passes == expected_passes("zb-h1", 4, num_stages, stage), (rank, passes)
         assert passes.count("W") == 4, (rank, passes)
+        # A buffer stays in use until its W: at most S - stage micro-batches before B, S - 1 more waiting for W.
+        assert usage["peak_live_buffers"] == usage["buffers"] <= min(4, 2 * num_stages - stage - 1), (rank, usage)
 
 
 @pytest.mark.parametrize("model,world_size,num_stages", [("transformer", 2, 2), ("transformer", 4, 4), ("tied", 2, 2)])
@@ -136,6 +140,11 @@ def test_bad_configurations_and_calls():
     # The executor's measured compute passes follow DeepSpeed's 1F1B order for 2 micro-batches.
     assert per_rank[0]["timeline"] == "ForwardPass:0,ForwardPass:1,BackwardPass:0,BackwardPass:1"
     assert per_rank[1]["timeline"] == "ForwardPass:0,BackwardPass:0,ForwardPass:1,BackwardPass:1"
+    # DeepSpeed's buffer counts (at least two), of which 1F1B keeps S - stage in use.
+    assert [(r["buffer_usage"]["buffers"], r["buffer_usage"]["peak_live_buffers"]) for r in per_rank] == [(2, 2), (2, 1)]
+    # Stage 0 holds two micro-batches' inputs (2 x 8 floats) and outputs; stage 1 one input, no output (the loss).
+    assert per_rank[0]["buffer_usage"]["peak_activation_bytes"] >= 2 * 2 * 8 * 4
+    assert per_rank[1]["buffer_usage"]["peak_activation_bytes"] > 0
     assert "steps: 1 loss: " in per_rank[0]["progress"] and "samples/sec: " in per_rank[0]["progress"]
     assert per_rank[1]["progress"] == ""
 

@@ -77,6 +77,19 @@ class Unused(nn.Module):
         return self.used(x)
 
 
+class ReturnsWeight(nn.Module):
+    """An output that is a weight itself, and the same weight used inside."""
+
+    def __init__(self, width, use_inside):
+        super().__init__()
+        self.layer, self.scale = nn.Linear(width, width), nn.Parameter(torch.rand(width))
+        self.use_inside = use_inside
+
+    def forward(self, x):
+        h = self.layer(x)
+        return (h * self.scale if self.use_inside else h), self.scale
+
+
 class Checkpointed(nn.Module):
     def __init__(self, width, reentrant):
         super().__init__()
@@ -107,10 +120,11 @@ def test_split_mlp_gradients_equal_a_full_backward(depth, width, batch, bias, ac
 
 
 @pytest.mark.parametrize("make,exact", [(lambda: Branches(6), True), (lambda: TiedInside(6), False),
-                                        (lambda: Unused(6), True), (lambda: Checkpointed(6, True), True),
-                                        (lambda: Checkpointed(6, False), True)],
-                         ids=["two-outputs", "tied-inside", "unused-layer", "reentrant-checkpoint",
-                              "non-reentrant-checkpoint"])
+                                        (lambda: Unused(6), True), (lambda: ReturnsWeight(6, False), True),
+                                        (lambda: ReturnsWeight(6, True), False),
+                                        (lambda: Checkpointed(6, True), True), (lambda: Checkpointed(6, False), True)],
+                         ids=["two-outputs", "tied-inside", "unused-layer", "weight-as-output",
+                              "weight-as-output-and-inside", "reentrant-checkpoint", "non-reentrant-checkpoint"])
 @pytest.mark.parametrize("input_requires_grad", [True, False])
 def test_split_gradients_of_other_graphs_equal_a_full_backward(make, exact, input_requires_grad):
     assert_same_gradients(make, torch.randn(3, 6), exact=exact, input_requires_grad=input_requires_grad)

@@ -4,6 +4,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <chrono>
 
 namespace dpe::runtime {
@@ -68,6 +69,7 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
   deferred_weight_grads_.assign(num_buffers, DeferredWeightGrads{});
   step_ = 0;
   timeline_.clear();
+  usage_ = BufferUsage{};
   pending_activation_recvs_ = pending_grad_recvs_ = 0;
   for (const auto& step : steps) {
     for (const auto& in : step) {
@@ -86,6 +88,7 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
       if (is_compute(in.op)) timeline_.push_back({start, monotonic_seconds(), in.op, in.micro_batch, in.chunk});
     }
     if (p2p_) p2p_->reap_sends();  // frees sends a backend completed on its own (NCCL); gloo waits per channel
+    account_buffers();
     ++step_;
   }
   if (p2p_) p2p_->wait_sends();
@@ -93,6 +96,22 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
   outputs_.clear();
   output_grads_.clear();
   deferred_weight_grads_.clear();
+}
+
+void Executor::account_buffers() {
+  int64_t live = 0, bytes = 0;
+  for (size_t b = 0; b < inputs_.size(); ++b) {
+    bool used = !deferred_weight_grads_[b].empty();
+    for (const auto* tensors : {&inputs_[b].tensors, &outputs_[b].tensors, &output_grads_[b]}) {
+      for (const auto& t : *tensors) {
+        bytes += static_cast<int64_t>(t.nbytes());
+        used = true;
+      }
+    }
+    live += used;
+  }
+  usage_.peak_live_buffers = std::max(usage_.peak_live_buffers, live);
+  usage_.peak_bytes = std::max(usage_.peak_bytes, bytes);
 }
 
 // Receives are posted as soon as the previous one on their channel arrived,

@@ -45,6 +45,16 @@ struct TimedInstruction {
   int32_t micro_batch, chunk;
 };
 
+// What the stage's activation buffers held at their fullest during a run:
+// buffers in use (a micro-batch between its forward and its last backward
+// pass) and the bytes of the activation tensors the executor holds (stage
+// inputs, outputs, received gradients; not what autograd saves inside the
+// graph, nor the p2p receive buffers).
+struct BufferUsage {
+  int64_t peak_live_buffers = 0;
+  int64_t peak_bytes = 0;
+};
+
 // "step 3, RecvGrad (micro-batch 0)": how errors name an instruction.
 std::string describe_step(int64_t step, const core::Instruction& in);
 
@@ -58,10 +68,12 @@ class Executor {
   void run(const core::Steps& steps, int64_t num_buffers, const StageCallbacks& callbacks);
   // The forward and backward passes of the last run, in order.
   const std::vector<TimedInstruction>& timeline() const { return timeline_; }
+  const BufferUsage& buffer_usage() const { return usage_; }
 
  private:
   void execute(const core::Instruction& in, const StageCallbacks& cb);
   void post_next_receives();
+  void account_buffers();
   // The floating-point outputs of `buffer` that require grad, paired with their received gradients.
   void backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs, std::vector<at::Tensor>* grads) const;
   std::string where(const core::Instruction& in) const;
@@ -76,6 +88,7 @@ class Executor {
   std::vector<std::vector<at::Tensor>> output_grads_;
   std::vector<DeferredWeightGrads> deferred_weight_grads_;  // between BackwardInput and BackwardWeight
   std::vector<TimedInstruction> timeline_;
+  BufferUsage usage_;
 };
 
 }  // namespace dpe::runtime

@@ -96,12 +96,15 @@ DeferredWeightGrads backward_input(const std::vector<at::Tensor>& outputs, const
 
   const Graph graph(roots);
   const size_t n = graph.nodes.size();
+  // The inputs whose gradients B computes: those that require grad.
   edge_list input_edges;
+  std::vector<size_t> input_of_edge;  // which of `inputs` each edge belongs to
   std::vector<bool> is_input(n, false), is_root(n, false);
   std::vector<size_t> input_nodes;
-  for (const auto& t : inputs) {
-    input_edges.push_back(t.requires_grad() ? torch::autograd::impl::gradient_edge(t) : Edge());
-    if (!input_edges.back().function) continue;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!inputs[i].requires_grad()) continue;
+    input_edges.push_back(torch::autograd::impl::gradient_edge(inputs[i]));
+    input_of_edge.push_back(i);
     auto it = graph.index.find(input_edges.back().function.get());
     if (it == graph.index.end()) continue;  // not used by the outputs: no gradient
     is_input[it->second] = true;
@@ -116,7 +119,7 @@ DeferredWeightGrads backward_input(const std::vector<at::Tensor>& outputs, const
   // Each weight's gradient path, walked up from its accumulator until it
   // meets the input path or a root: the nodes where it meets are where W
   // restarts, with the gradient B saw flowing into them.
-  std::vector<size_t> weights, restart_nodes;
+  std::vector<size_t> weights;
   std::unordered_map<size_t, std::vector<size_t>> restarts_of;  // weight -> its restart nodes
   for (size_t w = 0; w < n; ++w) {
     if (is_input[w] || !is_leaf_accumulator(*graph.nodes[w])) continue;
@@ -124,6 +127,7 @@ DeferredWeightGrads backward_input(const std::vector<at::Tensor>& outputs, const
     std::vector<bool> seen(n, false);
     std::vector<size_t> stack(graph.parents[w]);
     auto& restarts = restarts_of[w];
+    if (is_root[w]) restarts.push_back(w);  // an output that is the weight itself
     while (!stack.empty()) {
       const size_t i = stack.back();
       stack.pop_back();
@@ -183,11 +187,10 @@ DeferredWeightGrads backward_input(const std::vector<at::Tensor>& outputs, const
     captured = engine.execute(roots, root_grads, /*keep_graph=*/true, /*create_graph=*/false,
                               /*accumulate_grad=*/false, capture);
   }
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    if (input_edges[i].function && captured[i].defined()) {
-      at::Tensor input = inputs[i];
-      input.mutable_grad() = captured[i];
-    }
+  for (size_t e = 0; e < input_edges.size(); ++e) {
+    if (!captured[e].defined()) continue;
+    at::Tensor input = inputs[input_of_edge[e]];
+    input.mutable_grad() = captured[e];
   }
 
   for (size_t g = 0; g < group_weights.size(); ++g) {
