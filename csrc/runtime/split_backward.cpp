@@ -73,9 +73,70 @@ struct Graph {
   }
 };
 
-size_t find(std::vector<size_t>& parent, size_t x) {
+size_t find_root(std::vector<size_t>& parent, size_t x) {
   while (parent[x] != x) x = parent[x] = parent[parent[x]];
   return x;
+}
+
+// Weights (leaf accumulators that are not stage inputs) grouped for W, with
+// the nodes each group restarts from. Each weight's gradient path is walked up
+// from its accumulator until it meets the input path or a root: the nodes
+// where it meets are where W restarts, with the gradient B saw flowing into
+// them. Weights sharing a restart node form one group (one engine call in W).
+struct WeightGroups {
+  std::vector<std::vector<size_t>> weights, restarts;  // per group; restarts sorted, unique
+};
+
+WeightGroups group_weights(const Graph& graph, const std::vector<bool>& is_input, const std::vector<bool>& is_root,
+                           const std::vector<bool>& on_input_path) {
+  const size_t n = graph.nodes.size();
+  std::vector<size_t> weights;
+  std::unordered_map<size_t, std::vector<size_t>> restarts_of;
+  for (size_t w = 0; w < n; ++w) {
+    if (is_input[w] || !is_leaf_accumulator(*graph.nodes[w])) continue;
+    weights.push_back(w);
+    std::vector<bool> seen(n, false);
+    std::vector<size_t> stack(graph.parents[w]);
+    auto& restarts = restarts_of[w];
+    if (is_root[w]) restarts.push_back(w);  // an output that is the weight itself
+    while (!stack.empty()) {
+      const size_t i = stack.back();
+      stack.pop_back();
+      if (seen[i]) continue;
+      seen[i] = true;
+      if (on_input_path[i] || is_root[i]) {
+        restarts.push_back(i);
+        continue;
+      }
+      for (size_t p : graph.parents[i]) stack.push_back(p);
+    }
+  }
+  std::vector<size_t> group_of(n);
+  std::iota(group_of.begin(), group_of.end(), 0);
+  std::unordered_map<size_t, size_t> first_weight_at;  // restart node -> a weight restarting there
+  for (size_t w : weights) {
+    for (size_t r : restarts_of[w]) {
+      auto [it, inserted] = first_weight_at.emplace(r, w);
+      if (!inserted) group_of[find_root(group_of, w)] = find_root(group_of, it->second);
+    }
+  }
+  WeightGroups groups;
+  std::unordered_map<size_t, size_t> slot_of;  // union-find root -> group
+  for (size_t w : weights) {
+    auto [it, inserted] = slot_of.emplace(find_root(group_of, w), groups.weights.size());
+    if (inserted) {
+      groups.weights.emplace_back();
+      groups.restarts.emplace_back();
+    }
+    groups.weights[it->second].push_back(w);
+    auto& rs = groups.restarts[it->second];
+    rs.insert(rs.end(), restarts_of[w].begin(), restarts_of[w].end());
+  }
+  for (auto& rs : groups.restarts) {
+    std::sort(rs.begin(), rs.end());
+    rs.erase(std::unique(rs.begin(), rs.end()), rs.end());
+  }
+  return groups;
 }
 
 }  // namespace
@@ -116,62 +177,15 @@ DeferredWeightGrads backward_input(const std::vector<at::Tensor>& outputs, const
   // The activation-gradient path: nodes from which an input is reachable. B runs these.
   const std::vector<bool> on_input_path = graph.closure(input_nodes, /*up=*/true);
 
-  // Each weight's gradient path, walked up from its accumulator until it
-  // meets the input path or a root: the nodes where it meets are where W
-  // restarts, with the gradient B saw flowing into them.
-  std::vector<size_t> weights;
-  std::unordered_map<size_t, std::vector<size_t>> restarts_of;  // weight -> its restart nodes
-  for (size_t w = 0; w < n; ++w) {
-    if (is_input[w] || !is_leaf_accumulator(*graph.nodes[w])) continue;
-    weights.push_back(w);
-    std::vector<bool> seen(n, false);
-    std::vector<size_t> stack(graph.parents[w]);
-    auto& restarts = restarts_of[w];
-    if (is_root[w]) restarts.push_back(w);  // an output that is the weight itself
-    while (!stack.empty()) {
-      const size_t i = stack.back();
-      stack.pop_back();
-      if (seen[i]) continue;
-      seen[i] = true;
-      if (on_input_path[i] || is_root[i]) {
-        restarts.push_back(i);
-        continue;
-      }
-      for (size_t p : graph.parents[i]) stack.push_back(p);
-    }
-  }
-
-  // Weights sharing a restart node form one group (one engine call in W).
-  std::vector<size_t> group_of(n);
-  std::iota(group_of.begin(), group_of.end(), 0);
-  std::unordered_map<size_t, size_t> first_weight_at;  // restart node -> a weight restarting there
-  for (size_t w : weights) {
-    for (size_t r : restarts_of[w]) {
-      auto [it, inserted] = first_weight_at.emplace(r, w);
-      if (!inserted) group_of[find(group_of, w)] = find(group_of, it->second);
-    }
-  }
-  std::unordered_map<size_t, size_t> group_slot;
-  std::vector<std::vector<size_t>> group_weights, group_restarts;
-  for (size_t w : weights) {
-    const size_t root = find(group_of, w);
-    auto [it, inserted] = group_slot.emplace(root, group_weights.size());
-    if (inserted) {
-      group_weights.emplace_back();
-      group_restarts.emplace_back();
-    }
-    group_weights[it->second].push_back(w);
-    for (size_t r : restarts_of[w]) group_restarts[it->second].push_back(r);
-  }
+  const WeightGroups groups = group_weights(graph, is_input, is_root, on_input_path);
+  const auto& group_restarts = groups.restarts;
 
   // B: the input gradients, and what flows into every restart node (all its inputs).
   edge_list capture = input_edges;
-  std::vector<std::pair<size_t, size_t>> capture_range(group_weights.size());  // [begin, end) per group
-  std::vector<std::vector<Edge>> restart_edges(group_weights.size());
-  for (size_t g = 0; g < group_weights.size(); ++g) {
-    auto& rs = group_restarts[g];
-    std::sort(rs.begin(), rs.end());
-    rs.erase(std::unique(rs.begin(), rs.end()), rs.end());
+  std::vector<std::pair<size_t, size_t>> capture_range(groups.weights.size());  // [begin, end) per group
+  std::vector<std::vector<Edge>> restart_edges(groups.weights.size());
+  for (size_t g = 0; g < groups.weights.size(); ++g) {
+    const auto& rs = group_restarts[g];
     capture_range[g].first = capture.size();
     for (size_t r : rs) {
       for (uint32_t k = 0; k < graph.nodes[r]->num_inputs(); ++k) {
@@ -193,9 +207,9 @@ DeferredWeightGrads backward_input(const std::vector<at::Tensor>& outputs, const
     input.mutable_grad() = captured[e];
   }
 
-  for (size_t g = 0; g < group_weights.size(); ++g) {
+  for (size_t g = 0; g < groups.weights.size(); ++g) {
     DeferredWeightGrads::Group group;
-    for (size_t w : group_weights[g]) group.weights.emplace_back(graph.nodes[w], 0);
+    for (size_t w : groups.weights[g]) group.weights.emplace_back(graph.nodes[w], 0);
     // Restarting from two nodes where one leads to the other would count the
     // lower one's gradient twice (a weight used at two depths of one stage,
     // e.g. tied inside a stage); such a group reruns the whole backward
