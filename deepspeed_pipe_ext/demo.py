@@ -4,10 +4,11 @@ Trains an MLP on scikit-learn's bundled handwritten digits (1,797 8x8 images,
 no download) with 2 pipeline stages in 2 processes over gloo. The model is a
 deepspeed_pipe_ext.PipelineModule (partition solved in C++, process groups
 from the C++ topology); `deepspeed.initialize` returns deepspeed_pipe_ext's
-PipelineEngine for it: the 1F1B schedule runs in the C++ executor,
-activations and gradients move through c10d from C++.
+PipelineEngine for it: the schedule (1F1B by default; gpipe or zb-h1 with
+--schedule) runs in the C++ executor, activations and gradients move through
+c10d from C++.
 
-    python -m deepspeed_pipe_ext.demo [--steps 60] [--stages 2]
+    python -m deepspeed_pipe_ext.demo [--steps 60] [--stages 2] [--schedule zb-h1]
 """
 import argparse
 import os
@@ -27,7 +28,8 @@ def launch(args):
     """Start one worker per stage with torchrun, as a user would."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.stages}",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "deepspeed_pipe_ext.demo",
-           "--worker", f"--steps={args.steps}", f"--stages={args.stages}", f"--timeline={args.timeline}"]
+           "--worker", f"--steps={args.steps}", f"--stages={args.stages}", f"--timeline={args.timeline}",
+           f"--schedule={args.schedule}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.call(cmd, env=env)
 
@@ -71,7 +73,7 @@ def worker(args):
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": micro_batches,
         "steps_per_print": 10**9,
-        "pipeline": {"activation_checkpoint_interval": 0},
+        "pipeline": {"activation_checkpoint_interval": 0, "schedule": args.schedule},
     }
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     engine, _, _, _ = deepspeed.initialize(model=net, config=config, optimizer=optimizer,
@@ -95,8 +97,8 @@ def worker(args):
         measured = timeline.measured_result(timelines[:args.stages])
         os.makedirs(os.path.dirname(os.path.abspath(args.timeline)), exist_ok=True)
         timeline.plot_timeline(measured, args.timeline, xlabel="milliseconds",
-                               title=f"last training step as measured: {args.stages} stages, {micro_batches} "
-                               f"micro-batches, idle fraction {measured['bubble_fraction']:.2f}")
+                               title=f"last training step as measured ({args.schedule}): {args.stages} stages, "
+                               f"{micro_batches} micro-batches, idle fraction {measured['bubble_fraction']:.2f}")
         print(f"timeline of the last step: {args.timeline}", flush=True)
     torch.distributed.barrier()
 
@@ -105,6 +107,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--schedule", default="1f1b", help="1f1b (default), gpipe or zb-h1")
     parser.add_argument("--timeline", default="out/demo_timeline.png",
                         help="where to draw the last step's measured timeline (needs matplotlib)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
