@@ -9,6 +9,9 @@ PipelineEngine for it: the schedule (1F1B by default; gpipe or zb-h1 with
 c10d from C++.
 
     python -m deepspeed_pipe_ext.demo [--steps 60] [--stages 2] [--schedule zb-h1]
+
+Launched here with torchrun; DeepSpeed's launcher runs the workers too:
+    deepspeed --num_gpus 2 --module deepspeed_pipe_ext.demo --worker
 """
 import argparse
 import os
@@ -111,6 +114,7 @@ def main():
     parser.add_argument("--timeline", default="out/demo_timeline.png",
                         help="where to draw the last step's measured timeline (needs matplotlib)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args()
     if args.worker:
         worker(args)

@@ -1,19 +1,25 @@
 """The demo (README's first command), shortened: two stages launched with
-torchrun train on the bundled digits and draw the measured timeline."""
+torchrun (or DeepSpeed's launcher) train on the bundled digits and draw the
+measured timeline."""
 import os
+import socket
 import subprocess
 import sys
 
 
+def run(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "engine: deepspeed_pipe_ext.engine.PipelineEngine" in done.stdout
+    return [float(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("step ")]
+
+
 def run_demo(tmp_path, schedule):
     picture = tmp_path / f"timeline-{schedule}.png"
-    run = subprocess.run([sys.executable, "-m", "deepspeed_pipe_ext.demo", "--steps", "10", "--schedule", schedule,
-                          "--timeline", str(picture)], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert "engine: deepspeed_pipe_ext.engine.PipelineEngine" in run.stdout
+    losses = run([sys.executable, "-m", "deepspeed_pipe_ext.demo", "--steps", "10", "--schedule", schedule,
+                  "--timeline", str(picture)])
     assert picture.stat().st_size > 10_000
-    return [float(line.split()[3]) for line in run.stdout.splitlines() if line.startswith("step ")]
+    return losses
 
 
 def test_demo_trains_and_draws_its_timeline(tmp_path):
@@ -21,3 +27,13 @@ def test_demo_trains_and_draws_its_timeline(tmp_path):
     assert len(losses) == 2 and losses[1] < losses[0]  # steps 1 and 10
     # The zero-bubble schedule splits the backward; the training is the same.
     assert run_demo(tmp_path, "zb-h1") == losses
+
+
+def test_deepspeed_launcher_runs_the_demo_workers(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    losses = run([launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "deepspeed_pipe_ext.demo",
+                  "--worker", "--steps", "1", "--timeline", str(tmp_path / "t.png")])
+    assert len(losses) == 1 and 2.0 < losses[0] < 2.6  # an untrained 10-class classifier: about ln(10)
