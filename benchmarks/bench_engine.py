@@ -16,11 +16,10 @@ simulator's zb-h1 prediction from B and W measured alone.
 
     .venv/bin/python benchmarks/bench_engine.py [--repeats 15]
 """
-import argparse
 import statistics
 import time
 
-from common import alternate, build_engine, pin_to_one_core, slowest_rank_medians
+from common import alternate, build_engine, case_arguments, pin_to_one_core, slowest_rank_medians
 
 
 def measure(rank, world_size, case, repeats):
@@ -85,10 +84,7 @@ def measure(rank, world_size, case, repeats):
 
 def main():
     from distributed import run_ranks
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--cases", default="overhead,compute")
-    args = parser.parse_args()
+    args = case_arguments()
     print(f"train_batch, 2 stages on 2 processes (gloo, 1 core and 1 thread each), median of {args.repeats}")
     for case in args.cases.split(","):
         result = run_ranks(measure, 2, case, args.repeats, timeout=1200)[0]

@@ -23,10 +23,9 @@ Before timing, the first two steps' losses of the three are compared.
 
     .venv/bin/python benchmarks/bench_torch_pipelining.py [--repeats 15]
 """
-import argparse
 import copy
 
-from common import alternate, build_engine, pin_to_one_core, slowest_rank_medians
+from common import alternate, build_engine, case_arguments, pin_to_one_core, slowest_rank_medians
 
 CASES = {  # layers per stage, width, micro-batch size, micro-batches
     "overhead": (16, 8, 1, 32),
@@ -112,10 +111,7 @@ def measure(rank, world_size, case, repeats):
 
 def main():
     from distributed import run_ranks
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--cases", default="overhead,compute")
-    args = parser.parse_args()
+    args = case_arguments()
     print(f"train step, 2 stages on 2 processes (gloo, 1 core and 1 thread each), median of {args.repeats}, "
           f"{WARMUP} warm-up steps discarded")
     for case in args.cases.split(","):

@@ -9,6 +9,15 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
+def case_arguments():
+    """The command line of the two-regime benchmarks: --repeats N --cases overhead,compute."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cases", default="overhead,compute")
+    return parser.parse_args()
+
+
 def pin_to_one_core(rank):
     import torch
     os.sched_setaffinity(0, {rank % os.cpu_count()})

@@ -76,10 +76,11 @@ class PipelineEngine(DeepSpeedEngine):
 
         # DeepSpeed's bf16 optimizer keeps fp32 gradients beside the model's bf16 ones.
         self.using_bf16_optimizer = type(self.optimizer) is BF16_Optimizer
-        if self.schedule_kind in SPLIT_BACKWARD_SCHEDULES and self._plain_path_blockers():
+        blockers = self._plain_path_blockers() if self.schedule_kind in SPLIT_BACKWARD_SCHEDULES else []
+        if blockers:
             raise ValueError(f"schedule {self.schedule_kind!r} splits the backward pass, which runs with fp32 and ZeRO "
                              f"stage 0 without DeepSpeed's backward wrappers; this config has: "
-                             f"{', '.join(self._plain_path_blockers())}. Remove those or use the 1f1b schedule")
+                             f"{', '.join(blockers)}. Remove those or use the 1f1b schedule")
         self.micro_batch_size = self.train_micro_batch_size_per_gpu()
         self.micro_batches = self.gradient_accumulation_steps()
         self.grid = self.module._grid

@@ -2,9 +2,10 @@
 torchrun (or DeepSpeed's launcher) train on the bundled digits and draw the
 measured timeline."""
 import os
-import socket
 import subprocess
 import sys
+
+from distributed import free_port
 
 
 def run(cmd):
@@ -30,9 +31,7 @@ def test_demo_trains_and_draws_its_timeline(tmp_path):
 
 
 def test_deepspeed_launcher_runs_the_demo_workers(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     losses = run([launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "deepspeed_pipe_ext.demo",
                   "--worker", "--steps", "1", "--timeline", str(tmp_path / "t.png")])

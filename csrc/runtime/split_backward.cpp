@@ -92,18 +92,19 @@ WeightGroups group_weights(const Graph& graph, const std::vector<bool>& is_input
   const size_t n = graph.nodes.size();
   std::vector<size_t> weights;
   std::unordered_map<size_t, std::vector<size_t>> restarts_of;
+  std::vector<size_t> seen_by(n, n);  // the last weight whose walk visited each node (n: none)
+  std::vector<size_t> stack;
   for (size_t w = 0; w < n; ++w) {
     if (is_input[w] || !is_leaf_accumulator(*graph.nodes[w])) continue;
     weights.push_back(w);
-    std::vector<bool> seen(n, false);
-    std::vector<size_t> stack(graph.parents[w]);
+    stack.assign(graph.parents[w].begin(), graph.parents[w].end());
     auto& restarts = restarts_of[w];
     if (is_root[w]) restarts.push_back(w);  // an output that is the weight itself
     while (!stack.empty()) {
       const size_t i = stack.back();
       stack.pop_back();
-      if (seen[i]) continue;
-      seen[i] = true;
+      if (seen_by[i] == w) continue;
+      seen_by[i] = w;
       if (on_input_path[i] || is_root[i]) {
         restarts.push_back(i);
         continue;
