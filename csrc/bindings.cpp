@@ -6,6 +6,7 @@
 
 #include <optional>
 
+#include "core/comm_order.h"
 #include "core/partition.h"
 #include "core/schedule.h"
 #include "core/simulator.h"
@@ -124,6 +125,54 @@ dpe::runtime::GroupForward group_forward_from_python(py::function fn) {
   };
 }
 
+py::list trace_to_python(const core::CommTrace& trace) {
+  py::list out;
+  for (const auto& ev : trace) {
+    if (ev.is_wait) {
+      out.append(py::make_tuple("wait", ev.op, -1, ""));
+    } else {
+      out.append(py::make_tuple(ev.kind == core::CommKind::Send ? "send" : "recv", ev.peer, ev.bytes, ev.label));
+    }
+  }
+  return out;
+}
+
+core::CommTrace trace_from_python(const std::vector<std::tuple<std::string, int, int64_t, std::string>>& events) {
+  core::CommTrace trace;
+  for (const auto& [kind, who, bytes, label] : events) {
+    core::CommEvent ev;
+    if (kind == "wait") {
+      ev.is_wait = true;
+      ev.op = who;
+    } else if (kind == "send" || kind == "recv") {
+      ev.kind = kind == "send" ? core::CommKind::Send : core::CommKind::Recv;
+      ev.peer = who;
+      ev.bytes = bytes;
+      ev.label = label;
+    } else {
+      throw std::invalid_argument("trace event kind must be 'send', 'recv' or 'wait', got '" + kind + "'");
+    }
+    trace.push_back(std::move(ev));
+  }
+  return trace;
+}
+
+core::TransferOrder parse_transfer_order(const std::string& name) {
+  if (name == "pair") return core::TransferOrder::PairOrder;
+  if (name == "program") return core::TransferOrder::ProgramOrder;
+  if (name == "channel-free") return core::TransferOrder::AsSoonAsChannelFree;
+  throw std::invalid_argument("transfer order must be 'pair' (the executor's), 'program' or 'channel-free', got '" +
+                              name + "'");
+}
+
+py::dict check_to_python(const core::CommCheck& c) {
+  py::dict d;
+  d["ok"] = c.ok;
+  d["operations"] = c.operations;
+  d["report"] = c.report;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -219,6 +268,38 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("forward") = 1.0, py::arg("backward_input") = 1.0, py::arg("backward_weight") = 1.0,
       py::arg("send_latency") = 0.0);
 
+  m.def(
+      "check_nccl_order",
+      [](const std::vector<std::vector<std::tuple<std::string, int, int64_t, std::string>>>& ranks) {
+        std::vector<core::CommTrace> traces;
+        for (const auto& r : ranks) traces.push_back(trace_from_python(r));
+        core::CommCheck result;
+        {
+          py::gil_scoped_release release;
+          result = core::check_nccl_order(traces);
+        }
+        return check_to_python(result);
+      },
+      "Replays every rank's trace (rank i: traces[i], as P2P.trace records it) under NCCL's point-to-point "
+      "rules; returns {'ok', 'operations', 'report'} (the report names the ranks and operations stuck).",
+      py::arg("traces"));
+  m.def(
+      "check_schedule_transfers",
+      [](const std::string& kind, int64_t micro_batches, int64_t stages, const std::string& order, bool dynamic_shapes) {
+        const auto spec = make_spec(kind, micro_batches, stages, 1);
+        const auto o = parse_transfer_order(order);
+        core::CommCheck result;
+        {
+          py::gil_scoped_release release;
+          result = core::check_schedule_transfers(spec, o, dynamic_shapes);
+        }
+        return check_to_python(result);
+      },
+      "Plans every stage's transfers as the executor would ('pair'), or in another order, and checks them "
+      "under NCCL's rules.",
+      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("order") = "pair",
+      py::arg("dynamic_shapes") = false);
+
   py::class_<dpe::runtime::P2P>(m, "P2P")
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, double timeout_s, std::string self_name,
                        bool dynamic_shapes, const std::string& device, std::string peer_label) {
@@ -253,25 +334,56 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("pending_sends", &dpe::runtime::P2P::pending_sends)
       .def("wait_sends", &dpe::runtime::P2P::wait_sends, py::call_guard<py::gil_scoped_release>())
       .def("reset", &dpe::runtime::P2P::reset, py::call_guard<py::gil_scoped_release>())
+      .def("set_single_tag", &dpe::runtime::P2P::set_single_tag, py::arg("on"),
+           "Every transfer on tag 0, so that gloo matches them in issue order as NCCL does (tests).")
+      .def("set_recording", &dpe::runtime::P2P::set_recording, py::arg("on"),
+           "Records every operation issued and waited for from now on (see trace).")
+      .def_property_readonly(
+          "trace", [](const dpe::runtime::P2P& self) { return trace_to_python(self.trace()); },
+          "The operations recorded: ('send'|'recv', peer, bytes, what) or ('wait', operation index, -1, '').")
+      .def_property_readonly("stages_through_host", &dpe::runtime::P2P::stages_through_host)
       .def_property_readonly("rank", &dpe::runtime::P2P::rank)
       .def_property_readonly("size", &dpe::runtime::P2P::size);
 
   // One stage's instruction stream and buffer count for a schedule
   // configuration: built once (the engine caches it), run many times.
+  // One stage's instruction stream, buffer count and transfer order for a
+  // schedule configuration: built once (the engine caches it), run many times.
   struct StageProgram {
     core::Steps steps;
     int64_t num_buffers;
+    core::TransferPlan plan;
   };
   py::class_<StageProgram>(m, "StageProgram")
-      .def(py::init([](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id) {
+      .def(py::init([](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id,
+                       bool dynamic_shapes) {
              const auto spec = make_spec(kind, micro_batches, stages, 1);
-             StageProgram program;
-             program.steps = core::generate_steps(spec, stage_id, &program.num_buffers);
-             return program;
+             core::validate_stage(spec, stage_id);
+             py::gil_scoped_release release;
+             std::vector<int64_t> buffers;
+             auto all = core::generate_all_steps(spec, &buffers);
+             auto plans = core::plan_transfers(all, micro_batches, 1, buffers, core::TransferOrder::PairOrder,
+                                               dynamic_shapes);
+             return StageProgram{std::move(all[stage_id]), buffers[stage_id], std::move(plans[stage_id])};
            }),
-           py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"))
+           py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"),
+           py::arg("dynamic_shapes") = false)
       .def_readonly("num_buffers", &StageProgram::num_buffers)
-      .def_property_readonly("steps", [](const StageProgram& p) { return steps_to_python(p.steps); });
+      .def_property_readonly("steps", [](const StageProgram& p) { return steps_to_python(p.steps); })
+      .def_property_readonly(
+          "delayed_sends", [](const StageProgram& p) {
+            return std::count(p.plan.delayed.begin(), p.plan.delayed.end(), 1);
+          },
+          "Sends this stage holds back until a receive from the same peer (NCCL ordering).")
+      .def_property_readonly(
+          "posted_receives",
+          [](const StageProgram& p) {
+            int64_t n = 0;
+            for (const auto& at : p.plan.before)
+              for (const auto& a : at) n += a.kind == core::TransferAction::Kind::PostRecv;
+            return n;
+          },
+          "Receives this stage posts ahead of their instruction.");
 
   m.def(
       "run_stage",
@@ -316,7 +428,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base);
         {
           py::gil_scoped_release release;
-          executor.run(program.steps, program.num_buffers, cb);
+          executor.run(program.steps, program.plan, program.num_buffers, cb);
         }
         // The compute passes as they ran: (start, end, op code, micro_batch, chunk), monotonic seconds.
         py::list timeline;

@@ -320,7 +320,8 @@ class PipelineEngine(DeepSpeedEngine):
         """This stage's instruction stream, generated once per configuration."""
         key = (kind, micro_batches)
         if key not in self._programs:
-            self._programs[key] = _C.StageProgram(kind, micro_batches, self.num_stages, self.stage_id)
+            self._programs[key] = _C.StageProgram(kind, micro_batches, self.num_stages, self.stage_id,
+                                                  dynamic_shapes=bool(self.module.dynamic_shape))
         return self._programs[key]
 
     def _require_data(self):

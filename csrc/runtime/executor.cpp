@@ -1,6 +1,9 @@
 #include "runtime/executor.h"
 
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function.h>
 
 #include <c10/util/Exception.h>
 
@@ -18,6 +21,31 @@ double monotonic_seconds() {
 bool is_compute(core::Op op) {
   return op == core::Op::ForwardPass || op == core::Op::BackwardPass || op == core::Op::BackwardInput ||
          op == core::Op::BackwardWeight;
+}
+
+// How torch.profiler shows a pass or transfer: "pipe stage 1 forward mb 3"
+// (built only while a profiler records).
+std::string profiler_label(int64_t stage, const core::Instruction& in) {
+  static const char* const names[core::kNumOps] = {
+      "load",       "forward",    "backward",   "backward input",    "backward weight", "send activation",
+      "recv activation", "send grad", "recv grad", "reduce tied grads", "reduce grads",  "optimizer step"};
+  std::string label = "pipe stage " + std::to_string(stage) + " " + names[static_cast<int>(in.op)];
+  if (in.micro_batch >= 0) label += " mb " + std::to_string(in.micro_batch);
+  return label;
+}
+
+// torch::autograd::backward, minus its check that each gradient has its
+// output's shape: a sent output's storage is released (release_sent_outputs),
+// while its graph node still knows the shape the gradient must have.
+void backward_from(const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& grads) {
+  torch::autograd::edge_list roots;
+  torch::autograd::variable_list root_grads;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    roots.push_back(torch::autograd::impl::gradient_edge(outputs[i]));
+    root_grads.push_back(grads[i]);
+  }
+  torch::autograd::Engine::get_default_engine().execute(roots, root_grads, /*keep_graph=*/false,
+                                                        /*create_graph=*/false, /*accumulate_grad=*/true);
 }
 
 // Received tensors become this stage's leaves: float ones collect the
@@ -62,7 +90,8 @@ Describe lazily(int64_t step, const core::Instruction& in) {
 }
 }  // namespace
 
-void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCallbacks& cb) {
+void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int64_t num_buffers,
+                   const StageCallbacks& cb) {
   inputs_.assign(num_buffers, Activation{});
   outputs_.assign(num_buffers, Activation{});
   output_grads_.assign(num_buffers, {});
@@ -70,32 +99,77 @@ void Executor::run(const core::Steps& steps, int64_t num_buffers, const StageCal
   step_ = 0;
   timeline_.clear();
   usage_ = BufferUsage{};
-  pending_activation_recvs_ = pending_grad_recvs_ = 0;
-  for (const auto& step : steps) {
-    for (const auto& in : step) {
-      pending_activation_recvs_ += in.op == core::Op::RecvActivation;
-      pending_grad_recvs_ += in.op == core::Op::RecvGrad;
-    }
+  flat_.clear();
+  captured_sends_.clear();
+  for (size_t s = 0; s < steps.size(); ++s) {
+    for (const auto& in : steps[s]) flat_.emplace_back(static_cast<int64_t>(s), in);
   }
-  post_next_receives();
+  TORCH_CHECK(plan.before.size() == flat_.size() + 1 && plan.delayed.size() == flat_.size(), "stage ", stage_id_,
+              ": the transfer plan does not belong to this program (", plan.delayed.size(), " instructions planned, ",
+              flat_.size(), " in the program)");
+  size_t p = 0;
   for (const auto& step : steps) {
     for (const auto& in : step) {
+      for (const auto& action : plan.before[p]) take_action(action);
       TORCH_CHECK(!core::op_has_buffer(in.op) || (in.buffer_id >= 0 && in.buffer_id < num_buffers), "stage ",
                   stage_id_, ", ", where(in),
                   ": buffer ", in.buffer_id, " outside the ", num_buffers, " allocated");
       const double start = is_compute(in.op) ? monotonic_seconds() : 0.0;
-      execute(in, cb);
+      {
+        RECORD_USER_SCOPE(profiler_label(stage_id_, in));
+        position_ = static_cast<int32_t>(p);
+        execute(in, plan.delayed[p] != 0, cb);
+      }
       if (is_compute(in.op)) timeline_.push_back({start, monotonic_seconds(), in.op, in.micro_batch, in.chunk});
+      ++p;
     }
     if (p2p_) p2p_->reap_sends();  // frees sends a backend completed on its own (NCCL); gloo waits per channel
     account_buffers();
     ++step_;
   }
+  for (const auto& action : plan.before[p]) take_action(action);
+  TORCH_CHECK(captured_sends_.empty(), "stage ", stage_id_, ": the transfer plan left ", captured_sends_.size(),
+              " sends unissued");
   if (p2p_) p2p_->wait_sends();
   inputs_.clear();
   outputs_.clear();
   output_grads_.clear();
   deferred_weight_grads_.clear();
+  flat_.clear();
+}
+
+void Executor::take_action(const core::TransferAction& action) {
+  const auto& [step, in] = flat_.at(action.instruction);
+  const int64_t saved_step = step_;
+  step_ = step;  // errors name the instruction the action belongs to
+  if (action.kind == core::TransferAction::Kind::PostRecv) {
+    const bool posted = in.op == core::Op::RecvActivation ? p2p_->post_recv(prev_peer_, activation_tag_)
+                                                          : p2p_->post_recv(next_peer_, grad_tag_);
+    TORCH_CHECK(posted, "stage ", stage_id_, ", ", where(in),
+                ": the transfer plan posts this receive ahead, but its shapes are not known yet");
+  } else {
+    auto captured = captured_sends_.find(action.instruction);
+    TORCH_CHECK(captured != captured_sends_.end(), "stage ", stage_id_, ", ", where(in),
+                ": the transfer plan issues this send before its instruction ran");
+    Activation value = std::move(captured->second);
+    captured_sends_.erase(captured);
+    RECORD_USER_SCOPE(profiler_label(stage_id_, in));
+    send(in, std::move(value), /*delayed=*/false);
+  }
+  step_ = saved_step;
+}
+
+void Executor::send(const core::Instruction& in, Activation value, bool delayed) {
+  if (delayed) {
+    // Captured as detached aliases: the buffer may be reused, and an output's
+    // storage released, before the plan issues the send.
+    for (auto& t : value.tensors) t = t.detach();
+    captured_sends_[position_] = std::move(value);
+    return;
+  }
+  const bool activation = in.op == core::Op::SendActivation;
+  p2p_->send(value, activation ? next_peer_ : prev_peer_, activation ? activation_tag_ : grad_tag_,
+             lazily(step_, in));
 }
 
 void Executor::account_buffers() {
@@ -114,12 +188,15 @@ void Executor::account_buffers() {
   usage_.peak_bytes = std::max(usage_.peak_bytes, bytes);
 }
 
-// Receives are posted as soon as the previous one on their channel arrived,
-// so each transfer overlaps the compute that comes before its use.
-void Executor::post_next_receives() {
-  if (!p2p_) return;
-  if (pending_activation_recvs_ > 0 && prev_peer_ >= 0) p2p_->post_recv(prev_peer_, activation_tag_);
-  if (pending_grad_recvs_ > 0 && next_peer_ >= 0) p2p_->post_recv(next_peer_, grad_tag_);
+void Executor::release_sent_outputs(int64_t buffer) {
+  for (auto& t : outputs_[buffer].tensors) {
+    // Only a tensor that autograd produced, that nothing views and nothing
+    // else holds (a graph node saving it as an input would read the released
+    // storage): its own node keeps what the backward needs, the send its alias.
+    if (t.requires_grad() && t.grad_fn() && !t.is_view() && t.numel() > 0 && t.use_count() == 1) {
+      t.set_data(at::empty({0}, t.options()));
+    }
+  }
 }
 
 void Executor::backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs,
@@ -139,7 +216,7 @@ void Executor::backward_seeds(const core::Instruction& in, std::vector<at::Tenso
   }
 }
 
-void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
+void Executor::execute(const core::Instruction& in, bool delayed_send, const StageCallbacks& cb) {
   using core::Op;
   const int64_t b = in.buffer_id;
   switch (in.op) {
@@ -150,8 +227,6 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
     }
     case Op::RecvActivation:
       inputs_[b] = as_stage_inputs(p2p_->recv(prev_peer_, activation_tag_, lazily(step_, in)));
-      --pending_activation_recvs_;
-      post_next_receives();
       break;
     case Op::ForwardPass: {
       // Forward on clones so the buffer's leaves receive the input gradient.
@@ -161,12 +236,11 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       break;
     }
     case Op::SendActivation:
-      p2p_->send(outputs_[b], next_peer_, activation_tag_, lazily(step_, in));
+      send(in, outputs_[b], delayed_send);
+      release_sent_outputs(b);
       break;
     case Op::RecvGrad: {
       Activation grads = p2p_->recv(next_peer_, grad_tag_, lazily(step_, in));
-      --pending_grad_recvs_;
-      post_next_receives();
       std::vector<at::Tensor> outs, grad_tensors;
       for (const auto& t : outputs_[b].tensors) {
         if (t.is_floating_point()) outs.push_back(t);
@@ -185,7 +259,7 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
         std::vector<at::Tensor> outs, grads;
         backward_seeds(in, &outs, &grads);
         if (cb.before_backward) cb.before_backward();
-        if (!outs.empty()) torch::autograd::backward(outs, grads);
+        if (!outs.empty()) backward_from(outs, grads);
         if (cb.after_backward) cb.after_backward();
       }
       outputs_[b] = Activation{};
@@ -233,7 +307,7 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
                     "tensor)");
         grads.tensors.push_back(t.grad());
       }
-      p2p_->send(grads, prev_peer_, grad_tag_, lazily(step_, in));
+      send(in, std::move(grads), delayed_send);
       inputs_[b] = Activation{};
       break;
     }

@@ -7,9 +7,11 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
+#include "core/comm_order.h"
 #include "core/schedule.h"
 #include "runtime/p2p.h"
 #include "runtime/split_backward.h"
@@ -64,15 +66,22 @@ class Executor {
   // Activations travel on tag tag_base, gradients on tag_base + 1.
   Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base = 0);
 
-  // Executes every step; throws (naming stage, step and instruction) on error.
-  void run(const core::Steps& steps, int64_t num_buffers, const StageCallbacks& callbacks);
+  // Executes every step, issuing transfers as `plan` orders them (from
+  // core::plan_transfers for this stage); throws (naming stage, step and
+  // instruction) on error.
+  void run(const core::Steps& steps, const core::TransferPlan& plan, int64_t num_buffers,
+           const StageCallbacks& callbacks);
   // The forward and backward passes of the last run, in order.
   const std::vector<TimedInstruction>& timeline() const { return timeline_; }
   const BufferUsage& buffer_usage() const { return usage_; }
 
  private:
-  void execute(const core::Instruction& in, const StageCallbacks& cb);
-  void post_next_receives();
+  void execute(const core::Instruction& in, bool delayed_send, const StageCallbacks& cb);
+  void take_action(const core::TransferAction& action);
+  void send(const core::Instruction& in, Activation value, bool delayed);
+  // After its send, a stage output that only autograd still needs keeps its
+  // graph but not its storage (Megatron's deallocate_output_tensor).
+  void release_sent_outputs(int64_t buffer);
   void account_buffers();
   // The floating-point outputs of `buffer` that require grad, paired with their received gradients.
   void backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs, std::vector<at::Tensor>* grads) const;
@@ -83,7 +92,10 @@ class Executor {
   int prev_peer_, next_peer_;
   int activation_tag_, grad_tag_;
   int64_t step_ = 0;
-  int64_t pending_activation_recvs_ = 0, pending_grad_recvs_ = 0;  // still to come in this run
+  // The flat stream of the current run, and delayed sends' captured tensors by instruction.
+  std::vector<std::pair<int64_t, core::Instruction>> flat_;
+  std::map<int32_t, Activation> captured_sends_;
+  int32_t position_ = 0;  // flat index of the instruction running
   std::vector<Activation> inputs_, outputs_;
   std::vector<std::vector<at::Tensor>> output_grads_;
   std::vector<DeferredWeightGrads> deferred_weight_grads_;  // between BackwardInput and BackwardWeight

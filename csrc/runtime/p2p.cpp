@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
@@ -10,8 +11,9 @@ namespace dpe::runtime {
 
 namespace {
 
-// Meta on the wire: int64 [count, is_tuple, then per tensor: dtype, requires_grad, ndim, dims...].
-at::Tensor encode(const std::vector<TensorMeta>& meta, bool is_tuple) {
+// Meta on the wire: core::kMetaWords int64 [count, is_tuple, then per tensor:
+// dtype, requires_grad, ndim, dims...], zero-padded; nullopt when it does not fit.
+std::optional<at::Tensor> encode(const std::vector<TensorMeta>& meta, bool is_tuple) {
   std::vector<int64_t> flat{static_cast<int64_t>(meta.size()), is_tuple ? 1 : 0};
   for (const auto& m : meta) {
     flat.push_back(static_cast<int64_t>(m.dtype));
@@ -19,6 +21,8 @@ at::Tensor encode(const std::vector<TensorMeta>& meta, bool is_tuple) {
     flat.push_back(static_cast<int64_t>(m.shape.size()));
     flat.insert(flat.end(), m.shape.begin(), m.shape.end());
   }
+  if (static_cast<int64_t>(flat.size()) > core::kMetaWords) return std::nullopt;
+  flat.resize(core::kMetaWords, 0);
   return at::tensor(flat, at::TensorOptions().dtype(at::kLong));
 }
 
@@ -68,8 +72,28 @@ P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds
       self_name_(std::move(self_name)),
       dynamic_(dynamic_shapes),
       device_(device),
-      peer_label_(std::move(peer_label)) {
+      peer_label_(std::move(peer_label)),
+      wire_device_(device) {
   TORCH_CHECK(group_, "P2P needs a process group");
+  nccl_ = group_->getBackendName() == "nccl";
+  through_host_ = device_.is_cuda() && !nccl_;
+  if (through_host_) wire_device_ = at::Device(at::kCPU);
+}
+
+at::Tensor P2P::empty_wire(const TensorMeta& m) const {
+  return at::empty(m.shape, at::TensorOptions().dtype(m.dtype).device(wire_device_).pinned_memory(through_host_));
+}
+
+at::Tensor P2P::to_wire(const at::Tensor& t) const {
+  at::Tensor flat = t.detach().contiguous();
+  if (!through_host_ || !flat.is_cuda()) return flat;
+  at::Tensor host = at::empty(flat.sizes(), flat.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(flat);  // synchronous: the send may start as soon as it returns
+  return host;
+}
+
+at::Tensor P2P::from_wire(const at::Tensor& t) const {
+  return through_host_ ? t.to(device_) : t;
 }
 
 [[noreturn]] void P2P::fail(const std::exception& err, int peer, const Describe& what, const char* part,
@@ -81,19 +105,40 @@ P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds
   throw std::runtime_error(msg.str());
 }
 
-c10::intrusive_ptr<c10d::Work> P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, const Describe& what,
-                                          const char* part, bool sending) {
+P2P::Started P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, const Describe& what, const char* part,
+                        bool sending) {
+  Started started;
+  if (recording_) {
+    core::CommEvent ev;
+    ev.kind = sending ? core::CommKind::Send : core::CommKind::Recv;
+    ev.peer = peer;
+    ev.bytes = static_cast<int64_t>(tensors[0].nbytes());
+    ev.label = what() + part;
+    trace_.push_back(std::move(ev));
+    started.op = issued_++;
+  }
   try {
-    return sending ? group_->send(tensors, peer, tag) : group_->recv(tensors, peer, tag);
+    started.work = sending ? group_->send(tensors, peer, tag) : group_->recv(tensors, peer, tag);
   } catch (const std::exception& err) {  // e.g. the connection to a dead peer is already closed
+    if (!sending) {  // a posted receive reports it when it is waited for, naming what it receives
+      started.start_error = err.what();
+      return started;
+    }
     fail(err, peer, what, part, sending);
   }
+  return started;
 }
 
-void P2P::wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const Describe& what, const char* part,
-               bool sending) {
+void P2P::wait(const Started& started, int peer, const Describe& what, const char* part, bool sending) {
+  if (recording_ && started.op >= 0) {
+    core::CommEvent ev;
+    ev.is_wait = true;
+    ev.op = started.op;
+    trace_.push_back(std::move(ev));
+  }
   try {
-    if (!work->wait(timeout_)) {
+    TORCH_CHECK(started.work, started.start_error);
+    if (!started.work->wait(timeout_)) {
       TORCH_CHECK(false, "timed out");
     }
   } catch (const std::exception& err) {
@@ -119,18 +164,20 @@ void P2P::send(const Activation& value, int peer, int tag, const Describe& what)
   // arrived (receivers post early), so this wait is short, and it comes later
   // than a blocking send's would, so it cannot deadlock a schedule that runs
   // with blocking sends.
-  finish_channel_sends(peer, tag);
+  // On NCCL a send completes by itself (reap_sends frees it), and waiting for
+  // it would make the compute stream wait for a transfer it does not need.
+  if (!nccl_) finish_channel_sends(peer, tag);
   if (send_meta) {
-    at::Tensor wire = encode(meta.tensors, meta.is_tuple);
-    std::vector<at::Tensor> length{at::tensor({wire.numel()}, at::TensorOptions().dtype(at::kLong)).to(device_)};
-    std::vector<at::Tensor> body{wire.to(device_)};
-    pending_.push_back({start(length, peer, meta_tag(tag), what, " (meta length)", true), length, peer, tag, what,
-                        " (meta length)"});
+    std::optional<at::Tensor> wire = encode(meta.tensors, meta.is_tuple);
+    TORCH_CHECK(wire, self_name_, ": ", what(), " ", describe(meta.tensors), " has too many tensors or dimensions to "
+                "describe in ", core::kMetaWords, " words of meta; pass fewer tensors between stages (concatenate "
+                "them, or keep constants inside the stage)");
+    std::vector<at::Tensor> body{wire->to(wire_device_)};
     pending_.push_back({start(body, peer, meta_tag(tag), what, " (meta)", true), body, peer, tag, what, " (meta)"});
     sent_meta_[channel] = std::move(meta);
   }
   for (const auto& t : tensors) {
-    std::vector<at::Tensor> one{t.detach().contiguous()};
+    std::vector<at::Tensor> one{to_wire(t)};
     pending_.push_back({start(one, peer, data_tag(tag), what, "", true), one, peer, tag, what, ""});
   }
 }
@@ -138,61 +185,51 @@ void P2P::send(const Activation& value, int peer, int tag, const Describe& what)
 bool P2P::post_recv(int peer, int tag) {
   const Channel channel{peer, tag};
   auto known = recv_meta_.find(channel);
-  if (dynamic_ || known == recv_meta_.end() || posted_.count(channel)) return false;
+  if (dynamic_ || known == recv_meta_.end()) return false;
   PostedRecv posted;
+  // A failure to start is reported by the recv() that waits for it, which knows what it receives.
+  const Describe posted_ahead = [] { return std::string("a receive posted ahead"); };
   for (const auto& m : known->second.tensors) {
-    posted.tensors.push_back(at::empty(m.shape, at::TensorOptions().dtype(m.dtype).device(device_)));
+    posted.tensors.push_back(empty_wire(m));
     std::vector<at::Tensor> one{posted.tensors.back()};
-    // A failure to start is reported by the recv() that waits for it, which knows what it receives.
-    try {
-      posted.works.push_back(group_->recv(one, peer, data_tag(tag)));
-    } catch (const std::exception&) {
-      posted.works.push_back(nullptr);
-    }
+    posted.works.push_back(start(one, peer, data_tag(tag), posted_ahead, "", false));
   }
-  posted_.emplace(channel, std::move(posted));
+  posted_[channel].push_back(std::move(posted));
   return true;
 }
 
 Activation P2P::recv(int peer, int tag, const Describe& what) {
   const Channel channel{peer, tag};
-  if (auto posted = posted_.find(channel); posted != posted_.end()) {
-    PostedRecv mine = std::move(posted->second);
-    posted_.erase(posted);
+  if (auto posted = posted_.find(channel); posted != posted_.end() && !posted->second.empty()) {
+    PostedRecv mine = std::move(posted->second.front());
+    posted->second.pop_front();
     for (size_t i = 0; i < mine.tensors.size(); ++i) {
-      if (!mine.works[i]) {  // starting it failed: start again here to get the error, named
-        std::vector<at::Tensor> one{mine.tensors[i]};
-        mine.works[i] = start(one, peer, data_tag(tag), what, "", false);
-      }
       wait(mine.works[i], peer, what, "", false);
+      mine.tensors[i] = from_wire(mine.tensors[i]);
     }
     return Activation{std::move(mine.tensors), recv_meta_[channel].is_tuple, /*owned=*/true};
   }
   auto known = recv_meta_.find(channel);
   if (dynamic_ || known == recv_meta_.end()) {
-    const auto long_options = at::TensorOptions().dtype(at::kLong).device(device_);
-    std::vector<at::Tensor> length{at::empty({1}, long_options)};
-    wait(start(length, peer, meta_tag(tag), what, " (meta length)", false), peer, what, " (meta length)", false);
-    std::vector<at::Tensor> body{at::empty({length[0].item<int64_t>()}, long_options)};
+    std::vector<at::Tensor> body{at::empty({core::kMetaWords}, at::TensorOptions().dtype(at::kLong).device(wire_device_))};
     wait(start(body, peer, meta_tag(tag), what, " (meta)", false), peer, what, " (meta)", false);
-    body[0] = body[0].cpu();
     ChannelMeta meta;
-    meta.tensors = decode(body[0], &meta.is_tuple);
+    meta.tensors = decode(body[0].cpu(), &meta.is_tuple);
     auto& buffers = recv_buffers_[channel];
     if (known == recv_meta_.end() || !(known->second == meta)) {
       buffers.clear();
-      for (const auto& m : meta.tensors) {
-        buffers.push_back(at::empty(m.shape, at::TensorOptions().dtype(m.dtype).device(device_)));
-      }
+      for (const auto& m : meta.tensors) buffers.push_back(empty_wire(m));
     }
     recv_meta_[channel] = std::move(meta);
   }
   auto& buffers = recv_buffers_[channel];
+  Activation out{{}, recv_meta_[channel].is_tuple, /*owned=*/through_host_};
   for (auto& b : buffers) {
     std::vector<at::Tensor> one{b};
     wait(start(one, peer, data_tag(tag), what, "", false), peer, what, "", false);
+    out.tensors.push_back(from_wire(b));
   }
-  return Activation{buffers, recv_meta_[channel].is_tuple};
+  return out;
 }
 
 void P2P::finish_channel_sends(int peer, int tag) {
@@ -216,13 +253,17 @@ void P2P::wait_sends() {
 
 void P2P::reap_sends() {
   pending_.erase(std::remove_if(pending_.begin(), pending_.end(),
-                                [](const PendingSend& p) { return p.work->isCompleted() && !p.work->exception(); }),
+                                [](const PendingSend& p) {
+                                  return p.work.work && p.work.work->isCompleted() && !p.work.work->exception();
+                                }),
                  pending_.end());
 }
 
 void P2P::reset() {
   wait_sends();
-  TORCH_CHECK(posted_.empty(), self_name_, ": reset() while receives are posted");
+  for (const auto& [channel, posted] : posted_) {
+    TORCH_CHECK(posted.empty(), self_name_, ": reset() while receives are posted");
+  }
   sent_meta_.clear();
   recv_meta_.clear();
   recv_buffers_.clear();

@@ -2,16 +2,30 @@
 // stages over a torch c10d ProcessGroup (gloo on CPU, NCCL on GPU).
 //
 // A transfer carries a tuple of tensors. The first transfer on a (peer, tag)
-// channel sends the tuple's meta first (count, dtypes, shapes, requires_grad);
-// later ones reuse it on both sides, unless the channel is dynamic, in which
-// case every transfer carries its meta. Every wait has a timeout, and a
-// timeout or a failure names this stage, the peer and what was being moved.
+// channel sends the tuple's meta first (count, dtypes, shapes, requires_grad),
+// as one message of a fixed size (core::kMetaWords) so that a receiver can
+// post it ahead; later transfers reuse it on both sides, unless the channel is
+// dynamic, in which case every transfer carries its meta. Every wait has a
+// timeout, and a timeout or a failure names this stage, the peer and what was
+// being moved.
+//
+// NCCL matches transfers between two ranks in issue order, whatever their tag,
+// and runs them on one stream per pair: the executor issues them in an order
+// proven for that (core/comm_order.h). P2P can record what it issues (the
+// trace the checker replays) and can put every transfer on one tag, so that
+// gloo matches them in issue order as NCCL does.
+//
+// CUDA tensors on a backend that cannot carry them (gloo) travel through
+// pinned host memory: copied out before a send, copied in after a receive.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
+#include "core/comm_order.h"
+
 #include <chrono>
+#include <deque>
 #include <functional>
 #include <map>
 #include <string>
@@ -62,10 +76,11 @@ class P2P {
   // meta changes) and reused afterwards; returns those buffers, so copy what
   // must outlive the next receive on the same channel.
   Activation recv(int peer, int tag, const Describe& what);
-  // Starts the next receive on (peer, tag) now, into buffers of its own, so
+  // Starts a later receive on (peer, tag) now, into buffers of its own, so
   // the transfer overlaps whatever the caller computes before it calls recv()
   // for it. Needs the channel's meta (not the first transfer, not dynamic);
-  // returns whether it posted. At most one posted receive per channel.
+  // returns whether it posted. Posted receives are consumed by recv() in the
+  // order they were posted.
   bool post_recv(int peer, int tag);
   // Waits for every send started so far.
   void wait_sends();
@@ -76,6 +91,19 @@ class P2P {
 
   // Transfers started and not yet waited for (each tensor and meta piece counts).
   int64_t pending_sends() const { return static_cast<int64_t>(pending_.size()); }
+  // Puts every transfer on tag 0: gloo then matches them in issue order, as
+  // NCCL does (for tests of the executor's order; both sides must agree).
+  void set_single_tag(bool on) { single_tag_ = on; }
+  // Records every operation issued and waited for from now on (cleared).
+  void set_recording(bool on) {
+    recording_ = on;
+    trace_.clear();
+    issued_ = 0;
+  }
+  const core::CommTrace& trace() const { return trace_; }
+  // Whether CUDA tensors go through pinned host memory (a CUDA device on a
+  // backend other than NCCL).
+  bool stages_through_host() const { return through_host_; }
   int rank() const { return group_->getRank(); }
   int size() const { return group_->getSize(); }
 
@@ -83,14 +111,22 @@ class P2P {
   using Channel = std::pair<int, int>;  // (peer, tag)
   // Every c10d call goes through these, so any failure names stage, peer and transfer.
   // `part` names the piece of a transfer ("", " (meta length)", " (meta)").
-  c10::intrusive_ptr<c10d::Work> start(std::vector<at::Tensor>& tensors, int peer, int tag, const Describe& what,
-                                       const char* part, bool sending);
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, int peer, const Describe& what, const char* part,
-            bool sending);
+  // Operations carry their index among the issued ones, for the trace.
+  struct Started {
+    c10::intrusive_ptr<c10d::Work> work;
+    int32_t op = -1;
+    std::string start_error;  // why the backend refused to start it (reported when waited for)
+  };
+  Started start(std::vector<at::Tensor>& tensors, int peer, int tag, const Describe& what, const char* part,
+                bool sending);
+  void wait(const Started& started, int peer, const Describe& what, const char* part, bool sending);
   [[noreturn]] void fail(const std::exception& err, int peer, const Describe& what, const char* part,
                          bool sending) const;
-  int data_tag(int tag) const { return 2 * tag + 1; }
-  int meta_tag(int tag) const { return 2 * tag; }
+  int data_tag(int tag) const { return single_tag_ ? 0 : 2 * tag + 1; }
+  int meta_tag(int tag) const { return single_tag_ ? 0 : 2 * tag; }
+  at::Tensor empty_wire(const TensorMeta& m) const;  // a receive buffer, on the device or pinned host memory
+  at::Tensor to_wire(const at::Tensor& t) const;     // what a send hands to the backend
+  at::Tensor from_wire(const at::Tensor& t) const;   // a received tensor, on the stage's device
 
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   std::chrono::milliseconds timeout_;
@@ -98,6 +134,13 @@ class P2P {
   bool dynamic_;
   at::Device device_;
   std::string peer_label_;
+  bool nccl_ = false;          // sends complete on their own; waiting for them would stall compute
+  bool through_host_ = false;  // CUDA tensors staged through pinned host memory
+  at::Device wire_device_;     // where tensors are when the backend moves them
+  bool single_tag_ = false;
+  bool recording_ = false;
+  int32_t issued_ = 0;
+  core::CommTrace trace_;
   struct ChannelMeta {
     std::vector<TensorMeta> tensors;
     bool is_tuple;
@@ -108,13 +151,13 @@ class P2P {
   std::map<Channel, std::vector<at::Tensor>> recv_buffers_;
   struct PostedRecv {
     std::vector<at::Tensor> tensors;
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    std::vector<Started> works;
   };
-  std::map<Channel, PostedRecv> posted_;
+  std::map<Channel, std::deque<PostedRecv>> posted_;
   // Waits for the sends still pending on (peer, tag).
   void finish_channel_sends(int peer, int tag);
   struct PendingSend {
-    c10::intrusive_ptr<c10d::Work> work;
+    Started work;
     std::vector<at::Tensor> keep_alive;
     int peer, tag;
     Describe what;  // a copy: the caller's description outlives no send

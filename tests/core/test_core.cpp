@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/comm_order.h"
 #include "core/partition.h"
 #include "core/simulator.h"
 #include "core/topology.h"
@@ -147,6 +148,111 @@ static void test_schedules_property() {
   }
 }
 
+
+static CommEvent issue(CommKind kind, int32_t peer, const char* label, int32_t group = -1, int64_t bytes = -1) {
+  CommEvent ev;
+  ev.kind = kind;
+  ev.peer = peer;
+  ev.label = label;
+  ev.group = group;
+  ev.bytes = bytes;
+  return ev;
+}
+static CommEvent wait_for(int32_t op) {
+  CommEvent ev;
+  ev.is_wait = true;
+  ev.op = op;
+  return ev;
+}
+
+// The hazard, by hand: each stage's head with the other is a receive.
+static void test_nccl_order_checker() {
+  const CommTrace stage0{issue(CommKind::Recv, 1, "grad 0"), issue(CommKind::Send, 1, "act 1"), wait_for(0), wait_for(1)};
+  const CommTrace stage1{issue(CommKind::Recv, 0, "act 1"), issue(CommKind::Send, 0, "grad 0"), wait_for(0), wait_for(1)};
+  const CommCheck hang = check_nccl_order({stage0, stage1});
+  CHECK(!hang.ok);
+  CHECK(hang.report.find("deadlock") != std::string::npos);
+  CHECK(hang.report.find("[grad 0]") != std::string::npos && hang.report.find("[act 1]") != std::string::npos);
+  // Grouped as Megatron's batch_isend_irecv, the same operations complete.
+  CommTrace g0 = stage0, g1 = stage1;
+  for (auto* t : {&g0, &g1}) (*t)[0].group = (*t)[1].group = 7;
+  const CommCheck grouped = check_nccl_order({g0, g1});
+  CHECK(grouped.ok);
+  CHECK(grouped.operations == 4);
+  // Send first on one side: in order, no hang.
+  const CommTrace send_first{issue(CommKind::Send, 1, "act 1"), issue(CommKind::Recv, 1, "grad 0"), wait_for(1), wait_for(0)};
+  CHECK(check_nccl_order({send_first, stage1}).ok);
+  // A wait before the send blocks it: waiting for the receive first hangs even in order on the peer.
+  const CommTrace wait_first{issue(CommKind::Recv, 1, "grad 0"), wait_for(0), issue(CommKind::Send, 1, "act 1"), wait_for(1)};
+  const CommTrace peer_wait_first{issue(CommKind::Recv, 0, "act 1"), wait_for(0), issue(CommKind::Send, 0, "grad 0"), wait_for(1)};
+  CHECK(!check_nccl_order({wait_first, peer_wait_first}).ok);
+  // Matched by order: sizes must agree.
+  const CommCheck sizes = check_nccl_order({{issue(CommKind::Send, 1, "meta", -1, 16), wait_for(0)},
+                                            {issue(CommKind::Recv, 0, "data", -1, 4096), wait_for(0)}});
+  CHECK(!sizes.ok && sizes.report.find("different sizes") != std::string::npos);
+  const CommCheck unmatched = check_nccl_order({{issue(CommKind::Send, 1, "lonely")}, {}});
+  CHECK(!unmatched.ok && unmatched.report.find("never matched") != std::string::npos);
+  CHECK(!check_nccl_order({{wait_for(3)}}).ok);
+  // Operations with different peers do not order each other: a relay 0 -> 1 -> 2 with 2 -> 0 back.
+  const CommCheck ring = check_nccl_order({{issue(CommKind::Recv, 2, "back"), issue(CommKind::Send, 1, "a"), wait_for(0)},
+                                           {issue(CommKind::Recv, 0, "a"), wait_for(0), issue(CommKind::Send, 2, "b")},
+                                           {issue(CommKind::Recv, 1, "b"), wait_for(0), issue(CommKind::Send, 0, "back")}});
+  CHECK(ring.ok);
+}
+
+// What the executor issues for every schedule it runs passes NCCL's rules;
+// the orders it could have used instead do not.
+static void test_schedule_transfers_under_nccl() {
+  const ScheduleKind kinds[] = {ScheduleKind::Train1F1B, ScheduleKind::Inference, ScheduleKind::GPipe,
+                                ScheduleKind::ZeroBubbleH1};
+  int64_t checked = 0;
+  for (ScheduleKind kind : kinds) {
+    for (int64_t S = 1; S <= 16; ++S) {
+      for (int64_t M = 1; M <= 64; ++M) {
+        for (bool dynamic : {false, true}) {
+          if (dynamic && M % 5 != 1 && M != 64) continue;  // nothing is posted ahead with dynamic shapes: a sample
+          try {
+            const CommCheck c = check_schedule_transfers(ScheduleSpec{kind, M, S, 1}, TransferOrder::PairOrder, dynamic);
+            ++checked;
+            if (!c.ok) {
+              ++failures;
+              std::fprintf(stderr, "%s S=%lld M=%lld dynamic=%d: %s\n", schedule_kind_name(kind), (long long)S,
+                           (long long)M, dynamic, c.report.substr(0, 2000).c_str());
+            }
+          } catch (const std::exception& e) {
+            ++failures;
+            std::fprintf(stderr, "%s S=%lld M=%lld: %s\n", schedule_kind_name(kind), (long long)S, (long long)M, e.what());
+          }
+        }
+      }
+    }
+  }
+  CHECK(checked > 4 * 16 * 64);
+  // The hazard: posting receives ahead of sends to the same peer (the executor's old order) hangs 1F1B.
+  const CommCheck old = check_schedule_transfers(ScheduleSpec{ScheduleKind::Train1F1B, 4, 2, 1},
+                                                 TransferOrder::AsSoonAsChannelFree);
+  CHECK(!old.ok);
+  CHECK(old.report.find("RecvGrad") != std::string::npos && old.report.find("RecvActivation") != std::string::npos);
+  // Program order is enough for DeepSpeed's 1F1B, not for zb-h1 (both stages send first).
+  CHECK(check_schedule_transfers(ScheduleSpec{ScheduleKind::Train1F1B, 8, 4, 1}, TransferOrder::ProgramOrder).ok);
+  const CommCheck zb = check_schedule_transfers(ScheduleSpec{ScheduleKind::ZeroBubbleH1, 4, 2, 1}, TransferOrder::ProgramOrder);
+  CHECK(!zb.ok && zb.report.find("SendGrad") != std::string::npos);
+  // Pair order still posts receives ahead of compute: 1F1B's stage 0 posts every gradient after the first
+  // right after the activation send before it; stage 1 sends each gradient right before its next receive.
+  const auto plans = plan_transfers(ScheduleSpec{ScheduleKind::Train1F1B, 4, 2, 1}, TransferOrder::PairOrder);
+  int64_t posts = 0, delayed = 0;
+  for (const auto& at : plans[0].before) posts += static_cast<int64_t>(at.size());
+  for (const auto& plan : plans)
+    for (auto d : plan.delayed) delayed += d;
+  CHECK(posts == 3);
+  CHECK(delayed == 0);
+  // zb-h1 S=2: stage 1 posts activations ahead of its gradient sends, or holds its first gradient back.
+  const auto zb_plans = plan_transfers(ScheduleSpec{ScheduleKind::ZeroBubbleH1, 4, 2, 1}, TransferOrder::PairOrder);
+  int64_t zb_moves = 0;
+  for (const auto& at : zb_plans[1].before) zb_moves += static_cast<int64_t>(at.size());
+  CHECK(zb_moves >= 3);
+}
+
 static void test_schedule_errors() {
   CHECK(throws_invalid([] { generate_steps(ScheduleSpec{ScheduleKind::Train1F1B, 0, 2, 1}, 0); }));
   CHECK(throws_invalid([] { generate_steps(ScheduleSpec{ScheduleKind::Train1F1B, 4, 2, 1}, 2); }));
@@ -159,6 +265,8 @@ int main() {
   test_topology();
   test_schedules_property();
   test_schedule_errors();
+  test_nccl_order_checker();
+  test_schedule_transfers_under_nccl();
   std::printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -1,0 +1,122 @@
+// Point-to-point ordering under NCCL's rules, and the executor's receive
+// posting policy that obeys them.
+//
+// NCCL ignores tags. Between two ranks, every send and receive runs on one
+// stream, in the order the rank issued them, and a send completes only
+// together with its receive. So an order of transfers that is deadlock-free on
+// gloo (which matches by tag and lets a posted receive wait beside a send) can
+// hang on NCCL: stage 0 holding "receive gradient 0, then send activation 1"
+// while stage 1 holds "receive activation 1, then send gradient 0".
+//
+// check_nccl_order replays what every rank issued (a trace per rank) under
+// those rules and reports a deadlock naming the ranks and operations stuck.
+// plan_transfers gives every stage the order in which the executor issues its
+// transfers, and trace_of the operations that follow from it, so every
+// generated schedule can be checked without running it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "schedule.h"
+#include "simulator.h"
+
+namespace dpe::core {
+
+enum class CommKind : uint8_t { Send, Recv };
+
+// One event of a rank's trace. An issue starts an operation and never blocks;
+// a wait blocks the rank (and every operation it issues afterwards) until the
+// operation it names completed. Issues with the same group >= 0 in a row form
+// one batch (ncclGroupStart/End, torch's batch_isend_irecv) that starts as a
+// whole and lets its operations progress together.
+struct CommEvent {
+  bool is_wait = false;
+  CommKind kind = CommKind::Send;  // issue only
+  int32_t peer = -1;               // issue only: the other rank
+  int64_t bytes = -1;              // issue only: -1 when unknown (not compared)
+  int32_t group = -1;              // issue only
+  int32_t op = -1;                 // wait only: index of the operation among this rank's issues
+  std::string label;               // what the operation moves, for reports
+};
+using CommTrace = std::vector<CommEvent>;
+
+struct CommCheck {
+  bool ok = true;
+  int64_t operations = 0;  // operations that completed
+  std::string report;      // why not ok: the ranks, trace positions and operations involved
+};
+
+// Replays `ranks` (trace i is rank i) under NCCL's rules: per ordered pair of
+// ranks, the k-th send from a to b matches the k-th receive on b from a, and
+// their byte counts must agree; on each rank, the operations with one peer run
+// in issue order (a batch is one item that heads every peer queue it touches);
+// a matched send and receive complete when both head their queues and both
+// ranks have passed every wait issued before them.
+CommCheck check_nccl_order(const std::vector<CommTrace>& ranks);
+
+// How a stage's transfers are ordered.
+enum class TransferOrder : uint8_t {
+  // What the executor does. Every pair of stages agrees on one order of the
+  // messages between them (the order in which a simulation of the schedule
+  // sends them), and each side issues its operations with that peer in that
+  // order: a receive whose message comes first is posted ahead of the stage's
+  // own send (into buffers of its own), or, where it cannot be posted yet (its
+  // channel's shapes are not known: the first transfer, dynamic shapes), the
+  // send waits until after it (its tensors captured at its instruction).
+  // Receives are also posted ahead of the compute before them, one per channel.
+  PairOrder,
+  // Transfers in the stream's order, receives posted ahead of compute only.
+  // Enough for DeepSpeed's 1F1B; two stages can both send first under zb-h1.
+  ProgramOrder,
+  // Receives posted as soon as the previous one on their channel arrived, ahead
+  // of sends to the same peer: safe on gloo only (the executor's order before
+  // NCCL was considered; kept to show the hazard).
+  AsSoonAsChannelFree,
+};
+
+// One transfer action the executor takes right before an instruction runs.
+struct TransferAction {
+  enum class Kind : uint8_t { PostRecv, IssueSend } kind;
+  int32_t instruction;  // flat index of the receive to post, or of the (delayed) send to issue
+};
+
+// One stage's plan, in flat instruction order. before[p] runs right before
+// instruction p (p == size: after the last). A send marked delayed captures its
+// tensors at its instruction and is issued by an IssueSend action; a receive
+// not posted by a PostRecv is issued (and waited for) by its own instruction.
+struct TransferPlan {
+  std::vector<std::vector<TransferAction>> before;
+  std::vector<uint8_t> delayed;
+};
+
+// The peer stage of a transfer instruction in a pipeline of `stages` stages
+// (with chunks, virtual stage chunk*stages+stage sends to the next virtual
+// stage, wrapping to stage 0); -1 for other instructions.
+int32_t transfer_peer(const Instruction& in, int64_t stage_id, int64_t stages);
+
+// Plans every stage's transfers. `streams` are every stage's steps (from
+// generate_all_steps, with its buffer counts). With dynamic shapes every
+// transfer carries its meta and nothing is posted ahead.
+std::vector<TransferPlan> plan_transfers(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
+                                         const std::vector<int64_t>& num_buffers, TransferOrder order,
+                                         bool dynamic_shapes = false);
+std::vector<TransferPlan> plan_transfers(const ScheduleSpec& spec, TransferOrder order, bool dynamic_shapes = false);
+
+// The p2p trace the executor issues for a stage following `plan`: one tensor
+// per transfer; the first transfer of a channel (every one with dynamic
+// shapes) is preceded by one fixed-size meta message; a send first waits for
+// the previous send on its channel; all sends are waited for at the end.
+// Labels name step, instruction and micro-batch.
+CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_id, int64_t stages,
+                   bool dynamic_shapes = false);
+
+// Plans every stage of `spec` and checks the traces together.
+CommCheck check_schedule_transfers(const ScheduleSpec& spec, TransferOrder order, bool dynamic_shapes = false);
+
+// Fixed size of a transfer's meta message, in int64 words (the receiver can
+// post it before knowing anything about the transfer).
+constexpr int64_t kMetaWords = 256;
+
+}  // namespace dpe::core
