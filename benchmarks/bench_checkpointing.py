@@ -7,7 +7,10 @@ Dropout(0.1), 8 micro-batches of 64, 1F1B. "Peak memory" is the peak resident
 memory of a stage's process during one train_batch above where it started
 (see peak_memory): activations kept for backward, gradients, buffers.
 Checkpointing uses interval 1 (each block is a group), reentrant (DeepSpeed's
-default) for both engines, and also our non-reentrant mode.
+default) for both engines, and also our non-reentrant mode. Ours releases a
+sent stage output's storage (its graph kept, as Megatron's
+deallocate_output_tensor); the "sent outputs kept" rows turn that off
+("pipeline": {"deallocate_outputs": false}) to show what it saves.
 
     .venv/bin/python benchmarks/bench_checkpointing.py [--repeats 7]
 """
@@ -57,16 +60,19 @@ def measure(rank, world_size, repeats):
         def forward(self, x):
             return self.drop(nn.functional.gelu(self.lin(x)))
 
-    def build(module_cls, spec, make, interval, reentrant):
+    def build(module_cls, spec, make, interval, reentrant, deallocate=True):
         return build_engine(module_cls, spec, make, [spec(Block) for _ in range(2 * BLOCKS)], MICRO_BATCH,
                             MICRO_BATCHES, pipeline={"activation_checkpoint_interval": interval,
-                                                     "use_reentrant": reentrant})
+                                                     "use_reentrant": reentrant, "deallocate_outputs": deallocate})
 
     configs = {
         "DeepSpeed": (DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize, 0, True),
         "DeepSpeed, checkpointing": (DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize, 1, True),
         "ours": (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 0, True),
+        "ours, sent outputs kept": (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 0, True, False),
         "ours, checkpointing": (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 1, True),
+        "ours, checkpointing, sent outputs kept": (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 1, True,
+                                                   False),
         "ours, checkpointing (non-reentrant)": (dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, 1, False),
     }
     engines = {name: build(*args) for name, args in configs.items()}
@@ -93,13 +99,13 @@ def main():
     per_rank = run_ranks(measure, 2, args.repeats, timeout=1800)
     print(f"2 stages x {BLOCKS} blocks of Linear({WIDTH}, {WIDTH}) + GELU + Dropout, {MICRO_BATCHES} micro-batches "
           f"of {MICRO_BATCH}, 1F1B; checkpoint interval 1; median train_batch of {args.repeats}")
-    print(f"  {'':38s} {'stage 0 peak MiB':>16s} {'stage 1 peak MiB':>16s} {'step ms':>9s} {'vs. no ckpt':>11s}")
+    print(f"  {'':40s} {'stage 0 peak MiB':>16s} {'stage 1 peak MiB':>16s} {'step ms':>9s} {'vs. no ckpt':>11s}")
     for name in per_rank[0]:
         mem = [r[name][0] / 2**20 for r in per_rank]
         step = per_rank[0][name][1]
         base = "DeepSpeed" if name.startswith("DeepSpeed") else "ours"
         cost = step / per_rank[0][base][1]
-        print(f"  {name:38s} {mem[0]:16.2f} {mem[1]:16.2f} {step * 1000:9.1f} {cost:10.2f}x")
+        print(f"  {name:40s} {mem[0]:16.2f} {mem[1]:16.2f} {step * 1000:9.1f} {cost:10.2f}x")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,17 @@ dpe::runtime::GroupForward group_forward_from_python(py::function fn) {
   };
 }
 
+// References a tensor's Python object holds once Python code let go of it
+// (torch's PyObject preservation): measured once, on a tensor of our own.
+int64_t python_wrapper_references() {
+  static const int64_t count = [] {
+    at::Tensor t = at::empty({1});
+    { py::object wrapper = py::cast(t); }
+    return static_cast<int64_t>(t.use_count()) - 1;
+  }();
+  return count;
+}
+
 py::list trace_to_python(const core::CommTrace& trace) {
   py::list out;
   for (const auto& ev : trace) {
@@ -391,7 +402,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          int next_peer, int tag_base, py::function load, py::function forward, py::function backward_loss,
          py::function reduce_tied_grads, py::function reduce_grads, py::function optimizer_step,
          std::optional<py::function> before_backward, std::optional<py::function> after_backward,
-         std::optional<py::function> loss_to_differentiate) {
+         std::optional<py::function> loss_to_differentiate, bool release_sent_outputs) {
         dpe::runtime::StageCallbacks cb;
         cb.load = [&](int64_t buffer) {
           py::gil_scoped_acquire gil;
@@ -425,7 +436,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             return THPVariable_Unpack(loss.ptr());
           };
         }
-        dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base);
+        dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base, release_sent_outputs,
+                                        python_wrapper_references());
         {
           py::gil_scoped_release release;
           executor.run(program.steps, program.plan, program.num_buffers, cb);
@@ -448,7 +460,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
       py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"),
       py::arg("before_backward") = py::none(), py::arg("after_backward") = py::none(),
-      py::arg("loss_to_differentiate") = py::none());
+      py::arg("loss_to_differentiate") = py::none(), py::arg("release_sent_outputs") = true);
 
   py::class_<dpe::runtime::DeferredWeightGrads>(m, "DeferredWeightGrads")
       .def_property_readonly("empty", &dpe::runtime::DeferredWeightGrads::empty)

@@ -112,6 +112,8 @@ class PipelineEngine(DeepSpeedEngine):
             self.module._precompute_checkpointable_values()
         self.module.checkpoint_parallel_write_pipeline = self._config.checkpoint_parallel_write_pipeline
 
+        # A sent stage output keeps its autograd graph but not its storage (Megatron's deallocate_output_tensor).
+        self.deallocate_outputs = bool(pipeline.get("deallocate_outputs", True))
         timeout = float(pipeline.get("p2p_timeout", 300))
         self.p2p = None
         if self.is_pipe_parallel:
@@ -273,7 +275,8 @@ class PipelineEngine(DeepSpeedEngine):
             self.last_timeline, self.last_buffer_usage = _C.run_stage(
                 self.p2p, self._program(kind, micro_batches), self.num_stages, self.stage_id, peers[0], peers[1],
                 tag_base, self._load, self._forward, self._backward_loss, self._reduce_tied_grads, self._reduce_grads,
-                self._optimizer_step, *self._stage_backward_callbacks(), loss_to_differentiate=self._loss_to_differentiate)
+                self._optimizer_step, *self._stage_backward_callbacks(), loss_to_differentiate=self._loss_to_differentiate,
+                release_sent_outputs=self.deallocate_outputs)
         finally:
             with self._running_engine_backward_lock:
                 self._running_engine_backward_count -= 1

@@ -332,3 +332,49 @@ def train_checkpointed(rank, world_size, model, num_stages, interval, reentrant,
         weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
         results.append((losses, weights, evals))
     return tuple(results)
+
+
+class SquarePair(nn.Module):
+    """x -> (x, x * x): the multiplication keeps x itself for its backward, so
+    the sent output x must keep its storage."""
+
+    def forward(self, x):
+        return x, x * x
+
+
+class Combine(nn.Module):
+
+    def forward(self, inputs):
+        a, b = inputs
+        return a + 0.1 * b
+
+
+def released_outputs(rank, world_size):
+    """Ours with sent outputs released and kept (losses, weights, the activation
+    bytes the stage held at its fullest), and DeepSpeed's engine against ours
+    on a stage whose output is also saved by its own graph."""
+    from deepspeed import initialize as ds_initialize
+    out = {}
+    for release in (True, False):
+        torch.manual_seed(3)
+        net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=2, loss_fn=nn.MSELoss())
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "steps_per_print": 10**9,
+                  "pipeline": {"deallocate_outputs": release}}
+        engine, _, _, _ = dpe_engine.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                                optimizer=torch.optim.SGD(net.parameters(), lr=0.05))
+        data = iter(batches(9, 4) * 3)
+        losses = [engine.train_batch(data_iter=data).item() for _ in range(3)]
+        out[release] = (losses, [p.detach().clone() for p in net.parameters()],
+                        engine.last_buffer_usage["peak_activation_bytes"])
+    results = []
+    for module_cls, make in ((DSPipelineModule, ds_initialize), (dpe.PipelineModule, dpe_engine.initialize)):
+        torch.manual_seed(4)
+        layers = [nn.Linear(8, 8), SquarePair(), Combine(), nn.Linear(8, 4)]
+        net = module_cls(layers=layers, num_stages=2, loss_fn=nn.MSELoss(), partition_method="uniform")
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "steps_per_print": 10**9}
+        engine, _, _, _ = make(model=net, config=config, model_parameters=net.parameters(),
+                               optimizer=torch.optim.SGD(net.parameters(), lr=0.05))
+        data = iter(batches(10, 4) * 3)
+        results.append([engine.train_batch(data_iter=data).item() for _ in range(3)])
+    out["saved_output"] = results
+    return out

@@ -63,14 +63,17 @@ Activation as_stage_inputs(const Activation& received) {
 }
 }  // namespace
 
-Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base)
+Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base,
+                   bool release_sent_outputs, int64_t wrapper_references)
     : p2p_(p2p),
       stage_id_(stage_id),
       num_stages_(num_stages),
       prev_peer_(prev_peer),
       next_peer_(next_peer),
       activation_tag_(tag_base),
-      grad_tag_(tag_base + 1) {
+      grad_tag_(tag_base + 1),
+      release_sent_outputs_(release_sent_outputs),
+      wrapper_references_(wrapper_references) {
   TORCH_CHECK(num_stages == 1 || p2p != nullptr, "a pipeline of ", num_stages, " stages needs p2p");
 }
 
@@ -188,12 +191,19 @@ void Executor::account_buffers() {
   usage_.peak_bytes = std::max(usage_.peak_bytes, bytes);
 }
 
+bool Executor::held_only_here(const at::Tensor& t) const {
+  const auto* slot = t.unsafeGetTensorImpl()->pyobj_slot();
+  if (slot->load_pyobj() == nullptr) return t.use_count() == 1;
+  return slot->has_unique_reference() && t.use_count() == 1 + wrapper_references_;
+}
+
 void Executor::release_sent_outputs(int64_t buffer) {
   for (auto& t : outputs_[buffer].tensors) {
     // Only a tensor that autograd produced, that nothing views and nothing
-    // else holds (a graph node saving it as an input would read the released
-    // storage): its own node keeps what the backward needs, the send its alias.
-    if (t.requires_grad() && t.grad_fn() && !t.is_view() && t.numel() > 0 && t.use_count() == 1) {
+    // else holds (a graph node saving it as an input, or Python code, would
+    // read the released storage): its own node keeps what the backward needs,
+    // the send its alias.
+    if (t.requires_grad() && t.grad_fn() && !t.is_view() && t.numel() > 0 && held_only_here(t)) {
       t.set_data(at::empty({0}, t.options()));
     }
   }
@@ -237,7 +247,7 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
     }
     case Op::SendActivation:
       send(in, outputs_[b], delayed_send);
-      release_sent_outputs(b);
+      if (release_sent_outputs_) release_sent_outputs(b);
       break;
     case Op::RecvGrad: {
       Activation grads = p2p_->recv(next_peer_, grad_tag_, lazily(step_, in));

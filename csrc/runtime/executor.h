@@ -64,7 +64,13 @@ class Executor {
  public:
   // Peers are ranks in p2p's group; -1 where there is no previous/next stage.
   // Activations travel on tag tag_base, gradients on tag_base + 1.
-  Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base = 0);
+  // With release_sent_outputs, a stage output's storage is freed once it is
+  // sent (its autograd graph is kept for the backward) if nothing else holds
+  // it. `wrapper_references`: the references a tensor's Python object holds
+  // once Python code let go of it (1 where the object keeps its tensor alive,
+  // as torch's PyObject preservation does in recent releases; 0 before).
+  Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base = 0,
+           bool release_sent_outputs = true, int64_t wrapper_references = 0);
 
   // Executes every step, issuing transfers as `plan` orders them (from
   // core::plan_transfers for this stage); throws (naming stage, step and
@@ -82,6 +88,7 @@ class Executor {
   // After its send, a stage output that only autograd still needs keeps its
   // graph but not its storage (Megatron's deallocate_output_tensor).
   void release_sent_outputs(int64_t buffer);
+  bool held_only_here(const at::Tensor& t) const;
   void account_buffers();
   // The floating-point outputs of `buffer` that require grad, paired with their received gradients.
   void backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs, std::vector<at::Tensor>* grads) const;
@@ -91,6 +98,8 @@ class Executor {
   int64_t stage_id_, num_stages_;
   int prev_peer_, next_peer_;
   int activation_tag_, grad_tag_;
+  bool release_sent_outputs_;
+  int64_t wrapper_references_;
   int64_t step_ = 0;
   // The flat stream of the current run, and delayed sends' captured tensors by instruction.
   std::vector<std::pair<int64_t, core::Instruction>> flat_;
