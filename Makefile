@@ -9,7 +9,7 @@ BUILD_STAMP := $(VENV)/.build-stamp
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 CXX ?= g++
 
-.PHONY: all deps build test test-core demo bench clean
+.PHONY: all deps build test test-core demo bench clean cuda-build gpu-check
 
 all: build
 
@@ -48,6 +48,29 @@ bench: build
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_torch_pipelining.py
 	$(PY) benchmarks/bench_checkpointing.py
+
+# Compile-only check of the CUDA variant (not part of `make test`): its own venv
+# with torch 2.14.1, the CUDA 13 build on local disk, and the machine's nvcc;
+# warnings are errors. Builds into build/cuda, leaving the CPU build alone.
+CUDA_VENV := .venv-cuda
+# The machine's toolkit has the compiler; the library headers torch's CUDA headers include
+# (cuSPARSE, cuBLAS...) come with torch's nvidia wheels.
+CUDA_LIBRARY_HEADERS = $(wildcard $(CURDIR)/$(CUDA_VENV)/lib/python3*/site-packages/nvidia/cu13/include)
+$(CUDA_VENV)/.deps-stamp:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q torch==2.14.1 numpy==2.4.6 setuptools==84.2.1 ninja==1.13.2
+	touch $@
+
+cuda-build: $(CUDA_VENV)/.deps-stamp
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda-13.0} CPLUS_INCLUDE_PATH=$(CUDA_LIBRARY_HEADERS) \
+		DPE_WERROR=1 MAX_JOBS=2 $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build/cuda/temp \
+		--build-lib build/cuda/lib
+	$(CUDA_VENV)/bin/python -c "import sys; sys.path.insert(0, 'build/cuda/lib'); import glob; \
+		print('built', glob.glob('build/cuda/lib/deepspeed_pipe_ext/_C*.so'))"
+
+# The GPU check (benchmarks/gpu_check.sh): run on a machine with one NVIDIA GPU.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) deepspeed_pipe_ext/*.so *.egg-info

@@ -1,8 +1,12 @@
 """Builds deepspeed_pipe_ext._C against the installed torch.
 
-CppExtension by default; CUDAExtension (adding csrc/cuda/*.cu) only when the
-installed torch has CUDA and nvcc is found. Build with
-`pip install --no-build-isolation -e .` so the installed torch is used.
+CppExtension by default: the runtime's device code (streams and events for
+host-staged transfers) uses torch's device-generic c10 API, so one build runs
+on the CPU and on CUDA. CUDAExtension (adding csrc/cuda/*.cu, defining
+DPE_WITH_CUDA) only when there are CUDA kernels, torch has CUDA and nvcc is
+found; there are none so far (none has yet been measured to pay).
+Build with `pip install --no-build-isolation -e .` so the installed torch is
+used. DPE_WERROR=1 turns compiler warnings into errors (make cuda-build).
 """
 import glob
 import os
@@ -24,7 +28,12 @@ cuda_sources = sources("csrc/cuda/*.cu")
 use_cuda = (torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc") is not None)
             and os.environ.get("DPE_NO_CUDA", "0") != "1")
 
-cxx_flags = ["-O3", "-std=c++17", "-fno-fast-math", "-ffp-contract=off"]
+# No -std: torch's BuildExtension picks the standard its headers need (C++20 from torch 2.14).
+cxx_flags = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fvisibility=hidden"]
+nvcc_flags = ["-O3"]
+if os.environ.get("DPE_WERROR", "0") == "1":
+    cxx_flags += ["-Wall", "-Werror"]
+    nvcc_flags += ["-Werror", "all-warnings"]
 define_macros = []
 if use_cuda and cuda_sources:
     define_macros.append(("DPE_WITH_CUDA", "1"))
@@ -33,7 +42,7 @@ if use_cuda and cuda_sources:
         cpp_sources + cuda_sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
 else:
     extension = CppExtension(

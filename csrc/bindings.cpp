@@ -432,7 +432,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             py::gil_scoped_acquire gil;
             py::object loss = fn(buffer);
             TORCH_CHECK(THPVariable_Check(loss.ptr()), "the loss to differentiate must be a tensor, got ",
-                        std::string(py::str(loss.get_type().attr("__name__"))));
+                        std::string(py::str(py::type::of(loss).attr("__name__"))));
             return THPVariable_Unpack(loss.ptr());
           };
         }

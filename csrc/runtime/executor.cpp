@@ -193,8 +193,8 @@ void Executor::account_buffers() {
 
 bool Executor::held_only_here(const at::Tensor& t) const {
   const auto* slot = t.unsafeGetTensorImpl()->pyobj_slot();
-  if (slot->load_pyobj() == nullptr) return t.use_count() == 1;
-  return slot->has_unique_reference() && t.use_count() == 1 + wrapper_references_;
+  if (slot->load_pyobj() == nullptr) return t.use_count() == 1u;
+  return slot->has_unique_reference() && static_cast<int64_t>(t.use_count()) == 1 + wrapper_references_;
 }
 
 void Executor::release_sent_outputs(int64_t buffer) {

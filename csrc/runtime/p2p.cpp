@@ -2,6 +2,11 @@
 
 #include <c10/util/Exception.h>
 
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
 #include <algorithm>
 #include <optional>
 #include <sstream>
@@ -93,7 +98,23 @@ at::Tensor P2P::to_wire(const at::Tensor& t) const {
 }
 
 at::Tensor P2P::from_wire(const at::Tensor& t) const {
-  return through_host_ ? t.to(device_) : t;
+  if (!through_host_) return t;
+  // The copy in runs on a stream of its own; the compute stream waits for it
+  // on the device (not the host), so kernels queued before it keep running.
+  // Device-generic c10 streams and events: no CUDA headers needed.
+  const c10::DeviceGuard device_guard(device_);
+  const auto* streams = c10::impl::getDeviceGuardImpl(device_.type());
+  const c10::Stream compute = streams->getStream(device_);
+  const c10::Stream copy_stream = streams->getStreamFromGlobalPool(device_, /*isHighPriority=*/false);
+  at::Tensor out = at::empty(t.sizes(), t.options().device(device_).pinned_memory(false));
+  {
+    const c10::StreamGuard on_copy_stream(copy_stream);
+    out.copy_(t, /*non_blocking=*/true);  // the pinned-memory allocator keeps `t` until the copy is done
+  }
+  c10::Event copied(device_.type());
+  copied.record(copy_stream);
+  copied.block(compute);
+  return out;
 }
 
 [[noreturn]] void P2P::fail(const std::exception& err, int peer, const Describe& what, const char* part,
@@ -223,6 +244,9 @@ Activation P2P::recv(int peer, int tag, const Describe& what) {
     recv_meta_[channel] = std::move(meta);
   }
   auto& buffers = recv_buffers_[channel];
+  if (through_host_) {  // the copy in of the last receive may still read them
+    for (size_t i = 0; i < buffers.size(); ++i) buffers[i] = empty_wire(recv_meta_[channel].tensors[i]);
+  }
   Activation out{{}, recv_meta_[channel].is_tuple, /*owned=*/through_host_};
   for (auto& b : buffers) {
     std::vector<at::Tensor> one{b};
