@@ -7,12 +7,13 @@ Python: loading a micro-batch, the stage's forward and loss, the loss
 backward (DeepSpeed's scaling), and the reductions and optimizer step that
 DeepSpeedEngine implements.
 
-Status: fp32 and bf16 with the 1F1B or GPipe schedule; the ZB-H1 zero-bubble
-schedule (split backward) with fp32 and ZeRO stage 0. Importing deepspeed_pipe_ext makes
-`deepspeed.initialize` build this engine for deepspeed_pipe_ext's
-PipelineModule (and, after `run_deepspeed_pipelines_on_this_engine()`, for
-DeepSpeed's own PipelineModule too); configurations it cannot run yet
-(fp16) go to DeepSpeed's PipelineEngine, with a log line saying why.
+Status: fp32, bf16 and fp16 (DeepSpeed's loss scaler: static or dynamic,
+overflowing steps skipped) with the 1F1B or GPipe schedule; the ZB-H1
+zero-bubble schedule (split backward) with fp32 and ZeRO stage 0. Importing
+deepspeed_pipe_ext makes `deepspeed.initialize` build this engine for
+deepspeed_pipe_ext's PipelineModule (and, after
+`run_deepspeed_pipelines_on_this_engine()`, for DeepSpeed's own
+PipelineModule too).
 `deepspeed_pipe_ext.engine.initialize(...)` always builds this engine.
 """
 import time
@@ -46,9 +47,6 @@ def _check_supported(config):
     if stage >= ZeroStageEnum.gradients:
         raise ValueError(f"ZeRO stage {int(stage)} partitions gradients, which pipeline parallelism cannot use: "
                          "set zero_optimization.stage to 0 or 1")
-    if config.float16_config.enabled:
-        raise NotImplementedError("deepspeed_pipe_ext's PipelineEngine runs fp32 and bf16 so far, not fp16; "
-                                  "use DeepSpeed's PipelineEngine for fp16 (deepspeed.initialize picks it)")
     kind = config.pipeline.get("schedule", "1f1b")
     if kind not in RUNNABLE_SCHEDULES:
         raise ValueError(f"schedule {kind!r} cannot run on the pipeline runtime yet: choose one of "
@@ -294,6 +292,7 @@ class PipelineEngine(DeepSpeedEngine):
         """What in the config needs DeepSpeedEngine's forward/backward wrappers."""
         checks = (("a ZeRO optimizer", isinstance(self.optimizer, ZeROOptimizer) and not self.using_bf16_optimizer),
                   ("bf16", self.using_bf16_optimizer),
+                  ("fp16", self.fp16_enabled()),
                   ("torch_autocast", self.torch_autocast_enabled() or self.torch_autocast_z0_gradscaler is not None),
                   ("compile", self.is_deepcompile_enabled() or self.is_compiled or self._is_compiled_autograd_enabled),
                   ("wall_clock_breakdown", self.wall_clock_breakdown()),
@@ -519,15 +518,11 @@ _ADOPT_DEEPSPEED_MODULES = False
 
 def engine_class_for(model, config_class):
     """The engine deepspeed.initialize builds for `model`: ours for our
-    PipelineModule (or any PipelineModule once adopted) unless the config
-    needs what only DeepSpeed's engine has (fp16)."""
+    PipelineModule (or any PipelineModule once adopted), DeepSpeed's for
+    anything else."""
     from .module import PipelineModule as OurPipelineModule
     ds_engine = _DS_PIPELINE_ENGINE or _deepspeed_pipeline_engine()
     if not (isinstance(model, OurPipelineModule) or (_ADOPT_DEEPSPEED_MODULES and isinstance(model, DSPipelineModule))):
-        return ds_engine
-    if config_class.float16_config.enabled:
-        from deepspeed.utils import logger
-        logger.info("deepspeed_pipe_ext: fp16 runs on DeepSpeed's PipelineEngine (ours runs fp32 and bf16 so far)")
         return ds_engine
     return PipelineEngine
 

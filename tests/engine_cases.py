@@ -57,8 +57,8 @@ def train_both(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3, 
 
 
 def engine_selection(rank, world_size):
-    """Which engine deepspeed.initialize builds: ours for our module, DeepSpeed's
-    for theirs unless adopted, DeepSpeed's for fp16."""
+    """Which engine deepspeed.initialize builds: ours for our module (fp16
+    too), DeepSpeed's for theirs unless adopted."""
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
     ours = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=2)
@@ -80,7 +80,7 @@ def engine_selection(rank, world_size):
     finally:
         dpe.run_deepspeed_pipelines_on_this_engine(False)
     expected = {"ours": dpe_engine.PipelineEngine, "theirs": DSPipelineEngine, "ours_bf16": dpe_engine.PipelineEngine,
-                "ours_fp16": DSPipelineEngine,
+                "ours_fp16": dpe_engine.PipelineEngine,
                 "theirs_adopted": dpe_engine.PipelineEngine, "theirs_adopted_built": dpe_engine.PipelineEngine}
     return {k: choices[k] is v for k, v in expected.items()}
 
@@ -377,4 +377,35 @@ def released_outputs(rank, world_size):
         data = iter(batches(10, 4) * 3)
         results.append([engine.train_batch(data_iter=data).item() for _ in range(3)])
     out["saved_output"] = results
+    return out
+
+
+def fp16_both(rank, world_size, num_stages, fp16_configs, steps=6):
+    """DeepSpeed's engine and ours with fp16 (DeepSpeed's loss scaler), for
+    each (fp16 config, label scale): losses, weights, skipped steps and the
+    final loss scale (larger labels, larger gradients: overflows).
+    DeepSpeed refuses fp16 where its accelerator reports no fp16 support (this
+    CPU); the half-precision arithmetic itself runs on the CPU, so both engines
+    are told it is supported."""
+    from deepspeed import initialize as ds_initialize
+    from deepspeed.accelerator import get_accelerator
+    get_accelerator().is_fp16_supported = lambda: True
+    out = []
+    for fp16, label_scale in fp16_configs:
+        runs = []
+        for module_cls, spec, make in ((DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize),
+                                       (dpe.PipelineModule, dpe.LayerSpec, ds_initialize)):
+            torch.manual_seed(3)
+            net = module_cls(layers=mlp_specs(spec), num_stages=num_stages, loss_fn=nn.MSELoss())
+            config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
+                      "steps_per_print": 10**9, "fp16": fp16}
+            engine, _, _, _ = make(model=net, config=config, model_parameters=net.parameters(),
+                                   optimizer=torch.optim.SGD(net.parameters(), lr=0.5))  # updates fp16 can see
+            half = [(x.half(), (label_scale * y).half()) for x, y in batches(100 + engine.grid.data_parallel_id, 4)]
+            data = iter(half * steps)
+            losses = [engine.train_batch(data_iter=data).item() for _ in range(steps)]
+            weights = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
+            runs.append((type(engine).__module__, losses, weights, engine.skipped_steps,
+                         float(engine.optimizer.loss_scale_config.cur_scale)))
+        out.append(runs)
     return out
