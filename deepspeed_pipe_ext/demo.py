@@ -103,6 +103,9 @@ def worker(args):
                                title=f"last training step as measured ({args.schedule}): {args.stages} stages, "
                                f"{micro_batches} micro-batches, idle fraction {measured['bubble_fraction']:.2f}")
         print(f"timeline of the last step: {args.timeline}", flush=True)
+        trace = os.path.splitext(args.timeline)[0] + ".json"
+        timeline.write_chrome_trace(timelines[:args.stages], trace)
+        print(f"as a Chrome/Perfetto trace (all ranks): {trace}", flush=True)
     torch.distributed.barrier()
 
 
@@ -112,7 +115,8 @@ def main():
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b", help="1f1b (default), gpipe or zb-h1")
     parser.add_argument("--timeline", default="out/demo_timeline.png",
-                        help="where to draw the last step's measured timeline (needs matplotlib)")
+                        help="where to draw the last step's measured timeline (needs matplotlib); the same "
+                        "timeline, all ranks merged, goes beside it as a Chrome/Perfetto trace (.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args()

@@ -409,3 +409,18 @@ def fp16_both(rank, world_size, num_stages, fp16_configs, steps=6):
                          float(engine.optimizer.loss_scale_config.cur_scale)))
         out.append(runs)
     return out
+
+
+def profiled_pass_names(rank, world_size):
+    """Names torch.profiler records for one train_batch of ours at S=2."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(3)
+    net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=2, loss_fn=nn.MSELoss())
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 10**9}
+    engine, _, _, _ = dpe_engine.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                            optimizer=torch.optim.SGD(net.parameters(), lr=0.05))
+    data = iter(batches(1, 2) * 2)
+    engine.train_batch(data_iter=data)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.train_batch(data_iter=data)
+    return sorted({e.name for e in prof.events() if e.name.startswith("pipe stage")})

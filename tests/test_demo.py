@@ -1,6 +1,6 @@
 """The demo (README's first command), shortened: two stages launched with
 torchrun (or DeepSpeed's launcher) train on the bundled digits and draw the
-measured timeline."""
+measured timeline (a picture and a Chrome/Perfetto trace)."""
 import os
 import subprocess
 import sys
@@ -20,6 +20,13 @@ def run_demo(tmp_path, schedule):
     losses = run([sys.executable, "-m", "deepspeed_pipe_ext.demo", "--steps", "10", "--schedule", schedule,
                   "--timeline", str(picture)])
     assert picture.stat().st_size > 10_000
+    # The same timeline as a Chrome/Perfetto trace: both stages' passes, named as torch.profiler shows them.
+    import json
+    events = json.loads((tmp_path / f"timeline-{schedule}.json").read_text())["traceEvents"]
+    slices = [e for e in events if e["ph"] == "X"]
+    assert {e["tid"] for e in slices} == {0, 1}
+    assert any(e["name"] == "pipe stage 1 forward mb 0" for e in slices)
+    assert all(e["dur"] >= 0 for e in slices)
     return losses
 
 

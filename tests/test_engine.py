@@ -190,3 +190,12 @@ def test_fp16_loss_scaling_matches_deepspeed(world_size, num_stages):
             assert ours[3] == theirs[3] and ours[4] == theirs[4], (fp16, ours[3:], theirs[3:])
         unscaled = per_config[0][1]
         assert unscaled[1][-1] < unscaled[1][0]  # fp16 training makes progress
+
+
+def test_torch_profiler_names_every_pass_and_transfer():
+    stage0, stage1 = run_ranks(engine_cases.profiled_pass_names, 2)
+    assert {"pipe stage 0 forward mb 0", "pipe stage 0 forward mb 1", "pipe stage 0 send activation mb 1",
+            "pipe stage 0 recv grad mb 0", "pipe stage 0 backward mb 1", "pipe stage 0 load mb 0",
+            "pipe stage 0 optimizer step"} <= set(stage0), stage0
+    assert {"pipe stage 1 recv activation mb 0", "pipe stage 1 forward mb 1", "pipe stage 1 backward mb 0",
+            "pipe stage 1 send grad mb 1", "pipe stage 1 reduce grads"} <= set(stage1), stage1
