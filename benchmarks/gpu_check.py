@@ -1,0 +1,354 @@
+"""The GPU check: what can be proven on one NVIDIA GPU, in one run, with every
+figure printed in one summary (and written to <out>/gpu_check.json).
+
+    bash benchmarks/gpu_check.sh        # builds the extension, then runs this
+
+1. S=1 on CUDA over NCCL: our engine's losses (and weights, skipped steps)
+   against DeepSpeed's PipelineEngine for fp32, bf16 and fp16 (dynamic loss
+   scale, with one micro-batch whose labels make the fp16 loss overflow).
+2. Activation checkpointing with dropout on CUDA: gradients bitwise equal to
+   no checkpointing (reentrant and non-reentrant).
+3. S=2 in two processes on the one GPU over gloo: the transfers are staged
+   through pinned host memory; losses equal to S=1 on the same GPU. Rank 0
+   also records a torch.profiler trace of one step (CPU and CUDA activity).
+4. Overhead-bound train_batch at S=1 (many tiny layers, 32 micro-batches):
+   DeepSpeed's engine against ours, alternating repetitions, medians.
+
+NCCL refuses two ranks on one device, so point-to-point over NCCL is not run
+here; its ordering is proven by the checker (tests/test_nccl_order.py).
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import traceback
+
+RESULTS = {}
+# --cpu-dry-run runs the same code on the CPU over gloo (to check the script
+# itself before spending GPU time); the figures mean nothing there.
+DEVICE, BACKEND = "cuda", "nccl"
+
+
+def sync():
+    import torch
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def section(name):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                RESULTS[name] = {"ok": True, **fn(*args, **kwargs)}
+            except Exception:
+                RESULTS[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
+            RESULTS[name]["seconds"] = round(time.perf_counter() - start, 1)
+            print(f"[{name}] {json.dumps(RESULTS[name], default=str)[:1500]}", flush=True)
+        return run
+    return wrap
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank, world_size, port, backend):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world_size))  # every rank on the one GPU
+    import deepspeed
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def mlp_specs(spec, width=64, depth=6):
+    import torch.nn as nn
+    layers = [spec(nn.Linear, 16, width)]
+    for _ in range(depth):
+        layers += [spec(nn.Linear, width, width), nn.GELU()]
+    return layers + [spec(nn.Linear, width, 4)]
+
+
+def batches(seed, count, dtype, micro_batch=8):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(micro_batch, 16, generator=g).to(dtype), torch.randn(micro_batch, 4, generator=g).to(dtype))
+            for _ in range(count)]
+
+
+def train(engine_kind, num_stages, precision, steps, micro_batches=4, overflow_step=None):
+    """One engine (ours or DeepSpeed's) on the MLP; the same seeds per layer."""
+    import torch
+    import torch.nn as nn
+    import deepspeed
+    import deepspeed_pipe_ext as dpe
+    from deepspeed.pipe import PipelineModule as DSPipelineModule
+    ours = engine_kind == "ours"
+    module_cls, spec = (dpe.PipelineModule, dpe.LayerSpec) if ours else (DSPipelineModule, deepspeed.pipe.LayerSpec)
+    torch.manual_seed(1)
+    net = module_cls(layers=mlp_specs(spec), num_stages=num_stages, loss_fn=nn.MSELoss(), seed_layers=True,
+                     partition_method="uniform")
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": micro_batches,
+              "steps_per_print": 10**9}
+    dtype = torch.float32
+    if precision == "bf16":
+        config["bf16"], dtype = {"enabled": True}, torch.bfloat16
+    if precision == "fp16":
+        config["fp16"], dtype = {"enabled": True, "loss_scale_window": 2, "hysteresis": 1}, torch.float16
+    engine, _, _, _ = deepspeed.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                           optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3))
+    data = batches(7, micro_batches, dtype)
+    losses = []
+    for step in range(steps):
+        step_data = data
+        if step == overflow_step:  # labels whose squared error fp16 cannot hold: the step must be skipped
+            step_data = [(x, y * 1e4) for x, y in data]
+        losses.append(float(engine.train_batch(data_iter=iter(step_data))))
+    weights = [p.detach().float().cpu() for p in net.parameters()]
+    skipped = getattr(engine, "skipped_steps", 0)
+    return {"engine": type(engine).__module__, "losses": losses, "weights": weights, "skipped": skipped,
+            "p2p_through_host": bool(getattr(getattr(engine, "p2p", None), "stages_through_host", False))}
+
+
+def same_losses(a, b, rtol=1e-6):
+    import math
+    return len(a) == len(b) and all((x == y) or (math.isfinite(x) and abs(x - y) <= rtol * max(abs(y), 1e-12))
+                                    for x, y in zip(a, b))
+
+
+@section("S=1 on CUDA over NCCL, ours vs DeepSpeed")
+def parity_s1():
+    import torch
+    out = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        overflow = 2 if precision == "fp16" else None
+        theirs = train("deepspeed", 1, precision, 6, overflow_step=overflow)
+        ours = train("ours", 1, precision, 6, overflow_step=overflow)
+        assert ours["engine"] == "deepspeed_pipe_ext.engine", ours["engine"]
+        weights_equal = all(torch.equal(a, b) for a, b in zip(ours["weights"], theirs["weights"]))
+        out[precision] = {"losses_equal": same_losses(ours["losses"], theirs["losses"]),
+                          "weights_bitwise_equal": weights_equal, "skipped_ours": ours["skipped"],
+                          "skipped_deepspeed": theirs["skipped"], "losses_ours": ours["losses"],
+                          "losses_deepspeed": theirs["losses"]}
+    out["all_equal"] = all(v["losses_equal"] and v["skipped_ours"] == v["skipped_deepspeed"]
+                           for v in out.values() if isinstance(v, dict))
+    out["fp16_overflow_skipped"] = out["fp16"]["skipped_ours"] >= 1
+    return out
+
+
+@section("activation checkpointing with dropout on CUDA")
+def checkpoint_dropout():
+    import torch
+    import torch.nn as nn
+    from deepspeed_pipe_ext import activation_checkpointing as ac
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.3), nn.GELU(), nn.Linear(256, 64),
+                          nn.Dropout(0.2)).to(DEVICE)
+    x = torch.randn(32, 64, device=DEVICE, requires_grad=True)
+    rng = torch.cuda if DEVICE == "cuda" else torch
+    params = list(model.parameters())
+
+    def grads(run):
+        for p in params:
+            p.grad = None
+        x.grad = None
+        rng.manual_seed(123)
+        run().square().sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in params], rng.get_rng_state()
+
+    plain, plain_rng = grads(lambda: model(x))
+    reentrant, re_rng = grads(lambda: ac.checkpoint(model, x))
+    non_reentrant, nr_rng = grads(lambda: ac.non_reentrant_checkpoint(model, x, params=params))
+    return {"reentrant_bitwise_equal": all(torch.equal(a, b) for a, b in zip(plain, reentrant)),
+            "non_reentrant_bitwise_equal": all(torch.equal(a, b) for a, b in zip(plain, non_reentrant)),
+            "rng_state_after_equal": torch.equal(plain_rng, re_rng) and torch.equal(plain_rng, nr_rng)}
+
+
+def _s2_worker(rank, world_size, port, out_dir, queue, device):
+    global DEVICE
+    DEVICE = device
+    try:
+        dry_run_patches()
+        join(rank, world_size, port, "gloo")
+        result = train("ours", world_size, "fp32", 6)
+        # One more step under torch.profiler: the pipe labels and the CUDA kernels, as a Chrome trace.
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+        import deepspeed_pipe_ext as dpe
+        import torch.nn as nn
+        torch.manual_seed(1)
+        net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=world_size, loss_fn=nn.MSELoss(),
+                                 seed_layers=True, partition_method="uniform")
+        import deepspeed
+        engine, _, _, _ = deepspeed.initialize(model=net, config={"train_micro_batch_size_per_gpu": 8,
+                                                                  "gradient_accumulation_steps": 4,
+                                                                  "steps_per_print": 10**9},
+                                               model_parameters=net.parameters(),
+                                               optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3))
+        data = batches(7, 4, torch.float32)
+        engine.train_batch(data_iter=iter(data))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+        with profile(activities=activities) as prof:
+            engine.train_batch(data_iter=iter(data))
+            sync()
+        names = sorted({e.name for e in prof.events() if e.name.startswith("pipe stage")})
+        if rank == 0:
+            prof.export_chrome_trace(os.path.join(out_dir, "s2_stage0_trace.json"))
+        result["profiled_pipe_labels"] = names
+        result.pop("weights")
+        queue.put((rank, result))
+    except Exception:
+        queue.put((rank, {"error": traceback.format_exc()[-3000:]}))
+
+
+def _s1_gloo_worker(rank, world_size, port, out_dir, queue, device):
+    global DEVICE
+    DEVICE = device
+    try:
+        dry_run_patches()
+        join(rank, world_size, port, "gloo")
+        result = train("ours", 1, "fp32", 6)
+        result.pop("weights")
+        queue.put((rank, result))
+    except Exception:
+        queue.put((rank, {"error": traceback.format_exc()[-3000:]}))
+
+
+def spawn(worker, world_size, out_dir, timeout=240):
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world_size, port, out_dir, queue, DEVICE))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and time.monotonic() < deadline:
+        try:
+            rank, value = queue.get(timeout=5)
+            results[rank] = value
+        except Exception:
+            if all(not p.is_alive() for p in procs) and queue.empty():
+                break
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+    return results
+
+
+@section("S=2 in two processes on one GPU over gloo (host-staged transfers) vs S=1")
+def host_staged_s2(out_dir):
+    s2 = spawn(_s2_worker, 2, out_dir)
+    s1 = spawn(_s1_gloo_worker, 1, out_dir)
+    assert all("error" not in r for r in list(s2.values()) + list(s1.values())), (s2, s1)
+    return {"losses_s2": s2[0]["losses"], "losses_s1": s1[0]["losses"],
+            "losses_equal": same_losses(s2[0]["losses"], s1[0]["losses"]),
+            "loss_falls": s2[0]["losses"][-1] < s2[0]["losses"][0],
+            "stages_through_host": [s2[r]["p2p_through_host"] for r in sorted(s2)],
+            "profiled_labels": {r: [n for n in s2[r]["profiled_pipe_labels"] if "mb 1" in n] for r in sorted(s2)}}
+
+
+@section("overhead-bound train_batch at S=1 on CUDA: DeepSpeed vs ours")
+def overhead_s1(repeats=15):
+    import torch
+    import torch.nn as nn
+    import deepspeed
+    import deepspeed_pipe_ext as dpe
+    from deepspeed.pipe import PipelineModule as DSPipelineModule
+    micro_batches, layers = 32, 32
+
+    def build(module_cls, spec):
+        torch.manual_seed(0)
+        net = module_cls(layers=[spec(nn.Linear, 8, 8) for _ in range(layers)], num_stages=1, loss_fn=nn.MSELoss())
+        engine, _, _, _ = deepspeed.initialize(model=net, config={"train_micro_batch_size_per_gpu": 1,
+                                                                  "gradient_accumulation_steps": micro_batches,
+                                                                  "steps_per_print": 10**9},
+                                               model_parameters=net.parameters(),
+                                               optimizer=torch.optim.SGD(net.parameters(), lr=1e-4))
+        return engine
+
+    engines = {"deepspeed": build(DSPipelineModule, deepspeed.pipe.LayerSpec), "ours": build(dpe.PipelineModule,
+                                                                                              dpe.LayerSpec)}
+    batch = (torch.randn(1, 8), torch.randn(1, 8))
+    times = {name: [] for name in engines}
+    for rep in range(repeats + 2):
+        for name, engine in engines.items():
+            sync()
+            start = time.perf_counter()
+            engine.train_batch(data_iter=iter([batch] * micro_batches))
+            sync()
+            if rep >= 2:
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {"layers": layers, "micro_batches": micro_batches, "deepspeed_ms": round(med["deepspeed"], 2),
+            "ours_ms": round(med["ours"], 2), "speedup": round(med["deepspeed"] / med["ours"], 2)}
+
+
+def dry_run_patches():
+    """On the CPU, DeepSpeed refuses fp16 unless its accelerator says otherwise."""
+    if DEVICE == "cpu":
+        from deepspeed.accelerator import get_accelerator
+        get_accelerator().is_fp16_supported = lambda: True
+
+
+def environment():
+    import subprocess
+    import torch
+    import deepspeed
+    if DEVICE == "cpu":
+        return {"gpu": "none (CPU dry run)", "nvidia_smi": "", "torch": torch.__version__, "cuda": None, "nccl": None,
+                "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]}
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception as err:
+        nccl = f"unknown ({err})"
+    return {"gpu": torch.cuda.get_device_name(0), "nvidia_smi": smi, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "nccl": nccl, "deepspeed": deepspeed.__version__,
+            "python": sys.version.split()[0]}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="out/gpu_check")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="check this script on a machine without a GPU")
+    args = parser.parse_args()
+    global DEVICE, BACKEND
+    if args.cpu_dry_run:
+        DEVICE, BACKEND = "cpu", "gloo"
+        dry_run_patches()
+    os.makedirs(args.out, exist_ok=True)
+    RESULTS["environment"] = environment()
+    print(f"[environment] {RESULTS['environment']}", flush=True)
+    join(0, 1, free_port(), BACKEND)
+    parity_s1()
+    checkpoint_dropout()
+    overhead_s1()
+    host_staged_s2(args.out)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    print("\n==== summary ====")
+    env = RESULTS["environment"]
+    print(f"{env['gpu']} ({env['nvidia_smi']}), torch {env['torch']}, CUDA {env['cuda']}, NCCL {env['nccl']}, "
+          f"DeepSpeed {env['deepspeed']}")
+    for name, r in RESULTS.items():
+        if name == "environment":
+            continue
+        long = {"losses_ours", "losses_deepspeed", "losses_s1", "losses_s2", "error"}
+        shown = {k: ({kk: vv for kk, vv in v.items() if kk not in long} if isinstance(v, dict) else v)
+                 for k, v in r.items() if k not in long}
+        print(f"{'PASS' if r.get('ok') else 'FAIL'}  {name}: {json.dumps(shown, default=str)[:900]}")
+        if not r.get("ok"):
+            print("      " + r["error"].strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
