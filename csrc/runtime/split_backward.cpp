@@ -15,7 +15,8 @@ namespace {
 using torch::autograd::Edge;
 using torch::autograd::edge_list;
 using torch::autograd::Node;
-using NodePtr = c10::intrusive_ptr<Node>;
+// The graph's own node pointer type (std::shared_ptr in older torch, c10::intrusive_ptr in newer).
+using NodePtr = decltype(torch::autograd::Edge::function);
 
 // By name: dynamic_cast across libtorch's and this extension's RTTI is not reliable.
 bool is_leaf_accumulator(const Node& node) { return node.name() == "torch::autograd::AccumulateGrad"; }
