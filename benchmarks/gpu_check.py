@@ -62,6 +62,11 @@ def join(rank, world_size, port, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world_size))  # every rank on the one GPU
     import deepspeed
+    if backend == "gloo":
+        # Joined without a bound device: DeepSpeed binds the default group to the GPU on a CUDA machine,
+        # and torch then builds new groups by splitting it, which gloo cannot do.
+        import torch.distributed as dist
+        dist.init_process_group(backend="gloo", init_method="env://")
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
@@ -110,7 +115,9 @@ def train(engine_kind, num_stages, precision, steps, micro_batches=4, overflow_s
         losses.append(float(engine.train_batch(data_iter=iter(step_data))))
     weights = [p.detach().float().cpu() for p in net.parameters()]
     skipped = getattr(engine, "skipped_steps", 0)
+    scale = getattr(getattr(engine.optimizer, "loss_scale_config", None), "cur_scale", None)
     return {"engine": type(engine).__module__, "losses": losses, "weights": weights, "skipped": skipped,
+            "loss_scale": scale,
             "p2p_through_host": bool(getattr(getattr(engine, "p2p", None), "stages_through_host", False))}
 
 
@@ -132,11 +139,15 @@ def parity_s1():
         weights_equal = all(torch.equal(a, b) for a, b in zip(ours["weights"], theirs["weights"]))
         out[precision] = {"losses_equal": same_losses(ours["losses"], theirs["losses"]),
                           "weights_bitwise_equal": weights_equal, "skipped_ours": ours["skipped"],
-                          "skipped_deepspeed": theirs["skipped"], "losses_ours": ours["losses"],
+                          "skipped_deepspeed": theirs["skipped"], "loss_scale_ours": ours["loss_scale"],
+                          "loss_scale_deepspeed": theirs["loss_scale"], "losses_ours": ours["losses"],
                           "losses_deepspeed": theirs["losses"]}
     out["all_equal"] = all(v["losses_equal"] and v["skipped_ours"] == v["skipped_deepspeed"]
                            for v in out.values() if isinstance(v, dict))
-    out["fp16_overflow_skipped"] = out["fp16"]["skipped_ours"] >= 1
+    # The overflowing step: its loss is inf, the scale falls, and the next loss is finite (the step was skipped).
+    fp16 = out["fp16"]
+    out["fp16_overflow_skipped"] = (fp16["losses_ours"][2] == float("inf") and fp16["losses_ours"][3] < 10
+                                    and fp16["loss_scale_ours"] == fp16["loss_scale_deepspeed"])
     return out
 
 
