@@ -281,35 +281,38 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def(
       "check_nccl_order",
-      [](const std::vector<std::vector<std::tuple<std::string, int, int64_t, std::string>>>& ranks) {
+      [](const std::vector<std::vector<std::tuple<std::string, int, int64_t, std::string>>>& ranks,
+         bool one_stream_per_rank) {
         std::vector<core::CommTrace> traces;
         for (const auto& r : ranks) traces.push_back(trace_from_python(r));
         core::CommCheck result;
         {
           py::gil_scoped_release release;
-          result = core::check_nccl_order(traces);
+          result = core::check_nccl_order(traces, one_stream_per_rank);
         }
         return check_to_python(result);
       },
       "Replays every rank's trace (rank i: traces[i], as P2P.trace records it) under NCCL's point-to-point "
-      "rules; returns {'ok', 'operations', 'report'} (the report names the ranks and operations stuck).",
-      py::arg("traces"));
+      "rules (one in-order queue per pair of ranks, or per rank with one_stream_per_rank); returns "
+      "{'ok', 'operations', 'report'} (the report names the ranks and operations stuck).",
+      py::arg("traces"), py::arg("one_stream_per_rank") = false);
   m.def(
       "check_schedule_transfers",
-      [](const std::string& kind, int64_t micro_batches, int64_t stages, const std::string& order, bool dynamic_shapes) {
+      [](const std::string& kind, int64_t micro_batches, int64_t stages, const std::string& order, bool dynamic_shapes,
+         bool one_stream_per_rank) {
         const auto spec = make_spec(kind, micro_batches, stages, 1);
         const auto o = parse_transfer_order(order);
         core::CommCheck result;
         {
           py::gil_scoped_release release;
-          result = core::check_schedule_transfers(spec, o, dynamic_shapes);
+          result = core::check_schedule_transfers(spec, o, dynamic_shapes, one_stream_per_rank);
         }
         return check_to_python(result);
       },
       "Plans every stage's transfers as the executor would ('pair'), or in another order, and checks them "
       "under NCCL's rules.",
       py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("order") = "pair",
-      py::arg("dynamic_shapes") = false);
+      py::arg("dynamic_shapes") = false, py::arg("one_stream_per_rank") = false);
 
   py::class_<dpe::runtime::P2P>(m, "P2P")
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, double timeout_s, std::string self_name,
@@ -356,8 +359,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("rank", &dpe::runtime::P2P::rank)
       .def_property_readonly("size", &dpe::runtime::P2P::size);
 
-  // One stage's instruction stream and buffer count for a schedule
-  // configuration: built once (the engine caches it), run many times.
   // One stage's instruction stream, buffer count and transfer order for a
   // schedule configuration: built once (the engine caches it), run many times.
   struct StageProgram {

@@ -114,10 +114,11 @@ class PipelineEngine(DeepSpeedEngine):
         self.deallocate_outputs = bool(pipeline.get("deallocate_outputs", True))
         timeout = float(pipeline.get("p2p_timeout", 300))
         self.p2p = None
+        self._dynamic_shapes = bool(self.module.dynamic_shape)
         if self.is_pipe_parallel:
             self.p2p = _C.P2P(self.grid.get_pipe_parallel_group(), timeout,
                               f"stage {self.stage_id} (global rank {self.global_rank})",
-                              dynamic_shapes=bool(self.module.dynamic_shape), device=str(self.device),
+                              dynamic_shapes=self._dynamic_shapes, device=str(self.device),
                               peer_label="stage")
         self.total_loss = None
         self.agg_train_loss = None
@@ -320,10 +321,11 @@ class PipelineEngine(DeepSpeedEngine):
 
     def _program(self, kind, micro_batches):
         """This stage's instruction stream, generated once per configuration."""
-        key = (kind, micro_batches)
+        dynamic = self._dynamic_shapes  # as the P2P channels were built
+        key = (kind, micro_batches, dynamic)
         if key not in self._programs:
             self._programs[key] = _C.StageProgram(kind, micro_batches, self.num_stages, self.stage_id,
-                                                  dynamic_shapes=bool(self.module.dynamic_shape))
+                                                  dynamic_shapes=dynamic)
         return self._programs[key]
 
     def _require_data(self):

@@ -35,9 +35,11 @@ def test_program_order_is_not_enough_for_zero_bubble():
 def test_every_runtime_schedule_passes_in_the_executors_order(kind, dynamic):
     # The full sweep (S <= 16, M <= 64) runs in the C++ core tests; a sample here through the bindings.
     for stages, micro_batches in [(2, 1), (2, 7), (3, 3), (4, 8), (8, 5), (16, 64)]:
-        result = _C.check_schedule_transfers(kind, micro_batches, stages, dynamic_shapes=dynamic)
-        assert result["ok"], result["report"]
-        assert result["operations"] > 0 or micro_batches == 0
+        for one_stream in (False, True):
+            result = _C.check_schedule_transfers(kind, micro_batches, stages, dynamic_shapes=dynamic,
+                                                 one_stream_per_rank=one_stream)
+            assert result["ok"], result["report"]
+            assert result["operations"] > 0
 
 
 def test_checker_reports_size_mismatches_and_unmatched_operations():
@@ -67,9 +69,10 @@ def _check_recorded(results, num_stages, cases):
         for data, traces in pipes.items():
             ordered = [traces[s] for s in range(num_stages)]
             assert all(len(t) > 0 for t in ordered)
-            result = _C.check_nccl_order(ordered)
-            assert result["ok"], f"{schedule}/{model} pipe {data}: {result['report']}"
-            assert result["operations"] == sum(sum(1 for e in t if e[0] != "wait") for t in ordered)
+            for one_stream in (False, True):
+                result = _C.check_nccl_order(ordered, one_stream_per_rank=one_stream)
+                assert result["ok"], f"{schedule}/{model} pipe {data}: {result['report']}"
+                assert result["operations"] == sum(sum(1 for e in t if e[0] != "wait") for t in ordered)
         by_case.append(results[0]["cases"][index])
     return by_case
 
@@ -86,3 +89,8 @@ def test_what_the_executor_issued_passes_under_nccl_rules():
 
 def test_what_the_executor_issued_passes_under_nccl_rules_with_data_parallelism():
     _check_recorded(run_ranks(nccl_order_cases.recorded_traces, 4, 2, CASES[:3], timeout=400), 2, CASES[:3])
+
+
+def test_what_the_executor_issued_passes_under_nccl_rules_with_four_stages():
+    # Middle stages talk to two peers: also checked with all of a rank's transfers on one stream.
+    _check_recorded(run_ranks(nccl_order_cases.recorded_traces, 4, 4, CASES, timeout=400), 4, CASES)

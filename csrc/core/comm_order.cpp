@@ -21,6 +21,7 @@ struct RankOps {
     CommKind kind;
     int32_t peer;
     int64_t bytes;
+    int64_t message;
     int32_t item;
     int64_t issue_event;  // position in the trace
     std::string label;
@@ -46,7 +47,9 @@ std::string describe_op(int32_t rank, const RankOps::Operation& o) {
 
 }  // namespace
 
-CommCheck check_nccl_order(const std::vector<CommTrace>& traces) {
+CommCheck check_nccl_order(const std::vector<CommTrace>& traces, bool one_stream_per_rank) {
+  // The queue an operation with `peer` runs in.
+  auto queue_of = [one_stream_per_rank](int32_t peer) { return one_stream_per_rank ? -1 : peer; };
   const int32_t n = static_cast<int32_t>(traces.size());
   std::vector<RankOps> ranks(n);
   CommCheck result;
@@ -82,7 +85,7 @@ CommCheck check_nccl_order(const std::vector<CommTrace>& traces) {
       const int32_t item = static_cast<int32_t>(R.items.size()) - 1;
       R.items[item].push_back(static_cast<int32_t>(R.ops.size()));
       ++R.item_remaining[item];
-      R.ops.push_back({ev.kind, ev.peer, ev.bytes, item, static_cast<int64_t>(e), ev.label});
+      R.ops.push_back({ev.kind, ev.peer, ev.bytes, ev.message, item, static_cast<int64_t>(e), ev.label});
     }
   }
 
@@ -108,6 +111,11 @@ CommCheck check_nccl_order(const std::vector<CommTrace>& traces) {
     for (size_t k = 0; k < common; ++k) {
       auto& so = ranks[from].ops[s[k]];
       auto& ro = ranks[to].ops[rv[k]];
+      if (so.message >= 0 && ro.message >= 0 && so.message != ro.message) {
+        return fail("transfer " + std::to_string(k) + " from rank " + std::to_string(from) + " to rank " +
+                    std::to_string(to) + " pairs different messages (NCCL matches by order, not tag): " +
+                    describe_op(from, so) + " with " + describe_op(to, ro));
+      }
       if (so.bytes >= 0 && ro.bytes >= 0 && so.bytes != ro.bytes) {
         return fail("transfer " + std::to_string(k) + " from rank " + std::to_string(from) + " to rank " +
                     std::to_string(to) + " pairs operations of different sizes (NCCL matches by order, not tag): " +
@@ -130,7 +138,7 @@ CommCheck check_nccl_order(const std::vector<CommTrace>& traces) {
 
   auto active = [&](int32_t r, int32_t item) {
     for (int32_t op : ranks[r].items[item]) {
-      const auto& q = ranks[r].queues[ranks[r].ops[op].peer];
+      const auto& q = ranks[r].queues[queue_of(ranks[r].ops[op].peer)];
       if (q.empty() || q.front() != item) return false;
     }
     return true;
@@ -149,7 +157,7 @@ CommCheck check_nccl_order(const std::vector<CommTrace>& traces) {
         // An item enters its queues once, with its first operation (a batch is issued whole).
         if (R.items[item].front() == R.issued) {
           std::vector<int32_t> peers;
-          for (int32_t op : R.items[item]) peers.push_back(R.ops[op].peer);
+          for (int32_t op : R.items[item]) peers.push_back(queue_of(R.ops[op].peer));
           std::sort(peers.begin(), peers.end());
           peers.erase(std::unique(peers.begin(), peers.end()), peers.end());
           for (int32_t p : peers) R.queues[p].push_back(item);
@@ -182,13 +190,13 @@ CommCheck check_nccl_order(const std::vector<CommTrace>& traces) {
     // Complete every matched pair whose two items head their queues.
     std::vector<std::pair<int32_t, int32_t>> ready;  // (rank, send op)
     for (int32_t r = 0; r < n; ++r) {
-      for (const auto& [peer, q] : ranks[r].queues) {
+      for (const auto& [key, q] : ranks[r].queues) {
         if (q.empty() || !issued_all_of(r, q.front()) || !active(r, q.front())) continue;
         for (int32_t op : ranks[r].items[q.front()]) {
           const auto& o = ranks[r].ops[op];
-          if (o.done || o.kind != CommKind::Send || o.peer != peer) continue;
+          if (o.done || o.kind != CommKind::Send || queue_of(o.peer) != key) continue;
           const int32_t pr = o.partner_rank, pitem = ranks[pr].ops[o.partner_op].item;
-          const auto& pq = ranks[pr].queues[r];
+          const auto& pq = ranks[pr].queues[queue_of(r)];
           if (pq.empty() || pq.front() != pitem || !issued_all_of(pr, pitem) || !active(pr, pitem)) continue;
           ready.emplace_back(r, op);
         }
@@ -221,17 +229,19 @@ CommCheck check_nccl_order(const std::vector<CommTrace>& traces) {
     } else {
       stuck << "at the end of its trace with " << undone << " operations never completed.";
     }
-    for (const auto& [peer, q] : R.queues) {
+    for (const auto& [key, q] : R.queues) {
       if (q.empty()) continue;
       const auto& head = R.ops[R.items[q.front()].front()];
-      const auto& other_q = ranks[peer].queues.at(r);
-      stuck << " Its queue with rank " << peer << " is headed by its " << kind_name(head.kind) << " rank "
-            << head.peer << (head.label.empty() ? "" : " [" + head.label + "]");
+      const int32_t peer = head.peer;
+      const auto other = ranks[peer].queues.find(queue_of(r));
+      stuck << " Its queue" << (one_stream_per_rank ? "" : " with rank " + std::to_string(peer))
+            << " is headed by its " << kind_name(head.kind) << " rank " << head.peer
+            << (head.label.empty() ? "" : " [" + head.label + "]");
       if (R.items[q.front()].size() > 1) stuck << " (a batch of " << R.items[q.front()].size() << ")";
-      if (other_q.empty()) {
+      if (other == ranks[peer].queues.end() || other->second.empty()) {
         stuck << "; rank " << peer << " has issued nothing pending towards it.";
       } else {
-        const auto& theirs = ranks[peer].ops[ranks[peer].items[other_q.front()].front()];
+        const auto& theirs = ranks[peer].ops[ranks[peer].items[other->second.front()].front()];
         stuck << "; rank " << peer << "'s queue with it is headed by its " << kind_name(theirs.kind) << " rank "
               << theirs.peer << (theirs.label.empty() ? "" : " [" + theirs.label + "]") << ".";
       }
@@ -480,11 +490,20 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
   const int32_t n = static_cast<int32_t>(flat.size());
   CommTrace trace;
   int32_t issued = 0;
-  auto issue = [&](CommKind kind, int32_t peer, int64_t bytes, const std::string& label) {
+  // A message is its sender's virtual stage, kind, micro-batch and part (meta or data).
+  auto message_of = [&](int32_t i, bool meta) {
+    const Instruction& in = flat[i].in;
+    const int64_t v = static_cast<int64_t>(in.chunk) * stages + stage_id;
+    const bool grad = in.op == Op::SendGrad || in.op == Op::RecvGrad;
+    const int64_t sender = in.op == Op::RecvActivation ? v - 1 : in.op == Op::RecvGrad ? v + 1 : v;
+    return ((static_cast<int64_t>(in.micro_batch) * 4096 + sender) * 2 + (grad ? 1 : 0)) * 2 + (meta ? 1 : 0);
+  };
+  auto issue = [&](CommKind kind, int32_t peer, int64_t bytes, const std::string& label, int64_t message) {
     CommEvent ev;
     ev.kind = kind;
     ev.peer = peer;
     ev.bytes = bytes;
+    ev.message = message;
     ev.label = label;
     trace.push_back(std::move(ev));
     return issued++;
@@ -509,10 +528,10 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
     for (int32_t op : in_flight[key]) wait(op);
     in_flight[key].clear();
     if (dynamic_shapes || !meta_sent[key]) {
-      in_flight[key].push_back(issue(CommKind::Send, peer, meta_bytes, label_of(i) + " (meta)"));
+      in_flight[key].push_back(issue(CommKind::Send, peer, meta_bytes, label_of(i) + " (meta)", message_of(i, true)));
       meta_sent[key] = true;
     }
-    in_flight[key].push_back(issue(CommKind::Send, peer, -1, label_of(i)));
+    in_flight[key].push_back(issue(CommKind::Send, peer, -1, label_of(i), message_of(i, false)));
   };
   for (int32_t p = 0; p <= n; ++p) {
     for (const TransferAction& a : plan.before[p]) {
@@ -520,7 +539,8 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
         send(a.instruction);
       } else {
         const ChannelKey key = channel_of(flat[a.instruction].in, stage_id, stages);
-        posted[key].push_back(issue(CommKind::Recv, std::get<1>(key), -1, label_of(a.instruction)));
+        posted[key].push_back(
+            issue(CommKind::Recv, std::get<1>(key), -1, label_of(a.instruction), message_of(a.instruction, false)));
       }
     }
     if (p == n) break;
@@ -537,10 +557,10 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
       continue;
     }
     if (dynamic_shapes || !meta_known[key]) {
-      wait(issue(CommKind::Recv, std::get<1>(key), meta_bytes, label_of(p) + " (meta)"));
+      wait(issue(CommKind::Recv, std::get<1>(key), meta_bytes, label_of(p) + " (meta)", message_of(p, true)));
       meta_known[key] = true;
     }
-    wait(issue(CommKind::Recv, std::get<1>(key), -1, label_of(p)));
+    wait(issue(CommKind::Recv, std::get<1>(key), -1, label_of(p), message_of(p, false)));
   }
   // The end of the batch waits for every send still in flight, in issue order.
   std::vector<int32_t> last;
@@ -550,7 +570,8 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
   return trace;
 }
 
-CommCheck check_schedule_transfers(const ScheduleSpec& spec, TransferOrder order, bool dynamic_shapes) {
+CommCheck check_schedule_transfers(const ScheduleSpec& spec, TransferOrder order, bool dynamic_shapes,
+                                   bool one_stream_per_rank) {
   std::vector<int64_t> buffers;
   const auto streams = generate_all_steps(spec, &buffers);
   const auto plans = plan_transfers(streams, spec.micro_batches, spec.chunks, buffers, order, dynamic_shapes);
@@ -559,7 +580,7 @@ CommCheck check_schedule_transfers(const ScheduleSpec& spec, TransferOrder order
   for (size_t s = 0; s < streams.size(); ++s) {
     traces.push_back(trace_of(streams[s], plans[s], static_cast<int64_t>(s), spec.stages, dynamic_shapes));
   }
-  return check_nccl_order(traces);
+  return check_nccl_order(traces, one_stream_per_rank);
 }
 
 }  // namespace dpe::core

@@ -36,6 +36,7 @@ struct CommEvent {
   CommKind kind = CommKind::Send;  // issue only
   int32_t peer = -1;               // issue only: the other rank
   int64_t bytes = -1;              // issue only: -1 when unknown (not compared)
+  int64_t message = -1;            // issue only: what is moved, when known (plans); compared like bytes
   int32_t group = -1;              // issue only
   int32_t op = -1;                 // wait only: index of the operation among this rank's issues
   std::string label;               // what the operation moves, for reports
@@ -53,8 +54,10 @@ struct CommCheck {
 // their byte counts must agree; on each rank, the operations with one peer run
 // in issue order (a batch is one item that heads every peer queue it touches);
 // a matched send and receive complete when both head their queues and both
-// ranks have passed every wait issued before them.
-CommCheck check_nccl_order(const std::vector<CommTrace>& ranks);
+// ranks have passed every wait issued before them. With one_stream_per_rank,
+// a rank's operations with all its peers share one queue (stricter: NCCL
+// setups that run every point-to-point operation of a rank on one stream).
+CommCheck check_nccl_order(const std::vector<CommTrace>& ranks, bool one_stream_per_rank = false);
 
 // How a stage's transfers are ordered.
 enum class TransferOrder : uint8_t {
@@ -107,13 +110,17 @@ std::vector<TransferPlan> plan_transfers(const ScheduleSpec& spec, TransferOrder
 // The p2p trace the executor issues for a stage following `plan`: one tensor
 // per transfer; the first transfer of a channel (every one with dynamic
 // shapes) is preceded by one fixed-size meta message; a send first waits for
-// the previous send on its channel; all sends are waited for at the end.
-// Labels name step, instruction and micro-batch.
+// the previous send on its channel, as on gloo (on NCCL the executor does not
+// wait for sends, so this model is the stricter one); all sends are waited
+// for at the end. Labels name step, instruction and micro-batch; each
+// operation carries the identity of its message, so the checker also proves
+// that every receive gets the message it expects.
 CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_id, int64_t stages,
                    bool dynamic_shapes = false);
 
 // Plans every stage of `spec` and checks the traces together.
-CommCheck check_schedule_transfers(const ScheduleSpec& spec, TransferOrder order, bool dynamic_shapes = false);
+CommCheck check_schedule_transfers(const ScheduleSpec& spec, TransferOrder order, bool dynamic_shapes = false,
+                                   bool one_stream_per_rank = false);
 
 // Fixed size of a transfer's meta message, in int64 words (the receiver can
 // post it before knowing anything about the transfer).

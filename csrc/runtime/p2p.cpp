@@ -106,11 +106,15 @@ at::Tensor P2P::from_wire(const at::Tensor& t) const {
   const auto* streams = c10::impl::getDeviceGuardImpl(device_.type());
   const c10::Stream compute = streams->getStream(device_);
   const c10::Stream copy_stream = streams->getStreamFromGlobalPool(device_, /*isHighPriority=*/false);
-  at::Tensor out = at::empty(t.sizes(), t.options().device(device_).pinned_memory(false));
+  at::Tensor out;
   {
+    // Allocated on the copy stream, so no block still used by queued compute
+    // is handed out; the compute stream's later use is recorded for its free.
     const c10::StreamGuard on_copy_stream(copy_stream);
+    out = at::empty(t.sizes(), t.options().device(device_).pinned_memory(false));
     out.copy_(t, /*non_blocking=*/true);  // the pinned-memory allocator keeps `t` until the copy is done
   }
+  streams->recordDataPtrOnStream(out.storage().data_ptr(), compute);
   c10::Event copied(device_.type());
   copied.record(copy_stream);
   copied.block(compute);

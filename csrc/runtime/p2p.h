@@ -69,8 +69,9 @@ class P2P {
       bool dynamic_shapes, at::Device device = at::kCPU, std::string peer_label = "rank");
 
   // Starts sending `tensors` to `peer`; returns at once. The tensors must stay
-  // unmodified until the send is done: the next send on the same (peer, tag)
-  // first waits for this one, and wait_sends() waits for all.
+  // unmodified until the send is done. On gloo the next send on the same
+  // (peer, tag) first waits for this one; on NCCL sends complete by themselves
+  // (reap_sends frees them); wait_sends() waits for all.
   void send(const Activation& value, int peer, int tag, const Describe& what);
   // Receives from `peer` into buffers allocated on first use (or when the
   // meta changes) and reused afterwards; returns those buffers, so copy what
@@ -110,7 +111,7 @@ class P2P {
  private:
   using Channel = std::pair<int, int>;  // (peer, tag)
   // Every c10d call goes through these, so any failure names stage, peer and transfer.
-  // `part` names the piece of a transfer ("", " (meta length)", " (meta)").
+  // `part` names the piece of a transfer ("" for data, " (meta)").
   // Operations carry their index among the issued ones, for the trace.
   struct Started {
     c10::intrusive_ptr<c10d::Work> work;

@@ -193,6 +193,26 @@ static void test_nccl_order_checker() {
   const CommCheck unmatched = check_nccl_order({{issue(CommKind::Send, 1, "lonely")}, {}});
   CHECK(!unmatched.ok && unmatched.report.find("never matched") != std::string::npos);
   CHECK(!check_nccl_order({{wait_for(3)}}).ok);
+  // Matched by order: the messages must be the ones expected.
+  CommEvent meta = issue(CommKind::Send, 1, "meta"), data = issue(CommKind::Recv, 0, "data");
+  meta.message = 1;
+  data.message = 2;
+  const CommCheck swapped = check_nccl_order({{meta}, {data}});
+  CHECK(!swapped.ok && swapped.report.find("different messages") != std::string::npos);
+  // Three ranks stuck, one of which never issued anything to another: reported, not thrown.
+  const CommCheck chain = check_nccl_order(
+      {{issue(CommKind::Recv, 1, "x"), wait_for(0), issue(CommKind::Send, 1, "y")},
+       {issue(CommKind::Recv, 0, "y"), wait_for(0), issue(CommKind::Send, 0, "x"), issue(CommKind::Send, 2, "z")},
+       {issue(CommKind::Recv, 1, "z"), wait_for(0)}});
+  CHECK(!chain.ok && chain.report.find("rank 2: blocked") != std::string::npos &&
+        chain.report.find("rank 1 has issued nothing pending towards it") != std::string::npos);
+  // One stream per rank is stricter: a relay that passes with a queue per pair hangs when
+  // a rank's receive from one peer blocks its send to another.
+  const std::vector<CommTrace> relay{{issue(CommKind::Recv, 2, "back"), issue(CommKind::Send, 1, "a"), wait_for(0)},
+                                     {issue(CommKind::Recv, 0, "a"), wait_for(0), issue(CommKind::Send, 2, "b")},
+                                     {issue(CommKind::Recv, 1, "b"), wait_for(0), issue(CommKind::Send, 0, "back")}};
+  CHECK(check_nccl_order(relay).ok);
+  CHECK(!check_nccl_order(relay, /*one_stream_per_rank=*/true).ok);
   // Operations with different peers do not order each other: a relay 0 -> 1 -> 2 with 2 -> 0 back.
   const CommCheck ring = check_nccl_order({{issue(CommKind::Recv, 2, "back"), issue(CommKind::Send, 1, "a"), wait_for(0)},
                                            {issue(CommKind::Recv, 0, "a"), wait_for(0), issue(CommKind::Send, 2, "b")},
@@ -212,12 +232,17 @@ static void test_schedule_transfers_under_nccl() {
         for (bool dynamic : {false, true}) {
           if (dynamic && M % 5 != 1 && M != 64) continue;  // nothing is posted ahead with dynamic shapes: a sample
           try {
-            const CommCheck c = check_schedule_transfers(ScheduleSpec{kind, M, S, 1}, TransferOrder::PairOrder, dynamic);
-            ++checked;
-            if (!c.ok) {
-              ++failures;
-              std::fprintf(stderr, "%s S=%lld M=%lld dynamic=%d: %s\n", schedule_kind_name(kind), (long long)S,
-                           (long long)M, dynamic, c.report.substr(0, 2000).c_str());
+            // Per pair of ranks one queue (ProcessGroupNCCL's two-rank communicators), and the stricter
+            // model where all of a rank's point-to-point operations share one stream.
+            for (bool one_stream : {false, true}) {
+              const CommCheck c =
+                  check_schedule_transfers(ScheduleSpec{kind, M, S, 1}, TransferOrder::PairOrder, dynamic, one_stream);
+              ++checked;
+              if (!c.ok) {
+                ++failures;
+                std::fprintf(stderr, "%s S=%lld M=%lld dynamic=%d one_stream=%d: %s\n", schedule_kind_name(kind),
+                             (long long)S, (long long)M, dynamic, one_stream, c.report.substr(0, 2000).c_str());
+              }
             }
           } catch (const std::exception& e) {
             ++failures;
@@ -227,7 +252,7 @@ static void test_schedule_transfers_under_nccl() {
       }
     }
   }
-  CHECK(checked > 4 * 16 * 64);
+  CHECK(checked > 2 * 4 * 16 * 64);
   // The hazard: posting receives ahead of sends to the same peer (the executor's old order) hangs 1F1B.
   const CommCheck old = check_schedule_transfers(ScheduleSpec{ScheduleKind::Train1F1B, 4, 2, 1},
                                                  TransferOrder::AsSoonAsChannelFree);
