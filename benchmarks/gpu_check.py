@@ -179,54 +179,54 @@ def checkpoint_dropout():
             "rng_state_after_equal": torch.equal(plain_rng, re_rng) and torch.equal(plain_rng, nr_rng)}
 
 
-def _s2_worker(rank, world_size, port, out_dir, queue, device):
+def _worker(rank, world_size, port, queue, device, body):
+    """A spawned rank: joins a gloo group on the one GPU, runs body(rank, world_size), reports."""
     global DEVICE
     DEVICE = device
     try:
         dry_run_patches()
         join(rank, world_size, port, "gloo")
-        result = train("ours", world_size, "fp32", 6)
-        # One more step under torch.profiler: the pipe labels and the CUDA kernels, as a Chrome trace.
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-        import deepspeed_pipe_ext as dpe
-        import torch.nn as nn
-        torch.manual_seed(1)
-        net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=world_size, loss_fn=nn.MSELoss(),
-                                 seed_layers=True, partition_method="uniform")
-        import deepspeed
-        engine, _, _, _ = deepspeed.initialize(model=net, config={"train_micro_batch_size_per_gpu": 8,
-                                                                  "gradient_accumulation_steps": 4,
-                                                                  "steps_per_print": 10**9},
-                                               model_parameters=net.parameters(),
-                                               optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3))
-        data = batches(7, 4, torch.float32)
-        engine.train_batch(data_iter=iter(data))
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-        with profile(activities=activities) as prof:
-            engine.train_batch(data_iter=iter(data))
-            sync()
-        names = sorted({e.name for e in prof.events() if e.name.startswith("pipe stage")})
-        if rank == 0:
-            prof.export_chrome_trace(os.path.join(out_dir, "s2_stage0_trace.json"))
-        result["profiled_pipe_labels"] = names
-        result.pop("weights")
+        result = body(rank, world_size)
+        result.pop("weights", None)
         queue.put((rank, result))
     except Exception:
         queue.put((rank, {"error": traceback.format_exc()[-3000:]}))
+
+
+def _s2_body(rank, world_size, out_dir):
+    result = train("ours", world_size, "fp32", 6)
+    # One more step under torch.profiler: the pipe labels and the CUDA kernels, as a Chrome trace.
+    import torch
+    import torch.nn as nn
+    from torch.profiler import ProfilerActivity, profile
+    import deepspeed
+    import deepspeed_pipe_ext as dpe
+    torch.manual_seed(1)
+    net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=world_size, loss_fn=nn.MSELoss(),
+                             seed_layers=True, partition_method="uniform")
+    engine, _, _, _ = deepspeed.initialize(model=net, config={"train_micro_batch_size_per_gpu": 8,
+                                                              "gradient_accumulation_steps": 4,
+                                                              "steps_per_print": 10**9},
+                                           model_parameters=net.parameters(),
+                                           optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3))
+    data = batches(7, 4, torch.float32)
+    engine.train_batch(data_iter=iter(data))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        engine.train_batch(data_iter=iter(data))
+        sync()
+    if rank == 0:
+        prof.export_chrome_trace(os.path.join(out_dir, "s2_stage0_trace.json"))
+    result["profiled_pipe_labels"] = sorted({e.name for e in prof.events() if e.name.startswith("pipe stage")})
+    return result
+
+
+def _s2_worker(rank, world_size, port, out_dir, queue, device):
+    _worker(rank, world_size, port, queue, device, lambda r, w: _s2_body(r, w, out_dir))
 
 
 def _s1_gloo_worker(rank, world_size, port, out_dir, queue, device):
-    global DEVICE
-    DEVICE = device
-    try:
-        dry_run_patches()
-        join(rank, world_size, port, "gloo")
-        result = train("ours", 1, "fp32", 6)
-        result.pop("weights")
-        queue.put((rank, result))
-    except Exception:
-        queue.put((rank, {"error": traceback.format_exc()[-3000:]}))
+    _worker(rank, world_size, port, queue, device, lambda r, w: train("ours", 1, "fp32", 6))
 
 
 def spawn(worker, world_size, out_dir, timeout=240):
