@@ -439,9 +439,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base, release_sent_outputs,
                                         python_wrapper_references());
-        {
+        try {
           py::gil_scoped_release release;
           executor.run(program.steps, program.plan, program.num_buffers, cb);
+        } catch (py::error_already_set& err) {
+          // A callback raised: the same exception goes on, with where the schedule stood.
+          err.value().attr("add_note")("deepspeed_pipe_ext: raised on stage " + std::to_string(stage_id) + " at " +
+                                       executor.position());
+          throw;
         }
         // The compute passes as they ran: (start, end, op code, micro_batch, chunk), monotonic seconds.
         py::list timeline;

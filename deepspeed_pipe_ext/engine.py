@@ -54,6 +54,20 @@ def _check_supported(config):
                          "deepspeed_pipe_ext.schedule.simulate)")
 
 
+def _p2p_timeout(value):
+    """`"pipeline": {"p2p_timeout"}` in seconds: a finite positive number (the
+    C++ side counts milliseconds in 64 bits; 0 would mean no timeout at all)."""
+    import math
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and 0.001 <= seconds <= 10**9):
+        raise ValueError(f'"pipeline": {{"p2p_timeout": {value!r}}} must be a number of seconds between 0.001 and '
+                         '1e9 (default 300): how long a stage waits for its peer before failing with an error')
+    return seconds
+
+
 class PipelineEngine(DeepSpeedEngine):
     """DeepSpeed's pipeline engine interface over the C++ executor."""
 
@@ -112,7 +126,7 @@ class PipelineEngine(DeepSpeedEngine):
 
         # A sent stage output keeps its autograd graph but not its storage (Megatron's deallocate_output_tensor).
         self.deallocate_outputs = bool(pipeline.get("deallocate_outputs", True))
-        timeout = float(pipeline.get("p2p_timeout", 300))
+        timeout = _p2p_timeout(pipeline.get("p2p_timeout", 300))
         self.p2p = None
         self._dynamic_shapes = bool(self.module.dynamic_shape)
         if self.is_pipe_parallel:
@@ -122,6 +136,7 @@ class PipelineEngine(DeepSpeedEngine):
                               peer_label="stage")
         self.total_loss = None
         self.agg_train_loss = None
+        self._failed_batch = None  # what made a batch fail: later batches refuse to run
         self._programs = {}
         self.last_timeline = []
         # The last batch's activation buffers: count allocated, most in use at
@@ -260,7 +275,23 @@ class PipelineEngine(DeepSpeedEngine):
 
     # ------------------------------------------------------------------ executor callbacks
     def _run(self, kind, micro_batches, tag_base):
+        if self._failed_batch is not None:
+            raise PipelineError(
+                f"stage {self.stage_id} (global rank {self.global_rank}): an earlier batch failed here "
+                f"({self._failed_batch}); its transfers and gradients may be half done on this and other stages, so "
+                "this engine refuses to go on rather than train on misaligned data. Rebuild the engine with "
+                "deepspeed.initialize and load the last checkpoint (engine.load_checkpoint) to continue")
+        try:
+            self._run_schedule(kind, micro_batches, tag_base)
+        except BaseException as err:
+            self._failed_batch = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            raise
+
+    def _run_schedule(self, kind, micro_batches, tag_base):
         self._plain_path = self._plain_engine_path()
+        # A stage that trains something (or passes gradients on) must send outputs that carry gradients.
+        self._needs_grad_outputs = (self.module.training and torch.is_grad_enabled() and not self.is_last_stage()
+                                    and (self.stage_id > 0 or any(p.requires_grad for p in self.module.parameters())))
         self._stage_forward = self.module.forward if self._only_engine_hooks() else self.module
         self.fwd_outputs = []
         self._labels, self._losses = {}, {}
@@ -372,6 +403,7 @@ class PipelineEngine(DeepSpeedEngine):
     def _forward(self, buffer_id, inputs):
         outputs = self._stage_forward(inputs) if self._plain_path else super().forward(inputs)
         if not self.is_last_stage():
+            self._check_stage_output(outputs)
             return outputs
         if self._compute_loss and self.module.loss_fn is not None:
             loss = self.module.loss_fn(outputs, self._labels.pop(buffer_id))
@@ -387,6 +419,30 @@ class PipelineEngine(DeepSpeedEngine):
         if self.module.training:
             self._losses[buffer_id] = loss
         return None
+
+    def _check_stage_output(self, outputs):
+        """Refuse what the next stage cannot take, and outputs that would
+        silently stop this stage and every earlier one from learning."""
+        tensors = [outputs] if torch.is_tensor(outputs) else outputs
+        if not isinstance(tensors, (tuple, list)) or not all(torch.is_tensor(t) for t in tensors) or not tensors:
+            found = type(outputs).__name__ if not isinstance(outputs, (tuple, list)) else \
+                "a tuple with " + ", ".join(type(t).__name__ for t in outputs)
+            raise PipelineError(f"stage {self.stage_id}: its last layer ({self._last_layer()}) returned {found}; a "
+                                "stage other than the last must return a tensor or a tuple of tensors for the next stage")
+        if self._needs_grad_outputs and not any(t.requires_grad for t in tensors if t.is_floating_point()):
+            raise PipelineError(
+                f"stage {self.stage_id}: no output of its last layer ({self._last_layer()}) requires grad, so no "
+                f"gradient could flow back and stage {self.stage_id} and every earlier stage would silently stop "
+                "learning; do not detach the outputs (or compute them under torch.no_grad) in a stage's layers")
+
+    def _last_layer(self):
+        module = self.module
+        index = (module._local_stop or len(module._layer_specs)) - 1
+        layer = module._layer_specs[index]
+        name = getattr(getattr(layer, "typename", None), "__name__", None) or type(layer).__name__
+        if name == "function":
+            name = getattr(layer, "__name__", name)
+        return f"layer {index}, {name}"
 
     def _backward_loss(self, buffer_id):
         loss = self._losses.pop(buffer_id)

@@ -424,3 +424,67 @@ def profiled_pass_names(rank, world_size):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.train_batch(data_iter=data)
     return sorted({e.name for e in prof.events() if e.name.startswith("pipe stage")})
+
+
+class Detach(nn.Module):
+    """Passes its input on for the first 4 micro-batches (one good batch), then detaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x if self.calls <= 4 else x.detach()
+
+
+class ReturnsNone(Detach):
+    """Passes its input on for the first 4 micro-batches, then returns None."""
+
+    def forward(self, x):
+        self.calls += 1
+        return x if self.calls <= 4 else None
+
+
+def failed_batches(rank, world_size):
+    """What a failing batch leaves behind, on each rank: the error it raised
+    (type, message, notes), whether the weights moved, and what the next
+    train_batch says. Also p2p_timeout validation."""
+    out = {"timeouts": {}}
+    base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "steps_per_print": 10**9}
+    for value in (float("inf"), float("nan"), 0, -1, 1e16, "soon"):
+        net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=2, loss_fn=nn.MSELoss())
+        try:
+            dpe_engine.initialize(model=net, config={**base, "pipeline": {"p2p_timeout": value}},
+                                  model_parameters=net.parameters(), optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+            out["timeouts"][str(value)] = "accepted"
+        except ValueError as err:
+            out["timeouts"][str(value)] = str(err)
+
+    def attempt(layers, data, name):
+        torch.manual_seed(2)
+        net = dpe.PipelineModule(layers=layers, num_stages=2, loss_fn=nn.MSELoss(), partition_method="uniform")
+        engine, _, _, _ = dpe_engine.initialize(model=net, config={**base, "pipeline": {"p2p_timeout": 3}},
+                                                model_parameters=net.parameters(),
+                                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        engine.train_batch(data_iter=iter(batches(1, 4)))  # one good batch first
+        before = [p.detach().clone() for p in net.parameters()]
+        result = {}
+        try:
+            engine.train_batch(data_iter=iter(data))
+            result["error"] = None
+        except BaseException as err:
+            result["error"] = (type(err).__name__, str(err), list(getattr(err, "__notes__", [])))
+        result["weights_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+        try:
+            engine.train_batch(data_iter=iter(batches(1, 4)))
+            result["next"] = None
+        except BaseException as err:
+            result["next"] = (type(err).__name__, str(err))
+        out[name] = result
+
+    linear = lambda: [nn.Linear(8, 8), nn.Linear(8, 4)]
+    attempt(linear(), batches(1, 3), "exhausted")  # 3 micro-batches for 4: StopIteration mid-batch
+    attempt([nn.Linear(8, 8), Detach(), nn.Linear(8, 8), nn.Linear(8, 4)], batches(1, 4), "detached")
+    attempt([nn.Linear(8, 8), ReturnsNone(), nn.Linear(8, 8), nn.Linear(8, 4)], batches(1, 4), "none")
+    return out

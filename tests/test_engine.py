@@ -199,3 +199,28 @@ def test_torch_profiler_names_every_pass_and_transfer():
             "pipe stage 0 optimizer step"} <= set(stage0), stage0
     assert {"pipe stage 1 recv activation mb 0", "pipe stage 1 forward mb 1", "pipe stage 1 backward mb 0",
             "pipe stage 1 send grad mb 1", "pipe stage 1 reduce grads"} <= set(stage1), stage1
+
+
+def test_failed_batches_never_step_and_later_batches_refuse():
+    stage0, stage1 = run_ranks(engine_cases.failed_batches, 2, timeout=200)
+    for value, message in stage0["timeouts"].items():
+        assert "p2p_timeout" in message and "must be a number of seconds" in message, (value, message)
+    for case in ("exhausted", "detached", "none"):
+        for stage, rank in ((0, stage0), (1, stage1)):
+            result = rank[case]
+            assert result["error"] is not None, (case, stage)
+            assert result["weights_unchanged"], (case, stage)  # no optimizer step for a failed batch
+            kind, message = result["next"]
+            assert kind == "PipelineError" and f"stage {stage} (global rank {stage}): an earlier batch failed" in message
+            assert "load the last checkpoint" in message
+    # The stage that ran out of data says so, with where the schedule stood.
+    kind, _, notes = stage0["exhausted"]["error"]
+    assert kind == "StopIteration"
+    assert any("raised on stage 0 at step" in n and "LoadMicroBatch (micro-batch 3)" in n for n in notes), notes
+    # Outputs that would silently freeze earlier stages, or that the next stage cannot take, are refused by name.
+    kind, message, _ = stage0["detached"]["error"]
+    assert kind == "PipelineError" and "stage 0: no output of its last layer (layer 1, Detach) requires grad" in message
+    kind, message, _ = stage0["none"]["error"]
+    assert kind == "PipelineError" and "stage 0: its last layer (layer 1, ReturnsNone) returned NoneType" in message
+    # Their peer waited for the activation that never came, and says so within the 3 s timeout.
+    assert "RecvActivation" in stage1["detached"]["error"][1]

@@ -141,6 +141,11 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
   flat_.clear();
 }
 
+std::string Executor::position() const {
+  if (position_ < 0 || position_ >= static_cast<int32_t>(flat_.size())) return "outside the schedule";
+  return describe_step(flat_[position_].first, flat_[position_].second);
+}
+
 void Executor::take_action(const core::TransferAction& action) {
   const auto& [step, in] = flat_.at(action.instruction);
   const int64_t saved_step = step_;

@@ -80,6 +80,9 @@ class Executor {
   // The forward and backward passes of the last run, in order.
   const std::vector<TimedInstruction>& timeline() const { return timeline_; }
   const BufferUsage& buffer_usage() const { return usage_; }
+  // The instruction the last run was executing ("step 3, ForwardPass
+  // (micro-batch 1)"): where a run that threw stopped.
+  std::string position() const;
 
  private:
   void execute(const core::Instruction& in, bool delayed_send, const StageCallbacks& cb);
