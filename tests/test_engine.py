@@ -117,6 +117,9 @@ def test_unresponsive_peer_fails_within_the_timeout(die):
     assert "step " in message and " stage 1 failed" in message, message
     if not die:
         assert "receiving step 3, RecvGrad (micro-batch 0) (meta) from stage 1 failed" in message, message
+        assert "(timeout 3 s)" in message, message
+    else:  # a dead peer is named as such, not as a timeout
+        assert "the peer closed the connection" in message and "timeout" not in message, message
     assert waited < 30
 
 

@@ -123,10 +123,20 @@ at::Tensor P2P::from_wire(const at::Tensor& t) const {
 
 [[noreturn]] void P2P::fail(const std::exception& err, int peer, const Describe& what, const char* part,
                             bool sending) const {
+  // A dead peer shows as a closed connection, not a timeout: say which it was.
+  const std::string text = err.what();
+  const bool closed = text.find("Connection closed by peer") != std::string::npos ||
+                      text.find("Connection reset by peer") != std::string::npos ||
+                      text.find("Broken pipe") != std::string::npos;
   std::ostringstream msg;
   msg << self_name_ << ": " << (sending ? "sending " : "receiving ") << what() << part << (sending ? " to " : " from ")
-      << peer_label_ << " " << peer << " failed (timeout " << timeout_.count() / 1000.0 << " s): " << err.what()
-      << ". The peer may have died, or its schedule does not match this one.";
+      << peer_label_ << " " << peer << " failed: ";
+  if (closed) {
+    msg << "the peer closed the connection (its process probably died; check its log): " << text;
+  } else {
+    msg << text << " (timeout " << timeout_.count() / 1000.0
+        << " s). The peer may have died, failed, or run a schedule that does not match this one.";
+  }
   throw std::runtime_error(msg.str());
 }
 
