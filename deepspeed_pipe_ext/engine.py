@@ -16,6 +16,7 @@ deepspeed_pipe_ext's PipelineModule (and, after
 PipelineModule too).
 `deepspeed_pipe_ext.engine.initialize(...)` always builds this engine.
 """
+import contextlib
 import time
 
 import torch
@@ -126,7 +127,7 @@ class PipelineEngine(DeepSpeedEngine):
 
         # A sent stage output keeps its autograd graph but not its storage (Megatron's deallocate_output_tensor).
         self.deallocate_outputs = bool(pipeline.get("deallocate_outputs", True))
-        timeout = _p2p_timeout(pipeline.get("p2p_timeout", 300))
+        timeout = self.p2p_timeout = _p2p_timeout(pipeline.get("p2p_timeout", 300))
         self.p2p = None
         self._dynamic_shapes = bool(self.module.dynamic_shape)
         if self.is_pipe_parallel:
@@ -158,9 +159,10 @@ class PipelineEngine(DeepSpeedEngine):
         self.total_loss = None
         self._compute_loss = True
         start = time.perf_counter()
-        self._run(self.schedule_kind, self.micro_batches, _TRAIN_TAGS)
-        with torch.no_grad():
-            self.agg_train_loss = self._aggregate_total_loss()
+        with self._batch_guard():
+            self._run(self.schedule_kind, self.micro_batches, _TRAIN_TAGS)
+            with torch.no_grad():
+                self.agg_train_loss = self._aggregate_total_loss()
         self._log_progress(time.perf_counter() - start)
         return self.agg_train_loss
 
@@ -189,13 +191,14 @@ class PipelineEngine(DeepSpeedEngine):
         self._require_data()
         micro_batches = self.micro_batches if num_micro_batches is None else num_micro_batches
         self.total_loss = None
-        with torch.no_grad():
-            self._run("inference", micro_batches, _EVAL_TAGS)
         eval_output = None
-        if self.is_last_stage():
-            eval_output = self._reduce_outputs(self.fwd_outputs, reduce=reduce_output, micro_batches=micro_batches)
-        if compute_loss and bcast_loss:
-            eval_output = self._bcast_pipe_scalar(eval_output)
+        with self._batch_guard():
+            with torch.no_grad():
+                self._run("inference", micro_batches, _EVAL_TAGS)
+            if self.is_last_stage():
+                eval_output = self._reduce_outputs(self.fwd_outputs, reduce=reduce_output, micro_batches=micro_batches)
+            if compute_loss and bcast_loss:
+                eval_output = self._bcast_pipe_scalar(eval_output)
         self.set_dataiterator(train_iterator)
         self.eval_return_logits = False
         if return_logits:
@@ -274,7 +277,11 @@ class PipelineEngine(DeepSpeedEngine):
                                        load_module_only=load_module_only, custom_load_fn=custom_load_fn)
 
     # ------------------------------------------------------------------ executor callbacks
-    def _run(self, kind, micro_batches, tag_base):
+    @contextlib.contextmanager
+    def _batch_guard(self):
+        """Around a whole train_batch / eval_batch: after one that raised, the
+        pipeline's transfers and gradients may be half done on this and other
+        stages, so every later batch refuses at once."""
         if self._failed_batch is not None:
             raise PipelineError(
                 f"stage {self.stage_id} (global rank {self.global_rank}): an earlier batch failed here "
@@ -282,12 +289,12 @@ class PipelineEngine(DeepSpeedEngine):
                 "this engine refuses to go on rather than train on misaligned data. Rebuild the engine with "
                 "deepspeed.initialize and load the last checkpoint (engine.load_checkpoint) to continue")
         try:
-            self._run_schedule(kind, micro_batches, tag_base)
+            yield
         except BaseException as err:
             self._failed_batch = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
             raise
 
-    def _run_schedule(self, kind, micro_batches, tag_base):
+    def _run(self, kind, micro_batches, tag_base):
         self._plain_path = self._plain_engine_path()
         # A stage that trains something (or passes gradients on) must send outputs that carry gradients.
         self._needs_grad_outputs = (self.module.training and torch.is_grad_enabled() and not self.is_last_stage()
@@ -475,7 +482,7 @@ class PipelineEngine(DeepSpeedEngine):
         for weight, group in self.module.get_tied_weights_and_groups():
             grad = weight._hp_grad if self.using_bf16_optimizer else weight.grad
             if grad is not None:
-                dist.all_reduce(grad, group=group)
+                self._bounded(dist.all_reduce(grad, group=group, async_op=True), "the tied-weight all-reduce", group)
 
     def _reduce_grads(self):
         if self._plain_path and self.dp_world_size == 1 and not self.has_moe_layers:
@@ -496,6 +503,23 @@ class PipelineEngine(DeepSpeedEngine):
         finally:
             self._force_grad_boundary = False
 
+    def _bounded(self, work, what, group):
+        """Waits for a collective of the batch at most p2p_timeout, then fails
+        naming this stage, the collective and the ranks of its group."""
+        import datetime
+        try:
+            done = work.wait(timeout=datetime.timedelta(seconds=self.p2p_timeout))
+        except Exception as err:
+            done, cause = False, err
+        else:
+            cause = None
+        if done is False:
+            ranks = dist.get_process_group_ranks(group)
+            raise PipelineError(f"stage {self.stage_id} (global rank {self.global_rank}): {what} over global ranks "
+                                f"{ranks} did not complete within p2p_timeout ({self.p2p_timeout:g} s): "
+                                f"{cause if cause is not None else 'timed out'}. A rank of that group may have died, "
+                                "failed, or stalled") from cause
+
     # ------------------------------------------------------------------ losses
     def _aggregate_total_loss(self):
         """Mean loss over micro-batches, averaged over data-parallel ranks, sent to every stage."""
@@ -505,14 +529,18 @@ class PipelineEngine(DeepSpeedEngine):
             self.dp_group_loss = loss.clone().detach()
             agg_loss = self.dp_group_loss.clone().detach()
             if self.is_data_parallel:
-                dist.all_reduce(agg_loss, group=self.grid.get_data_parallel_group())
+                dp_group = self.grid.get_data_parallel_group()
+                self._bounded(dist.all_reduce(agg_loss, group=dp_group, async_op=True), "the loss all-reduce",
+                              dp_group)
                 agg_loss /= self.grid.data_parallel_size
             losses = torch.stack([self.dp_group_loss, agg_loss]).float()
             if self.is_pipe_parallel:
-                dist.broadcast(losses, src=self.global_rank, group=pipe_group)
+                self._bounded(dist.broadcast(losses, src=self.global_rank, group=pipe_group, async_op=True),
+                              "the loss broadcast", pipe_group)
         else:
             losses = torch.zeros(2, device=self.device)
-            dist.broadcast(losses, src=self.grid.stage_to_global(self.num_stages - 1), group=pipe_group)
+            self._bounded(dist.broadcast(losses, src=self.grid.stage_to_global(self.num_stages - 1), group=pipe_group,
+                                         async_op=True), "the loss broadcast", pipe_group)
             self.dp_group_loss = losses[0].clone().detach()
             agg_loss = losses[1].clone().detach()
         return agg_loss
@@ -532,7 +560,8 @@ class PipelineEngine(DeepSpeedEngine):
         reduced = self._scale_loss_by_gas(reduced, eval_micro_batches=micro_batches)
         if self.is_data_parallel:
             for t in ([reduced] if torch.is_tensor(reduced) else reduced):
-                dist.all_reduce(t, group=self.grid.get_data_parallel_group())
+                dp_group = self.grid.get_data_parallel_group()
+                self._bounded(dist.all_reduce(t, group=dp_group, async_op=True), "the eval output all-reduce", dp_group)
                 t /= self.grid.data_parallel_size
         return reduced
 
@@ -543,7 +572,9 @@ class PipelineEngine(DeepSpeedEngine):
         else:
             result = torch.tensor([0.], dtype=dtype, device=self.device)
         if self.is_pipe_parallel:
-            dist.broadcast(result, src=src, group=self.grid.get_pipe_parallel_group())
+            pipe_group = self.grid.get_pipe_parallel_group()
+            self._bounded(dist.broadcast(result, src=src, group=pipe_group, async_op=True), "the eval loss broadcast",
+                          pipe_group)
         return result
 
     def _build_data_iter(self, dataset):

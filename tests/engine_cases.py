@@ -447,6 +447,7 @@ class ReturnsNone(Detach):
 
 
 def failed_batches(rank, world_size):
+    import time
     """What a failing batch leaves behind, on each rank: the error it raised
     (type, message, notes), whether the weights moved, and what the next
     train_batch says. Also p2p_timeout validation."""
@@ -461,7 +462,7 @@ def failed_batches(rank, world_size):
         except ValueError as err:
             out["timeouts"][str(value)] = str(err)
 
-    def attempt(layers, data, name):
+    def attempt(layers, data, name, stall_loss_broadcast=False):
         torch.manual_seed(2)
         net = dpe.PipelineModule(layers=layers, num_stages=2, loss_fn=nn.MSELoss(), partition_method="uniform")
         engine, _, _, _ = dpe_engine.initialize(model=net, config={**base, "pipeline": {"p2p_timeout": 3}},
@@ -470,11 +471,18 @@ def failed_batches(rank, world_size):
         engine.train_batch(data_iter=iter(batches(1, 4)))  # one good batch first
         before = [p.detach().clone() for p in net.parameters()]
         result = {}
+        if stall_loss_broadcast and rank == 1:  # the last stage never joins the loss broadcast
+            def stall():
+                time.sleep(6)
+                raise RuntimeError("stalled before the loss broadcast")
+            engine._aggregate_total_loss = stall
+        start = time.monotonic()
         try:
             engine.train_batch(data_iter=iter(data))
             result["error"] = None
         except BaseException as err:
             result["error"] = (type(err).__name__, str(err), list(getattr(err, "__notes__", [])))
+        result["seconds"] = time.monotonic() - start
         result["weights_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
         try:
             engine.train_batch(data_iter=iter(batches(1, 4)))
@@ -487,4 +495,5 @@ def failed_batches(rank, world_size):
     attempt(linear(), batches(1, 3), "exhausted")  # 3 micro-batches for 4: StopIteration mid-batch
     attempt([nn.Linear(8, 8), Detach(), nn.Linear(8, 8), nn.Linear(8, 4)], batches(1, 4), "detached")
     attempt([nn.Linear(8, 8), ReturnsNone(), nn.Linear(8, 8), nn.Linear(8, 4)], batches(1, 4), "none")
+    attempt(linear(), batches(1, 4), "stalled", stall_loss_broadcast=True)  # last: it may leave the group broken
     return out

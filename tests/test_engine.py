@@ -208,11 +208,12 @@ def test_failed_batches_never_step_and_later_batches_refuse():
     stage0, stage1 = run_ranks(engine_cases.failed_batches, 2, timeout=200)
     for value, message in stage0["timeouts"].items():
         assert "p2p_timeout" in message and "must be a number of seconds" in message, (value, message)
-    for case in ("exhausted", "detached", "none"):
+    for case in ("exhausted", "detached", "none", "stalled"):
         for stage, rank in ((0, stage0), (1, stage1)):
             result = rank[case]
             assert result["error"] is not None, (case, stage)
-            assert result["weights_unchanged"], (case, stage)  # no optimizer step for a failed batch
+            if case != "stalled":  # the stalled batch failed after its optimizer step
+                assert result["weights_unchanged"], (case, stage)  # no optimizer step for a failed batch
             kind, message = result["next"]
             assert kind == "PipelineError" and f"stage {stage} (global rank {stage}): an earlier batch failed" in message
             assert "load the last checkpoint" in message
@@ -227,3 +228,8 @@ def test_failed_batches_never_step_and_later_batches_refuse():
     assert kind == "PipelineError" and "stage 0: its last layer (layer 1, ReturnsNone) returned NoneType" in message
     # Their peer waited for the activation that never came, and says so within the 3 s timeout.
     assert "RecvActivation" in stage1["detached"]["error"][1]
+    # A collective of the batch is bounded by p2p_timeout too: the loss broadcast the last stage never joined.
+    kind, message, _ = stage0["stalled"]["error"]
+    assert kind == "PipelineError" and "the loss broadcast over global ranks [0, 1] did not complete within" in message
+    assert stage0["stalled"]["seconds"] < 3 + 5
+    assert stage1["stalled"]["error"][1] == "stalled before the loss broadcast"
