@@ -48,6 +48,7 @@ bench: build
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_torch_pipelining.py
 	$(PY) benchmarks/bench_checkpointing.py
+	$(PY) benchmarks/bench_failures.py
 
 # Compile-only check of the CUDA variant (not part of `make test`): its own venv
 # with torch 2.14.1, the CUDA 13 build on local disk, and the machine's nvcc;

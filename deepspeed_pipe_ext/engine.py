@@ -292,6 +292,9 @@ class PipelineEngine(DeepSpeedEngine):
             yield
         except BaseException as err:
             self._failed_batch = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            if hasattr(err, "add_note"):  # Python 3.11+: errors from DeepSpeed or torch name the rank too
+                err.add_note(f"deepspeed_pipe_ext: this batch failed on stage {self.stage_id} "
+                             f"(global rank {self.global_rank}); later batches on this engine will refuse to run")
             raise
 
     def _run(self, kind, micro_batches, tag_base):
