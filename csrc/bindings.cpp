@@ -151,19 +151,13 @@ py::list trace_to_python(const core::CommTrace& trace) {
 core::CommTrace trace_from_python(const std::vector<std::tuple<std::string, int, int64_t, std::string>>& events) {
   core::CommTrace trace;
   for (const auto& [kind, who, bytes, label] : events) {
-    core::CommEvent ev;
     if (kind == "wait") {
-      ev.is_wait = true;
-      ev.op = who;
+      trace.push_back(core::waited(who));
     } else if (kind == "send" || kind == "recv") {
-      ev.kind = kind == "send" ? core::CommKind::Send : core::CommKind::Recv;
-      ev.peer = who;
-      ev.bytes = bytes;
-      ev.label = label;
+      trace.push_back(core::issued(kind == "send" ? core::CommKind::Send : core::CommKind::Recv, who, bytes, label));
     } else {
       throw std::invalid_argument("trace event kind must be 'send', 'recv' or 'wait', got '" + kind + "'");
     }
-    trace.push_back(std::move(ev));
   }
   return trace;
 }

@@ -362,11 +362,10 @@ class PipelineEngine(DeepSpeedEngine):
 
     def _program(self, kind, micro_batches):
         """This stage's instruction stream, generated once per configuration."""
-        dynamic = self._dynamic_shapes  # as the P2P channels were built
-        key = (kind, micro_batches, dynamic)
-        if key not in self._programs:
+        key = (kind, micro_batches)
+        if key not in self._programs:  # dynamic shapes as the P2P channels were built
             self._programs[key] = _C.StageProgram(kind, micro_batches, self.num_stages, self.stage_id,
-                                                  dynamic_shapes=dynamic)
+                                                  dynamic_shapes=self._dynamic_shapes)
         return self._programs[key]
 
     def _require_data(self):

@@ -48,7 +48,7 @@ def _run(module_cls, spec, make, num_stages, schedule, model, dynamic, record, s
     if not record:
         return losses, evals.item()
     trace = list(engine.p2p.trace) if engine.p2p is not None else []
-    program = engine._programs[(schedule, micro_batches, dynamic)]
+    program = engine._programs[(schedule, micro_batches)]
     return losses, evals.item(), trace, program.delayed_sends, program.posted_receives
 
 

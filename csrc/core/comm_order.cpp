@@ -47,6 +47,24 @@ std::string describe_op(int32_t rank, const RankOps::Operation& o) {
 
 }  // namespace
 
+CommEvent issued(CommKind kind, int32_t peer, int64_t bytes, std::string label, int64_t message, int32_t group) {
+  CommEvent ev;
+  ev.kind = kind;
+  ev.peer = peer;
+  ev.bytes = bytes;
+  ev.message = message;
+  ev.group = group;
+  ev.label = std::move(label);
+  return ev;
+}
+
+CommEvent waited(int32_t op) {
+  CommEvent ev;
+  ev.is_wait = true;
+  ev.op = op;
+  return ev;
+}
+
 CommCheck check_nccl_order(const std::vector<CommTrace>& traces, bool one_stream_per_rank) {
   // The queue an operation with `peer` runs in.
   auto queue_of = [one_stream_per_rank](int32_t peer) { return one_stream_per_rank ? -1 : peer; };
@@ -268,19 +286,6 @@ int32_t transfer_peer(const Instruction& in, int64_t stage_id, int64_t stages) {
 
 namespace {
 
-struct FlatInstruction {
-  int64_t step;
-  Instruction in;
-};
-
-std::vector<FlatInstruction> flatten(const Steps& steps) {
-  std::vector<FlatInstruction> flat;
-  for (size_t s = 0; s < steps.size(); ++s) {
-    for (const auto& in : steps[s]) flat.push_back({static_cast<int64_t>(s), in});
-  }
-  return flat;
-}
-
 bool is_transfer(Op op) {
   return op == Op::SendActivation || op == Op::RecvActivation || op == Op::SendGrad || op == Op::RecvGrad;
 }
@@ -306,7 +311,7 @@ TransferPlan plan_in_program_order(const Steps& steps, int64_t stage_id, int64_t
   std::map<ChannelKey, int32_t> previous_recv;
   std::map<int32_t, int32_t> last_transfer_with;  // peer -> flat index of the last transfer seen
   for (int32_t i = 0; i < n; ++i) {
-    const Instruction& in = flat[i].in;
+    const Instruction& in = flat[i].instr;
     if (!is_transfer(in.op)) continue;
     const int32_t peer = transfer_peer(in, stage_id, stages);
     if (is_recv(in.op)) {
@@ -340,7 +345,7 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
   // Per peer: this stage's transfers with it, in the pair's agreed order.
   std::map<int32_t, std::vector<int32_t>> pair_order;
   for (int32_t i = 0; i < n; ++i) {
-    if (is_transfer(flat[i].in.op)) pair_order[transfer_peer(flat[i].in, stage_id, stages)].push_back(i);
+    if (is_transfer(flat[i].instr.op)) pair_order[transfer_peer(flat[i].instr, stage_id, stages)].push_back(i);
   }
   for (auto& [peer, items] : pair_order) {
     std::stable_sort(items.begin(), items.end(),
@@ -355,11 +360,11 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
     return next[peer] < items.size() ? items[next[peer]] : -1;
   };
   auto postable = [&](int32_t r) {
-    return !dynamic_shapes && shapes_known[channel_of(flat[r].in, stage_id, stages)];
+    return !dynamic_shapes && shapes_known[channel_of(flat[r].instr, stage_id, stages)];
   };
   auto post = [&](int32_t at, int32_t r, int32_t peer) {
     plan.before[at].push_back({TransferAction::Kind::PostRecv, r});
-    ++posted[channel_of(flat[r].in, stage_id, stages)];
+    ++posted[channel_of(flat[r].instr, stage_id, stages)];
     ++next[peer];
   };
   // Before instruction `at`: issue captured sends whose turn it is, post
@@ -370,13 +375,13 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
       for (auto& [peer, items] : pair_order) {
         const int32_t h = head(peer);
         if (h < 0) continue;
-        if (!is_recv(flat[h].in.op)) {
+        if (!is_recv(flat[h].instr.op)) {
           if (captured[h]) {
             plan.before[at].push_back({TransferAction::Kind::IssueSend, h});
             ++next[peer];
             moved = true;
           }
-        } else if (h > at && postable(h) && posted[channel_of(flat[h].in, stage_id, stages)] == 0) {
+        } else if (h > at && postable(h) && posted[channel_of(flat[h].instr, stage_id, stages)] == 0) {
           post(at, h, peer);
           moved = true;
         }
@@ -385,7 +390,7 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
   };
   for (int32_t i = 0; i < n; ++i) {
     settle(i);
-    const Instruction& in = flat[i].in;
+    const Instruction& in = flat[i].instr;
     if (!is_transfer(in.op)) continue;
     const int32_t peer = transfer_peer(in, stage_id, stages);
     const ChannelKey key = channel_of(in, stage_id, stages);
@@ -405,7 +410,7 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
     // A send: everything before it in the pair's order goes first.
     bool delay = false;
     for (int32_t h = head(peer); h != i; h = head(peer)) {
-      if (h < 0 || !is_recv(flat[h].in.op)) {
+      if (h < 0 || !is_recv(flat[h].instr.op)) {
         throw std::logic_error("plan_transfers: stage " + std::to_string(stage_id) + " sends instruction " +
                                std::to_string(i) + " out of its pair's order");
       }
@@ -452,9 +457,9 @@ std::vector<TransferPlan> plan_transfers(const std::vector<Steps>& streams, int6
   for (int64_t s = 0; s < stages; ++s) {
     const auto flat = flatten(streams[s]);
     for (size_t i = 0; i < flat.size(); ++i) {
-      const Op op = flat[i].in.op;
+      const Op op = flat[i].instr.op;
       if (op == Op::SendActivation || op == Op::SendGrad) {
-        sent[{s, transfer_peer(flat[i].in, s, stages), op == Op::SendActivation ? Op::RecvActivation : Op::RecvGrad}]
+        sent[{s, transfer_peer(flat[i].instr, s, stages), op == Op::SendActivation ? Op::RecvActivation : Op::RecvGrad}]
             .push_back(sim.sequence[s][i]);
       }
     }
@@ -464,13 +469,13 @@ std::vector<TransferPlan> plan_transfers(const std::vector<Steps>& streams, int6
     std::vector<int64_t> seq(flat.size(), -1);
     std::map<std::pair<int64_t, Op>, size_t> received;
     for (size_t i = 0; i < flat.size(); ++i) {
-      const Op op = flat[i].in.op;
+      const Op op = flat[i].instr.op;
       if (!is_transfer(op)) continue;
       if (!is_recv(op)) {
         seq[i] = sim.sequence[s][i];
         continue;
       }
-      const int64_t peer = transfer_peer(flat[i].in, s, stages);
+      const int64_t peer = transfer_peer(flat[i].instr, s, stages);
       seq[i] = sent[{peer, s, op}].at(received[{peer, op}]++);
     }
     plans.push_back(plan_in_pair_order(streams[s], s, stages, seq, dynamic_shapes));
@@ -489,41 +494,27 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
   const auto flat = flatten(steps);
   const int32_t n = static_cast<int32_t>(flat.size());
   CommTrace trace;
-  int32_t issued = 0;
+  int32_t issued_ops = 0;
   // A message is its sender's virtual stage, kind, micro-batch and part (meta or data).
   auto message_of = [&](int32_t i, bool meta) {
-    const Instruction& in = flat[i].in;
+    const Instruction& in = flat[i].instr;
     const int64_t v = static_cast<int64_t>(in.chunk) * stages + stage_id;
     const bool grad = in.op == Op::SendGrad || in.op == Op::RecvGrad;
     const int64_t sender = in.op == Op::RecvActivation ? v - 1 : in.op == Op::RecvGrad ? v + 1 : v;
     return ((static_cast<int64_t>(in.micro_batch) * 4096 + sender) * 2 + (grad ? 1 : 0)) * 2 + (meta ? 1 : 0);
   };
-  auto issue = [&](CommKind kind, int32_t peer, int64_t bytes, const std::string& label, int64_t message) {
-    CommEvent ev;
-    ev.kind = kind;
-    ev.peer = peer;
-    ev.bytes = bytes;
-    ev.message = message;
-    ev.label = label;
-    trace.push_back(std::move(ev));
-    return issued++;
+  auto issue = [&](CommKind kind, int32_t peer, int64_t bytes, std::string label, int64_t message) {
+    trace.push_back(issued(kind, peer, bytes, std::move(label), message));
+    return issued_ops++;
   };
-  auto wait = [&](int32_t op) {
-    CommEvent ev;
-    ev.is_wait = true;
-    ev.op = op;
-    trace.push_back(std::move(ev));
-  };
-  auto label_of = [&](int32_t i) {
-    return "step " + std::to_string(flat[i].step) + ", " + op_name(flat[i].in.op) + " (micro-batch " +
-           std::to_string(flat[i].in.micro_batch) + ")";
-  };
+  auto wait = [&](int32_t op) { trace.push_back(waited(op)); };
+  auto label_of = [&](int32_t i) { return describe_step(flat[i].step, flat[i].instr); };
   constexpr int64_t meta_bytes = kMetaWords * 8;
   std::map<ChannelKey, bool> meta_sent, meta_known;
   std::map<ChannelKey, std::deque<int32_t>> posted;      // channel -> posted data receives
   std::map<ChannelKey, std::vector<int32_t>> in_flight;  // send channel -> operations not yet waited for
   auto send = [&](int32_t i) {
-    const ChannelKey key = channel_of(flat[i].in, stage_id, stages);
+    const ChannelKey key = channel_of(flat[i].instr, stage_id, stages);
     const int32_t peer = std::get<1>(key);
     for (int32_t op : in_flight[key]) wait(op);
     in_flight[key].clear();
@@ -538,13 +529,13 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
       if (a.kind == TransferAction::Kind::IssueSend) {
         send(a.instruction);
       } else {
-        const ChannelKey key = channel_of(flat[a.instruction].in, stage_id, stages);
+        const ChannelKey key = channel_of(flat[a.instruction].instr, stage_id, stages);
         posted[key].push_back(
             issue(CommKind::Recv, std::get<1>(key), -1, label_of(a.instruction), message_of(a.instruction, false)));
       }
     }
     if (p == n) break;
-    const Instruction& in = flat[p].in;
+    const Instruction& in = flat[p].instr;
     if (!is_transfer(in.op)) continue;
     const ChannelKey key = channel_of(in, stage_id, stages);
     if (!is_recv(in.op)) {

@@ -43,6 +43,11 @@ struct CommEvent {
 };
 using CommTrace = std::vector<CommEvent>;
 
+// The two kinds of event, as every trace (recorded, planned, hand-written) builds them.
+CommEvent issued(CommKind kind, int32_t peer, int64_t bytes, std::string label, int64_t message = -1,
+                 int32_t group = -1);
+CommEvent waited(int32_t op);
+
 struct CommCheck {
   bool ok = true;
   int64_t operations = 0;  // operations that completed

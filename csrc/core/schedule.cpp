@@ -392,6 +392,20 @@ bool is_compute_order_kind(ScheduleKind k) {
 
 const char* op_name(Op op) { return kOpNames[static_cast<int>(op)]; }
 
+std::vector<Located> flatten(const Steps& steps) {
+  std::vector<Located> flat;
+  for (size_t s = 0; s < steps.size(); ++s) {
+    for (const auto& in : steps[s]) flat.push_back({static_cast<int64_t>(s), in});
+  }
+  return flat;
+}
+
+std::string describe_step(int64_t step, const Instruction& in) {
+  std::string s = "step " + std::to_string(step) + ", " + op_name(in.op);
+  if (in.micro_batch >= 0) s += " (micro-batch " + std::to_string(in.micro_batch) + ")";
+  return s;
+}
+
 bool op_has_buffer(Op op) {
   return op != Op::ReduceTiedGrads && op != Op::ReduceGrads && op != Op::OptimizerStep;
 }

@@ -42,6 +42,16 @@ struct Instruction {
 using Step = std::vector<Instruction>;
 using Steps = std::vector<Step>;
 
+// An instruction with the step it belongs to: a stream in flat order, as the
+// executor runs it and the simulator and the transfer planner walk it.
+struct Located {
+  int64_t step;
+  Instruction instr;
+};
+std::vector<Located> flatten(const Steps& steps);
+// "step 3, ForwardPass (micro-batch 1)": how errors and traces name an instruction.
+std::string describe_step(int64_t step, const Instruction& in);
+
 enum class ScheduleKind : uint8_t {
   Train1F1B,       // DeepSpeed's TrainSchedule, instruction for instruction
   Inference,       // DeepSpeed's InferenceSchedule

@@ -25,11 +25,6 @@ std::string describe(const Instruction& in) {
   return s + ")";
 }
 
-struct Located {
-  int64_t step;
-  Instruction instr;
-};
-
 class Simulator {
  public:
   Simulator(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
@@ -52,14 +47,12 @@ class Simulator {
       st.grad_ready.assign(M_ * V_, 0);
       st.b_done.assign(M_ * V_, 0);
       st.w_done.assign(M_ * V_, 0);
-      for (int64_t k = 0; k < static_cast<int64_t>(streams[i].size()); ++k) {
-        for (const Instruction& in : streams[i][k]) {
-          st.program.push_back({k, in});
-          if (in.op == Op::BackwardPass || in.op == Op::BackwardInput || in.op == Op::BackwardWeight) training_ = true;
-          if (op_has_buffer(in.op)) {
-            check_ids(i, k, in);
-            ++st.uses_left[key(in)];
-          }
+      st.program = flatten(streams[i]);
+      for (const auto& [k, in] : st.program) {
+        if (in.op == Op::BackwardPass || in.op == Op::BackwardInput || in.op == Op::BackwardWeight) training_ = true;
+        if (op_has_buffer(in.op)) {
+          check_ids(i, k, in);
+          ++st.uses_left[key(in)];
         }
       }
     }

@@ -77,19 +77,13 @@ Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer
   TORCH_CHECK(num_stages == 1 || p2p != nullptr, "a pipeline of ", num_stages, " stages needs p2p");
 }
 
-std::string Executor::where(const core::Instruction& in) const { return describe_step(step_, in); }
-
-std::string describe_step(int64_t step, const core::Instruction& in) {
-  std::string s = "step " + std::to_string(step) + ", " + core::op_name(in.op);
-  if (in.micro_batch >= 0) s += " (micro-batch " + std::to_string(in.micro_batch) + ")";
-  return s;
-}
+std::string Executor::where(const core::Instruction& in) const { return core::describe_step(step_, in); }
 
 namespace {
 // Captures values only (16 bytes, so std::function stores it without
 // allocating); the string is built only if the transfer fails.
 Describe lazily(int64_t step, const core::Instruction& in) {
-  return [step = static_cast<int32_t>(step), in] { return describe_step(step, in); };
+  return [step = static_cast<int32_t>(step), in] { return core::describe_step(step, in); };
 }
 }  // namespace
 
@@ -102,11 +96,8 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
   step_ = 0;
   timeline_.clear();
   usage_ = BufferUsage{};
-  flat_.clear();
+  flat_ = core::flatten(steps);
   captured_sends_.clear();
-  for (size_t s = 0; s < steps.size(); ++s) {
-    for (const auto& in : steps[s]) flat_.emplace_back(static_cast<int64_t>(s), in);
-  }
   TORCH_CHECK(plan.before.size() == flat_.size() + 1 && plan.delayed.size() == flat_.size(), "stage ", stage_id_,
               ": the transfer plan does not belong to this program (", plan.delayed.size(), " instructions planned, ",
               flat_.size(), " in the program)");
@@ -143,7 +134,7 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
 
 std::string Executor::position() const {
   if (position_ < 0 || position_ >= static_cast<int32_t>(flat_.size())) return "outside the schedule";
-  return describe_step(flat_[position_].first, flat_[position_].second);
+  return core::describe_step(flat_[position_].step, flat_[position_].instr);
 }
 
 void Executor::take_action(const core::TransferAction& action) {

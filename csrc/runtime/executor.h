@@ -57,8 +57,6 @@ struct BufferUsage {
   int64_t peak_bytes = 0;
 };
 
-// "step 3, RecvGrad (micro-batch 0)": how errors name an instruction.
-std::string describe_step(int64_t step, const core::Instruction& in);
 
 class Executor {
  public:
@@ -105,7 +103,7 @@ class Executor {
   int64_t wrapper_references_;
   int64_t step_ = 0;
   // The flat stream of the current run, and delayed sends' captured tensors by instruction.
-  std::vector<std::pair<int64_t, core::Instruction>> flat_;
+  std::vector<core::Located> flat_;
   std::map<int32_t, Activation> captured_sends_;
   int32_t position_ = 0;  // flat index of the instruction running
   std::vector<Activation> inputs_, outputs_;

@@ -144,12 +144,8 @@ P2P::Started P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, con
                         bool sending) {
   Started started;
   if (recording_) {
-    core::CommEvent ev;
-    ev.kind = sending ? core::CommKind::Send : core::CommKind::Recv;
-    ev.peer = peer;
-    ev.bytes = static_cast<int64_t>(tensors[0].nbytes());
-    ev.label = what() + part;
-    trace_.push_back(std::move(ev));
+    trace_.push_back(core::issued(sending ? core::CommKind::Send : core::CommKind::Recv, peer,
+                                  static_cast<int64_t>(tensors[0].nbytes()), what() + part));
     started.op = issued_++;
   }
   try {
@@ -165,12 +161,7 @@ P2P::Started P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, con
 }
 
 void P2P::wait(const Started& started, int peer, const Describe& what, const char* part, bool sending) {
-  if (recording_ && started.op >= 0) {
-    core::CommEvent ev;
-    ev.is_wait = true;
-    ev.op = started.op;
-    trace_.push_back(std::move(ev));
-  }
+  if (recording_ && started.op >= 0) trace_.push_back(core::waited(started.op));
   try {
     TORCH_CHECK(started.work, started.start_error);
     if (!started.work->wait(timeout_)) {

@@ -150,20 +150,9 @@ static void test_schedules_property() {
 
 
 static CommEvent issue(CommKind kind, int32_t peer, const char* label, int32_t group = -1, int64_t bytes = -1) {
-  CommEvent ev;
-  ev.kind = kind;
-  ev.peer = peer;
-  ev.label = label;
-  ev.group = group;
-  ev.bytes = bytes;
-  return ev;
+  return issued(kind, peer, bytes, label, /*message=*/-1, group);
 }
-static CommEvent wait_for(int32_t op) {
-  CommEvent ev;
-  ev.is_wait = true;
-  ev.op = op;
-  return ev;
-}
+static CommEvent wait_for(int32_t op) { return waited(op); }
 
 // The hazard, by hand: each stage's head with the other is a receive.
 static void test_nccl_order_checker() {
