@@ -341,6 +341,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "Starts the next receive on (peer, tag) into buffers of its own; False before the channel's meta is known.")
       .def_property_readonly("pending_sends", &dpe::runtime::P2P::pending_sends)
       .def("wait_sends", &dpe::runtime::P2P::wait_sends, py::call_guard<py::gil_scoped_release>())
+      .def("abort", &dpe::runtime::P2P::abort, py::arg("reason"), py::call_guard<py::gil_scoped_release>(),
+           "Stops the wait in progress (from any thread) and every later one, with an error giving `reason`.")
       .def("reset", &dpe::runtime::P2P::reset, py::call_guard<py::gil_scoped_release>())
       .def("set_single_tag", &dpe::runtime::P2P::set_single_tag, py::arg("on"),
            "Every transfer on tag 0, so that gloo matches them in issue order as NCCL does (tests).")

@@ -17,7 +17,9 @@ PipelineModule too).
 `deepspeed_pipe_ext.engine.initialize(...)` always builds this engine.
 """
 import contextlib
+import datetime
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,9 @@ from deepspeed.runtime.pipe.module import PipelineError, PipelineModule as DSPip
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import RepeatingLoader
 
+from . import _deepspeed_compat
 from ._native import _C
+from .failures import FailureBoard, RemoteFailure
 
 __all__ = ["PipelineEngine", "initialize", "run_deepspeed_pipelines_on_this_engine", "engine_class_for"]
 
@@ -138,6 +142,16 @@ class PipelineEngine(DeepSpeedEngine):
         self.total_loss = None
         self.agg_train_loss = None
         self._failed_batch = None  # what made a batch fail: later batches refuse to run
+        self._train_batches = 0  # the same count on every rank: names a batch's barrier on the store
+        self._agreed = False
+        # Failures travel: a batch that fails on any rank stops every rank, and none steps on it.
+        self._failures = None
+        if dist.get_world_size() > 1:
+            self._failures = FailureBoard(f"stage {self.stage_id} (global rank {self.global_rank})", timeout)
+            if self.p2p is not None:
+                self._failures.on_failure(self.p2p.abort)
+            weakref.finalize(self, self._failures.close)
+            self._bound_collectives(timeout)
         self._programs = {}
         self.last_timeline = []
         # The last batch's activation buffers: count allocated, most in use at
@@ -159,6 +173,7 @@ class PipelineEngine(DeepSpeedEngine):
         self.total_loss = None
         self._compute_loss = True
         start = time.perf_counter()
+        self._train_batches += 1
         with self._batch_guard():
             self._run(self.schedule_kind, self.micro_batches, _TRAIN_TAGS)
             with torch.no_grad():
@@ -279,7 +294,8 @@ class PipelineEngine(DeepSpeedEngine):
     # ------------------------------------------------------------------ executor callbacks
     @contextlib.contextmanager
     def _batch_guard(self):
-        """Around a whole train_batch / eval_batch: after one that raised, the
+        """Around a whole train_batch / eval_batch. A batch that raised here
+        is posted to every rank (which stop at once); after it, the
         pipeline's transfers and gradients may be half done on this and other
         stages, so every later batch refuses at once."""
         if self._failed_batch is not None:
@@ -288,14 +304,73 @@ class PipelineEngine(DeepSpeedEngine):
                 f"({self._failed_batch}); its transfers and gradients may be half done on this and other stages, so "
                 "this engine refuses to go on rather than train on misaligned data. Rebuild the engine with "
                 "deepspeed.initialize and load the last checkpoint (engine.load_checkpoint) to continue")
+        if self._failures is not None:
+            self._failures.raise_if_failed()  # another rank failed after this rank's last batch
+        self._agreed = False
         try:
             yield
         except BaseException as err:
-            self._failed_batch = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            cause = None if isinstance(err, RemoteFailure) else self._remote_cause(err)
+            final = err if cause is None else self._failures.error(cause)
+            self._failed_batch = f"{type(final).__name__}: {str(final).splitlines()[0] if str(final) else ''}"[:300]
+            if isinstance(err, RemoteFailure):
+                raise
+            if cause is not None:
+                raise final from err
+            told = self._failures is not None and self._failures.announce(self._describe_failure(err),
+                                                                           self._train_batches)
             if hasattr(err, "add_note"):  # Python 3.11+: errors from DeepSpeed or torch name the rank too
                 err.add_note(f"deepspeed_pipe_ext: this batch failed on stage {self.stage_id} "
-                             f"(global rank {self.global_rank}); later batches on this engine will refuse to run")
+                             f"(global rank {self.global_rank}); " + ("every other rank was told and stops; "
+                                                                      if told else "") +
+                             "later batches on this engine will refuse to run")
             raise
+
+    # What a transfer or collective says when the real failure is elsewhere.
+    _CONSEQUENCES = (": stopped ", "closed the connection", "Connection closed by peer", "Connection reset",
+                     "timed out", "Timed out", "(timeout ")
+
+    def _remote_cause(self, err):
+        """The failure another rank posted, when `err` is only its consequence
+        here (an aborted transfer, a closed connection, a timeout)."""
+        if self._failures is None or not isinstance(err, RuntimeError):
+            return None
+        if not any(marker in str(err) for marker in self._CONSEQUENCES):
+            return None
+        return self._failures.posted()
+
+    def _describe_failure(self, err):
+        """Where and how this rank's batch failed, for the other ranks."""
+        where = ""
+        for note in getattr(err, "__notes__", []):
+            if note.startswith("deepspeed_pipe_ext: raised on stage ") and " at " in note:
+                where = " at " + note.split(" at ", 1)[1]
+        who = f"global rank {self.global_rank} (stage {self.stage_id}"
+        if self.is_data_parallel:
+            who += f", data-parallel rank {self.grid.get_data_parallel_rank()}"
+        text = str(err).splitlines()[0] if str(err) else ""
+        return f"{who}){where}: {type(err).__name__}{': ' + text if text else ''}"[:4000]
+
+    def _bound_collectives(self, timeout_s):
+        """The collectives a batch runs inside DeepSpeed (data-parallel and
+        clipping all-reduces, ZeRO's gathers) and ours (tied weights, loss)
+        wait at most p2p_timeout on the groups of this pipeline."""
+        grid, timeout = self.grid, datetime.timedelta(seconds=timeout_s)
+        groups = [grid.get_pipe_parallel_group(), grid.get_data_parallel_group()]
+        for getter in ("get_slice_parallel_group", "get_model_parallel_group"):
+            if hasattr(grid, getter):
+                groups.append(getattr(grid, getter)())
+        groups += [comm["group"] for comm in getattr(self.module, "tied_comms", {}).values()]
+        for group in {id(g): g for g in groups if g is not None}.values():
+            if self.global_rank in dist.get_process_group_ranks(group):
+                _deepspeed_compat.set_group_timeout(group, timeout)
+
+    def _agree_before_step(self):
+        """Before the first reduction of a train batch: every rank has done its
+        forward and backward passes, or none goes on to step."""
+        if self._failures is not None and not self._agreed:
+            self._agreed = True
+            self._failures.agree(self._train_batches)
 
     def _run(self, kind, micro_batches, tag_base):
         self._plain_path = self._plain_engine_path()
@@ -481,12 +556,14 @@ class PipelineEngine(DeepSpeedEngine):
         return self.optimizer.clear_lp_grads, after
 
     def _reduce_tied_grads(self):
+        self._agree_before_step()
         for weight, group in self.module.get_tied_weights_and_groups():
             grad = weight._hp_grad if self.using_bf16_optimizer else weight.grad
             if grad is not None:
                 self._bounded(dist.all_reduce(grad, group=group, async_op=True), "the tied-weight all-reduce", group)
 
     def _reduce_grads(self):
+        self._agree_before_step()
         if self._plain_path and self.dp_world_size == 1 and not self.has_moe_layers:
             return  # an all-reduce over one rank (and a division by 1) changes nothing
         self._force_grad_boundary = True
@@ -499,6 +576,7 @@ class PipelineEngine(DeepSpeedEngine):
             self._force_grad_boundary = False
 
     def _optimizer_step(self):
+        self._agree_before_step()
         self._force_grad_boundary = True
         try:
             self._take_model_step(None)
@@ -506,21 +584,13 @@ class PipelineEngine(DeepSpeedEngine):
             self._force_grad_boundary = False
 
     def _bounded(self, work, what, group):
-        """Waits for a collective of the batch at most p2p_timeout, then fails
-        naming this stage, the collective and the ranks of its group."""
-        import datetime
-        try:
-            done = work.wait(timeout=datetime.timedelta(seconds=self.p2p_timeout))
-        except Exception as err:
-            done, cause = False, err
-        else:
-            cause = None
-        if done is False:
-            ranks = dist.get_process_group_ranks(group)
-            raise PipelineError(f"stage {self.stage_id} (global rank {self.global_rank}): {what} over global ranks "
-                                f"{ranks} did not complete within p2p_timeout ({self.p2p_timeout:g} s): "
-                                f"{cause if cause is not None else 'timed out'}. A rank of that group may have died, "
-                                "failed, or stalled") from cause
+        """Waits for a collective of the batch at most p2p_timeout (less when
+        another rank's failure arrives), then fails naming this stage, the
+        collective and the ranks of its group."""
+        if self._failures is not None:
+            self._failures.wait_work(work, what, group)
+            return
+        work.wait(timeout=datetime.timedelta(seconds=self.p2p_timeout))
 
     # ------------------------------------------------------------------ losses
     def _aggregate_total_loss(self):

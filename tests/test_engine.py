@@ -226,8 +226,14 @@ def test_failed_batches_never_step_and_later_batches_refuse():
     assert kind == "PipelineError" and "stage 0: no output of its last layer (layer 1, Detach) requires grad" in message
     kind, message, _ = stage0["none"]["error"]
     assert kind == "PipelineError" and "stage 0: its last layer (layer 1, ReturnsNone) returned NoneType" in message
-    # Their peer waited for the activation that never came, and says so within the 3 s timeout.
-    assert "RecvActivation" in stage1["detached"]["error"][1]
+    # Their peer stops at once (well within the 3 s timeout), naming the failure and where it started.
+    for case, cause in (("detached", "no output of its last layer"), ("none", "returned NoneType")):
+        kind, message, _ = stage1[case]["error"]
+        assert kind == "RemoteFailure", (case, kind)  # a PipelineError
+        assert message.startswith("stage 1 (global rank 1): stopped because the batch failed on global rank 0 "
+                                  "(stage 0) at step 0, ForwardPass (micro-batch 0): PipelineError: "), message
+        assert cause in message and "No rank takes an optimizer step" in message, message
+        assert stage1[case]["seconds"] < 2.5, stage1[case]["seconds"]
     # A collective of the batch is bounded by p2p_timeout too: the loss broadcast the last stage never joined.
     kind, message, _ = stage0["stalled"]["error"]
     assert kind == "PipelineError" and "the loss broadcast over global ranks [0, 1] did not complete within" in message

@@ -8,6 +8,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <algorithm>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -51,6 +52,17 @@ std::vector<TensorMeta> decode(const at::Tensor& wire, bool* is_tuple) {
   return meta;
 }
 
+// Transfers that never completed (a failed batch): a backend may still
+// write into a receive's buffer or read a send's when the peer's side
+// arrives, so their Work (which owns the tensors) lives as long as the
+// process. Only failed batches put anything here.
+void keep_forever(c10::intrusive_ptr<c10d::Work> work) {
+  static std::mutex mutex;
+  static auto* graveyard = new std::vector<c10::intrusive_ptr<c10d::Work>>();
+  std::lock_guard<std::mutex> lock(mutex);
+  graveyard->push_back(std::move(work));
+}
+
 }  // namespace
 
 std::vector<TensorMeta> meta_of(const std::vector<at::Tensor>& tensors) {
@@ -83,6 +95,23 @@ P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds
   nccl_ = group_->getBackendName() == "nccl";
   through_host_ = device_.is_cuda() && !nccl_;
   if (through_host_) wire_device_ = at::Device(at::kCPU);
+}
+
+P2P::~P2P() {
+  auto unfinished = [](const Started& s) { return s.work && !s.work->isCompleted(); };
+  for (auto& [channel, queue] : posted_)
+    for (auto& posted : queue)
+      for (auto& s : posted.works)
+        if (unfinished(s)) keep_forever(s.work);
+  for (auto& p : pending_)
+    if (unfinished(p.work)) keep_forever(p.work.work);
+}
+
+void P2P::abort(const std::string& reason) {
+  std::lock_guard<std::mutex> lock(abort_mutex_);
+  if (!abort_reason_.empty()) return;
+  abort_reason_ = reason.empty() ? std::string("aborted") : reason;
+  if (waiting_) waiting_->abort();  // gloo: the blocked wait returns false at once
 }
 
 at::Tensor P2P::empty_wire(const TensorMeta& m) const {
@@ -162,14 +191,45 @@ P2P::Started P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, con
 
 void P2P::wait(const Started& started, int peer, const Describe& what, const char* part, bool sending) {
   if (recording_ && started.op >= 0) trace_.push_back(core::waited(started.op));
+  std::string aborted;
+  {
+    std::lock_guard<std::mutex> lock(abort_mutex_);
+    aborted = abort_reason_;
+    if (aborted.empty()) waiting_ = started.work;
+  }
+  if (!aborted.empty()) {
+    if (started.work && !started.work->isCompleted()) keep_forever(started.work);
+    stopped(aborted, peer, what, part, sending);
+  }
+  bool completed = false;
   try {
     TORCH_CHECK(started.work, started.start_error);
-    if (!started.work->wait(timeout_)) {
-      TORCH_CHECK(false, "timed out");
-    }
+    completed = started.work->wait(timeout_);  // false: abort() stopped it
   } catch (const std::exception& err) {
+    {
+      std::lock_guard<std::mutex> lock(abort_mutex_);
+      waiting_.reset();
+    }
+    if (started.work) keep_forever(started.work);
     fail(err, peer, what, part, sending);
   }
+  {
+    std::lock_guard<std::mutex> lock(abort_mutex_);
+    waiting_.reset();
+    aborted = abort_reason_;
+  }
+  if (!completed) {
+    keep_forever(started.work);
+    stopped(aborted.empty() ? std::string("the backend reported the transfer aborted") : aborted, peer, what, part,
+            sending);
+  }
+}
+
+void P2P::stopped(const std::string& reason, int peer, const Describe& what, const char* part, bool sending) const {
+  std::ostringstream msg;
+  msg << self_name_ << ": stopped " << (sending ? "sending " : "receiving ") << what() << part
+      << (sending ? " to " : " from ") << peer_label_ << " " << peer << ": " << reason;
+  throw std::runtime_error(msg.str());
 }
 
 void P2P::send(const Activation& value, int peer, int tag, const Describe& what) {

@@ -28,6 +28,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -67,6 +68,11 @@ class P2P {
   // Errors call peers "<peer_label> <group rank>" (e.g. "stage 1").
   P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds timeout, std::string self_name,
       bool dynamic_shapes, at::Device device = at::kCPU, std::string peer_label = "rank");
+  // Transfers never completed (a failed batch) stay alive for the life of
+  // the process: the backend may still write into their buffers.
+  ~P2P();
+  P2P(const P2P&) = delete;
+  P2P& operator=(const P2P&) = delete;
 
   // Starts sending `tensors` to `peer`; returns at once. The tensors must stay
   // unmodified until the send is done. On gloo the next send on the same
@@ -89,6 +95,12 @@ class P2P {
   void reap_sends();
   // Forgets cached meta and buffers: the next transfers send meta again.
   void reset();
+  // Stops the wait in progress, and every later one, with an error that
+  // gives `reason` (another rank's failure). Callable from any thread: the
+  // engine's failure watcher calls it while this rank waits for a transfer
+  // that will never come. There is no way back: the group's transfers are
+  // no longer aligned.
+  void abort(const std::string& reason);
 
   // Transfers started and not yet waited for (each tensor and meta piece counts).
   int64_t pending_sends() const { return static_cast<int64_t>(pending_.size()); }
@@ -123,6 +135,8 @@ class P2P {
   void wait(const Started& started, int peer, const Describe& what, const char* part, bool sending);
   [[noreturn]] void fail(const std::exception& err, int peer, const Describe& what, const char* part,
                          bool sending) const;
+  [[noreturn]] void stopped(const std::string& reason, int peer, const Describe& what, const char* part,
+                            bool sending) const;
   int data_tag(int tag) const { return single_tag_ ? 0 : 2 * tag + 1; }
   int meta_tag(int tag) const { return single_tag_ ? 0 : 2 * tag; }
   at::Tensor empty_wire(const TensorMeta& m) const;  // a receive buffer, on the device or pinned host memory
@@ -165,6 +179,10 @@ class P2P {
     const char* part;
   };
   std::vector<PendingSend> pending_;
+  // abort(): why (empty until then), and the Work a wait is blocked on.
+  std::mutex abort_mutex_;
+  std::string abort_reason_;
+  c10::intrusive_ptr<c10d::Work> waiting_;
 };
 
 }  // namespace dpe::runtime

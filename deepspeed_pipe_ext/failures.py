@@ -1,0 +1,208 @@
+"""When a batch fails on one rank, every rank of the engine stops within
+milliseconds, says where the failure started, and no rank takes an optimizer
+step for that batch.
+
+Everything goes through the rendezvous store all processes of the job
+already share (c10d's Store; with torchrun or deepspeed's launcher a TCPStore
+hosted by global rank 0), over connections of the engine's own:
+
+- Each rank has an inbox (a store queue). A watcher thread per engine blocks
+  on it; when a failure arrives it stops this rank's transfers (P2P.abort)
+  and wakes the collectives this rank is waiting for.
+- The rank where a batch fails posts a description of the failure to every
+  inbox, and under a key the others read when their own error is only a
+  consequence (a closed connection, a timeout).
+- Before the gradient reductions and the optimizer step, every rank checks in
+  at a barrier on the store. It opens when all have checked in (the forward
+  and backward passes succeeded everywhere), or when a failure is posted:
+  then no rank steps.
+"""
+import datetime
+import itertools
+import threading
+
+import torch.distributed as dist
+from deepspeed.runtime.pipe.module import PipelineError
+
+from . import _deepspeed_compat
+
+# Engines are built collectively, in the same order on every rank, so the
+# n-th engine of every process shares the key prefix n.
+_engine_numbers = itertools.count()
+_STOP = b"\0stop"
+_OK = b"ok"
+_FOREVER = datetime.timedelta(days=3650)
+_RECOVERY = ("Rebuild the engine with deepspeed.initialize and load the last checkpoint (engine.load_checkpoint) "
+             "to continue")
+
+
+class RemoteFailure(PipelineError):
+    """Raised on a rank that stopped because a batch failed on another rank."""
+
+
+class FailureBoard:
+    """One engine's view of failures on any rank of the job.
+
+    `name` prefixes errors ("stage 1 (global rank 3)"); `timeout_s` bounds the
+    waits (the engine's p2p_timeout)."""
+
+    def __init__(self, name, timeout_s, store=None):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.name = name
+        self.timeout_s = timeout_s
+        self.remote = None  # the failure another rank posted, once the watcher has it
+        self._prefix = f"deepspeed_pipe_ext/engine{next(_engine_numbers)}"
+        shared = store if store is not None else _deepspeed_compat.default_store()
+        # Connections of our own: a timed-out wait never disturbs the store
+        # torch uses (new_group), and the watcher's blocking pop never holds
+        # up the batch's barrier.
+        self._store = shared.clone()
+        watch_store = shared.clone()
+        watch_store.set_timeout(_FOREVER)
+        self._lock = threading.Lock()
+        self._listeners = []
+        self._wakers = set()
+        self._closed = False
+        self._thread = threading.Thread(target=_watch, args=(self, watch_store, self._key(f"inbox/{self.rank}")),
+                                        name=f"deepspeed_pipe_ext failure watcher ({name})", daemon=True)
+        self._thread.start()
+
+    def _key(self, name):
+        return f"{self._prefix}/{name}"
+
+    def on_failure(self, listener):
+        """Calls listener(description) when another rank's failure arrives."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def _deliver(self, description):
+        with self._lock:
+            if self.remote is not None:
+                return
+            self.remote = description
+            listeners, wakers = list(self._listeners), list(self._wakers)
+        for listener in listeners:
+            listener(description)
+        for waker in wakers:
+            waker.set()
+
+    # ------------------------------------------------------------------ the failing rank
+    def announce(self, description, batch):
+        """Posts this rank's failure (during train batch `batch`) to every
+        rank. Best effort: with the store gone (its host died) peers learn
+        through their own connections. Returns whether ours was the first."""
+        value = description.encode()
+        try:
+            if self._store.compare_set(self._key("failure"), "", value) != value:
+                return False  # another rank's failure came first: it is the cause
+            for go in (batch, batch + 1):  # opens the barrier of this batch (and the next) as failed
+                self._store.compare_set(self._key(f"go/{go}"), "", value)
+            for rank in range(self.world_size):
+                if rank != self.rank:
+                    self._store.queue_push(self._key(f"inbox/{rank}"), value)
+        except Exception:
+            return False
+        return True
+
+    def posted(self):
+        """The failure posted by another rank, if any (asks the store: the
+        watcher may not have it yet); None when there is none or no store."""
+        if self.remote is not None:
+            return self.remote
+        try:
+            key = self._key("failure")
+            if self._store.check([key]):
+                return self._store.get(key).decode(errors="replace")
+        except Exception:
+            pass
+        return None
+
+    def error(self, description):
+        """The error a rank raises because of another rank's failure."""
+        return RemoteFailure(f"{self.name}: stopped because the batch failed on {description}. No rank takes an "
+                             f"optimizer step for it. {_RECOVERY}")
+
+    def raise_if_failed(self):
+        if self.remote is not None:
+            raise self.error(self.remote)
+
+    # ------------------------------------------------------------------ every rank
+    def agree(self, batch):
+        """The barrier before the gradient reductions and the optimizer step of
+        train batch `batch`: returns when every rank has reached it, raises
+        when a failure is posted or a rank does not arrive within the timeout."""
+        store, arrived_key, go_key = self._store, self._key(f"arrived/{batch}"), self._key(f"go/{batch}")
+        try:
+            if store.add(arrived_key, 1) == self.world_size:
+                verdict = store.compare_set(go_key, "", _OK)
+                if batch >= 2:  # every rank is past batch - 2's barrier: its keys can go
+                    store.delete_key(self._key(f"arrived/{batch - 2}"))
+                    store.delete_key(self._key(f"go/{batch - 2}"))
+            else:
+                store.wait([go_key], datetime.timedelta(seconds=self.timeout_s))
+                verdict = store.get(go_key)
+        except Exception as err:
+            try:
+                arrived = store.add(arrived_key, 0)
+            except Exception:
+                raise PipelineError(
+                    f"{self.name}: lost the rendezvous store at the end of batch {batch} ({err}); it lives in the "
+                    f"process of global rank 0, which probably died (check its log). {_RECOVERY}") from err
+            posted = self.posted()
+            if posted is not None:
+                raise self.error(posted) from err
+            raise PipelineError(
+                f"{self.name}: only {arrived} of the {self.world_size} ranks finished the forward and backward passes "
+                f"of batch {batch} within p2p_timeout ({self.timeout_s:g} s); the others stalled, died or stopped "
+                f"calling train_batch. No rank takes an optimizer step for this batch. {_RECOVERY}") from err
+        if verdict != _OK:
+            raise self.error(verdict.decode(errors="replace"))
+
+    def wait_work(self, work, what, group):
+        """Waits for a collective `work` on `group` at most the timeout; a
+        failure posted by another rank ends the wait at once."""
+        if dist.get_backend(group) == "nccl":  # waits on the GPU stream, not here
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            return
+        done = threading.Event()
+        work.get_future().add_done_callback(lambda _: done.set())
+        with self._lock:
+            self._wakers.add(done)
+        try:
+            if self.remote is None:
+                done.wait(self.timeout_s)
+        finally:
+            with self._lock:
+                self._wakers.discard(done)
+        self.raise_if_failed()
+        # The future's callbacks run as it completes, before the work itself
+        # reads as completed: the event is the answer, not is_completed().
+        if not done.is_set():
+            raise PipelineError(
+                f"{self.name}: {what} over global ranks {dist.get_process_group_ranks(group)} did not complete "
+                f"within p2p_timeout ({self.timeout_s:g} s). A rank of that group may have died, failed, or stalled")
+        work.wait()  # the collective's own error, if it failed
+
+    def close(self):
+        """Stops the watcher (an engine that is garbage collected)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._store.queue_push(self._key(f"inbox/{self.rank}"), _STOP)
+        except Exception:
+            return
+        self._thread.join(timeout=5)
+
+
+def _watch(board, store, inbox):
+    """The watcher thread: blocks on this rank's inbox until a failure or
+    the stop message arrives, or the store goes away."""
+    while True:
+        try:
+            message = store.queue_pop(inbox, True)
+        except Exception:
+            return  # the store is gone: transfers and collectives still fail on their own
+        if message == _STOP:
+            return
+        board._deliver(message.decode(errors="replace"))
