@@ -328,12 +328,12 @@ class PipelineEngine(DeepSpeedEngine):
 
     # What a transfer or collective says when the real failure is elsewhere.
     _CONSEQUENCES = (": stopped ", "closed the connection", "Connection closed by peer", "Connection reset",
-                     "timed out", "Timed out", "(timeout ")
+                     "timed out", "Timed out", "(timeout ", "did not complete within p2p_timeout")
 
     def _remote_cause(self, err):
         """The failure another rank posted, when `err` is only its consequence
         here (an aborted transfer, a closed connection, a timeout)."""
-        if self._failures is None or not isinstance(err, RuntimeError):
+        if self._failures is None or not isinstance(err, (RuntimeError, PipelineError)):
             return None
         if not any(marker in str(err) for marker in self._CONSEQUENCES):
             return None
@@ -568,10 +568,12 @@ class PipelineEngine(DeepSpeedEngine):
             return  # an all-reduce over one rank (and a division by 1) changes nothing
         self._force_grad_boundary = True
         try:
-            if self.pipeline_enable_backward_allreduce and self.using_bf16_optimizer:
-                self.buffered_allreduce_fallback(grads=None, elements_per_buffer=MEMORY_OPT_ALLREDUCE_SIZE)
-            elif self.pipeline_enable_backward_allreduce:
-                self.allreduce_gradients(bucket_size=MEMORY_OPT_ALLREDUCE_SIZE)
+            with self._deepspeed_collectives("the data-parallel gradient all-reduce",
+                                             self.grid.get_data_parallel_group()):
+                if self.pipeline_enable_backward_allreduce and self.using_bf16_optimizer:
+                    self.buffered_allreduce_fallback(grads=None, elements_per_buffer=MEMORY_OPT_ALLREDUCE_SIZE)
+                elif self.pipeline_enable_backward_allreduce:
+                    self.allreduce_gradients(bucket_size=MEMORY_OPT_ALLREDUCE_SIZE)
         finally:
             self._force_grad_boundary = False
 
@@ -579,9 +581,17 @@ class PipelineEngine(DeepSpeedEngine):
         self._agree_before_step()
         self._force_grad_boundary = True
         try:
-            self._take_model_step(None)
+            with self._deepspeed_collectives("a collective of the optimizer step (gradient clipping's norm, ZeRO's "
+                                             "gathers)", self.grid.get_model_parallel_group(),
+                                             self.grid.get_data_parallel_group()):
+                self._take_model_step(None)
         finally:
             self._force_grad_boundary = False
+
+    def _deepspeed_collectives(self, what, *groups):
+        if self._failures is None:
+            return contextlib.nullcontext()
+        return self._failures.collectives(what, groups)
 
     def _bounded(self, work, what, group):
         """Waits for a collective of the batch at most p2p_timeout (less when

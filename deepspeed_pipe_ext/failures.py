@@ -17,6 +17,7 @@ hosted by global rank 0), over connections of the engine's own:
   and backward passes succeeded everywhere), or when a failure is posted:
   then no rank steps.
 """
+import contextlib
 import datetime
 import itertools
 import threading
@@ -32,6 +33,8 @@ _engine_numbers = itertools.count()
 _STOP = b"\0stop"
 _OK = b"ok"
 _FOREVER = datetime.timedelta(days=3650)
+# What gloo says when a peer of a collective died or never came.
+_TRANSPORT_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset")
 _RECOVERY = ("Rebuild the engine with deepspeed.initialize and load the last checkpoint (engine.load_checkpoint) "
              "to continue")
 
@@ -119,7 +122,7 @@ class FailureBoard:
 
     def error(self, description):
         """The error a rank raises because of another rank's failure."""
-        return RemoteFailure(f"{self.name}: stopped because the batch failed on {description}. No rank takes an "
+        return RemoteFailure(f"{self.name}: stopped because the batch failed on {description.rstrip('. ')}. No rank takes an "
                              f"optimizer step for it. {_RECOVERY}")
 
     def raise_if_failed(self):
@@ -178,10 +181,36 @@ class FailureBoard:
         # The future's callbacks run as it completes, before the work itself
         # reads as completed: the event is the answer, not is_completed().
         if not done.is_set():
-            raise PipelineError(
-                f"{self.name}: {what} over global ranks {dist.get_process_group_ranks(group)} did not complete "
-                f"within p2p_timeout ({self.timeout_s:g} s). A rank of that group may have died, failed, or stalled")
-        work.wait()  # the collective's own error, if it failed
+            raise self.collective_failed(what, [group], None)
+        try:
+            work.wait()  # the collective's own error, if it failed
+        except Exception as err:
+            raise self.collective_failed(what, [group], err) from err
+
+    @contextlib.contextmanager
+    def collectives(self, what, groups):
+        """Around DeepSpeed code that runs collectives on `groups`: their raw
+        timeout and closed-connection errors become errors naming this rank,
+        `what` and the ranks."""
+        try:
+            yield
+        except RuntimeError as err:
+            if not any(m in str(err) for m in _TRANSPORT_FAILURES):
+                raise
+            raise self.collective_failed(what, groups, err) from err
+
+    def collective_failed(self, what, groups, cause):
+        """The error for a collective `what` on `groups` that failed with
+        `cause` (None: it did not complete within the timeout)."""
+        ranks = " or ".join(str(dist.get_process_group_ranks(g)) for g in groups if g is not None)
+        text = str(cause) if cause is not None else ""
+        if cause is None or "imed out" in text:  # our timer or the group's
+            return PipelineError(f"{self.name}: {what} over global ranks {ranks} did not complete within p2p_timeout "
+                                 f"({self.timeout_s:g} s). A rank of that group may have died, failed, or stalled")
+        if "Connection closed by peer" in text or "Connection reset" in text:
+            return PipelineError(f"{self.name}: {what} over global ranks {ranks} failed: a peer closed the connection "
+                                 f"(its process probably died; check the logs of those ranks): {text}")
+        return PipelineError(f"{self.name}: {what} over global ranks {ranks} failed: {text}")
 
     def close(self):
         """Stops the watcher (an engine that is garbage collected)."""
