@@ -110,3 +110,25 @@ def posted_receives_and_sends_in_flight(rank, world_size):
         out["distinct_storages"] = len({t[0].data_ptr() for t in kept[1:]})
     dist.barrier()
     return out
+
+
+def abort_wakes_a_blocked_receive(rank, world_size):
+    """Rank 0 waits for a transfer rank 1 never sends; another thread aborts
+    it: the wait ends at once with the reason, and so does every later one."""
+    import threading
+    p2p = _C.P2P(dist.group.WORLD, 30.0, f"stage {rank}", peer_label="stage")
+    if rank == 1:
+        dist.barrier()  # after rank 0 is done
+        return None
+    threading.Timer(0.3, p2p.abort, args=("global rank 1 failed: ValueError: boom", )).start()
+    start = time.monotonic()
+    messages = []
+    for what in ("RecvActivation(micro-batch 0)", "RecvActivation(micro-batch 1)"):
+        try:
+            p2p.recv(1, 0, what)
+            messages.append("no error")
+        except RuntimeError as err:
+            messages.append(str(err))
+    waited = time.monotonic() - start
+    dist.barrier()
+    return messages, waited

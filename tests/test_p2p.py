@@ -28,3 +28,11 @@ def test_posted_receives_own_their_buffers_and_one_send_per_channel_is_in_flight
     assert receiver["posted"] == [True] * 5
     assert receiver["values"] == [([float(s)] * 3, s) for s in range(6)]
     assert receiver["distinct_storages"] == 5
+
+
+def test_abort_from_another_thread_ends_the_wait_in_progress_and_every_later_one():
+    (messages, waited), _ = run_ranks(p2p_cases.abort_wakes_a_blocked_receive, 2)
+    assert messages[0] == ("stage 0: stopped receiving RecvActivation(micro-batch 0) (meta) from stage 1: "
+                           "global rank 1 failed: ValueError: boom"), messages[0]
+    assert messages[1].startswith("stage 0: stopped receiving RecvActivation(micro-batch 1)"), messages[1]
+    assert waited < 10  # the receive's own timeout is 30 s
