@@ -97,12 +97,13 @@ def main():
     args = parser.parse_args()
     for world_size in args.world_sizes:
         rng = random.Random(world_size)
-        times, origins, hangs = [], {}, 0
+        times, origins, hangs, by_rank = [], {}, 0, {}
         layout = "2 stages" if world_size == 2 else f"2 stages x {world_size // 2} data-parallel"
         for t in range(args.trials):
             victim, survivors = trial(world_size, args.p2p_timeout, rng)
             for rank, (seconds, message) in sorted(survivors.items()):
                 times.append(seconds)
+                by_rank.setdefault(rank, []).append(seconds)
                 hangs += seconds == float("inf")
                 key = origin(message)
                 origins[key] = origins.get(key, 0) + 1
@@ -112,8 +113,12 @@ def main():
         finite = [s for s in times if s != float("inf")]
         print(f"\n{layout} ({world_size} ranks) over gloo, p2p_timeout {args.p2p_timeout:g} s, {args.trials} trials: "
               f"{len(times)} survivor exceptions, seconds from SIGKILL: median {statistics.median(finite):.3f}, "
-              f"worst {max(times):.3f}; hangs {hangs}; " + ", ".join(f"{k}: {v}" for k, v in sorted(origins.items())) +
-              "\n", flush=True)
+              f"worst {max(times):.3f}; hangs {hangs}; " + ", ".join(f"{k}: {v}" for k, v in sorted(origins.items())),
+              flush=True)
+        for rank, seconds in sorted(by_rank.items()):
+            print(f"  rank {rank}: survived {len(seconds)} kills, median {statistics.median(seconds):.3f} s, "
+                  f"worst {max(seconds):.3f} s", flush=True)
+        print(flush=True)
 
 
 if __name__ == "__main__":

@@ -399,7 +399,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          int next_peer, int tag_base, py::function load, py::function forward, py::function backward_loss,
          py::function reduce_tied_grads, py::function reduce_grads, py::function optimizer_step,
          std::optional<py::function> before_backward, std::optional<py::function> after_backward,
-         std::optional<py::function> loss_to_differentiate, bool release_sent_outputs) {
+         std::optional<py::function> loss_to_differentiate, bool release_sent_outputs,
+         const dpe::runtime::TensorParallelSplit* split, bool split_activations, bool split_grads) {
         dpe::runtime::StageCallbacks cb;
         cb.load = [&](int64_t buffer) {
           py::gil_scoped_acquire gil;
@@ -435,6 +436,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base, release_sent_outputs,
                                         python_wrapper_references());
+        executor.split_transfers(split, split_activations, split_grads);
         try {
           py::gil_scoped_release release;
           executor.run(program.steps, program.plan, program.num_buffers, cb);
@@ -462,7 +464,43 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
       py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"),
       py::arg("before_backward") = py::none(), py::arg("after_backward") = py::none(),
-      py::arg("loss_to_differentiate") = py::none(), py::arg("release_sent_outputs") = true);
+      py::arg("loss_to_differentiate") = py::none(), py::arg("release_sent_outputs") = true,
+      py::arg("split") = nullptr, py::arg("split_activations") = false, py::arg("split_grads") = false);
+
+  py::class_<dpe::runtime::TensorParallelSplit>(m, "TensorParallelSplit",
+                                                "DeepSpeed's pipe_partitioned / grad_partitioned: the first tensor "
+                                                "between stages travels as 1/TP shares, gathered over the "
+                                                "tensor-parallel group on arrival.")
+      .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, double timeout_s, std::string self_name) {
+             return std::make_unique<dpe::runtime::TensorParallelSplit>(
+                 std::move(group), std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)),
+                 std::move(self_name));
+           }),
+           py::arg("group"), py::arg("timeout_s"), py::arg("self_name"))
+      .def(
+          "split",
+          [](const dpe::runtime::TensorParallelSplit& self, py::object value) {
+            auto a = activation_from_python(value, "a split value");
+            dpe::runtime::Activation out;
+            {
+              py::gil_scoped_release release;
+              out = self.split(a);
+            }
+            return activation_to_python(out);
+          },
+          py::arg("value"), "What this rank sends instead of `value`: (meta, its share of the first tensor, the rest).")
+      .def(
+          "gather",
+          [](const dpe::runtime::TensorParallelSplit& self, py::object received) {
+            auto a = activation_from_python(received, "a received split value");
+            dpe::runtime::Activation out;
+            {
+              py::gil_scoped_release release;
+              out = self.gather(a, "a split value");
+            }
+            return activation_to_python(out);
+          },
+          py::arg("received"), "The value every rank of the group split (a collective of the group).");
 
   py::class_<dpe::runtime::DeferredWeightGrads>(m, "DeferredWeightGrads")
       .def_property_readonly("empty", &dpe::runtime::DeferredWeightGrads::empty)

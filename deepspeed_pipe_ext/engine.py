@@ -16,10 +16,9 @@ deepspeed_pipe_ext's PipelineModule (and, after
 PipelineModule too).
 `deepspeed_pipe_ext.engine.initialize(...)` always builds this engine.
 """
-import contextlib
-import datetime
 import time
 import weakref
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -29,11 +28,12 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE, DeepSpeedEngine
 from deepspeed.runtime.pipe.module import PipelineError, PipelineModule as DSPipelineModule
 from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils import RepeatingLoader
 
-from . import _deepspeed_compat
 from ._native import _C
-from .failures import FailureBoard, RemoteFailure
+from .engine_data import MicroBatchLoading
+from .engine_failures import FailureHandling
+from .engine_losses import LossReporting
+from .failures import FailureBoard
 
 __all__ = ["PipelineEngine", "initialize", "run_deepspeed_pipelines_on_this_engine", "engine_class_for"]
 
@@ -73,10 +73,10 @@ def _p2p_timeout(value):
     return seconds
 
 
-class PipelineEngine(DeepSpeedEngine):
+class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpeedEngine):
     """DeepSpeed's pipeline engine interface over the C++ executor."""
 
-    def __init__(self, *super_args, **super_kwargs):
+    def __init__(self, has_bool_tensors=False, *super_args, **super_kwargs):
         # Refuse what this engine cannot run before DeepSpeedEngine builds anything.
         if not isinstance(super_kwargs.get("model"), DSPipelineModule):
             raise TypeError("PipelineEngine needs a PipelineModule (deepspeed_pipe_ext's or DeepSpeed's)")
@@ -112,6 +112,13 @@ class PipelineEngine(DeepSpeedEngine):
                              f"gradient_accumulation_steps ({self.micro_batches}) x data-parallel size ({dp})")
         self.is_pipe_parallel = self.num_stages > 1
         self.is_data_parallel = dp > 1
+        self.is_model_parallel = self.grid.model_parallel_size > 1
+        self.is_pipe_partitioned = self.is_model_parallel and pipeline["pipe_partitioned"]
+        self.is_grad_partitioned = self.is_model_parallel and pipeline["grad_partitioned"]
+        # DeepSpeed's engine needs these to send bool tensors; ours carries every dtype as it is.
+        self.has_bool_tensors = has_bool_tensors
+        self.has_attention_mask = self.module.__class__.__name__ == "GPT2ModelPipe"
+        self.log_batch_step_id = -1
 
         self.data_iterator = None
         self.batch_fn = None
@@ -134,6 +141,11 @@ class PipelineEngine(DeepSpeedEngine):
         timeout = self.p2p_timeout = _p2p_timeout(pipeline.get("p2p_timeout", 300))
         self.p2p = None
         self._dynamic_shapes = bool(self.module.dynamic_shape)
+        # 3D parallelism: the tensor-parallel ranks of a stage send 1/TP of the first tensor each.
+        self._tp_split = None
+        if self.is_pipe_parallel and (self.is_pipe_partitioned or self.is_grad_partitioned):
+            self._tp_split = _C.TensorParallelSplit(self.grid.get_slice_parallel_group(), timeout,
+                                                    f"stage {self.stage_id} (global rank {self.global_rank})")
         if self.is_pipe_parallel:
             self.p2p = _C.P2P(self.grid.get_pipe_parallel_group(), timeout,
                               f"stage {self.stage_id} (global rank {self.global_rank})",
@@ -141,6 +153,11 @@ class PipelineEngine(DeepSpeedEngine):
                               peer_label="stage")
         self.total_loss = None
         self.agg_train_loss = None
+        self.loss = torch.tensor(0.0).to(self.device)  # DeepSpeed's names: the last micro-batch's loss
+        self.agg_loss = torch.tensor(0.0, requires_grad=False).to(self.device)
+        self.dynamic_shape = self.module.dynamic_shape
+        self.total_additional_losses = None  # a module's get_additional_losses(), summed over micro-batches
+        self.agg_additional_losses = None
         self._failed_batch = None  # what made a batch fail: later batches refuse to run
         self._train_batches = 0  # the same count on every rank: names a batch's barrier on the store
         self._agreed = False
@@ -171,6 +188,7 @@ class PipelineEngine(DeepSpeedEngine):
         self._require_data()
         self.module.train()
         self.total_loss = None
+        self.total_additional_losses = None
         self._compute_loss = True
         start = time.perf_counter()
         self._train_batches += 1
@@ -189,8 +207,11 @@ class PipelineEngine(DeepSpeedEngine):
             return
         if self.global_rank == 0:
             iter_time = self._elapsed_since_print / every
-            print(f"steps: {self.global_steps} loss: {self.agg_train_loss:0.4f} iter time (s): {iter_time:0.3f} "
-                  f"samples/sec: {self.train_batch_size() / iter_time:0.3f}", flush=True)
+            line = f"steps: {self.global_steps} loss: {self.agg_train_loss:0.4f} "
+            for name, value in (self.agg_additional_losses or {}).items():
+                line += f"{name}: {value.item():0.4f} "
+            print(f"{line}iter time (s): {iter_time:0.3f} samples/sec: {self.train_batch_size() / iter_time:0.3f}",
+                  flush=True)
         self._elapsed_since_print = 0.0
 
     def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output='avg', bcast_loss=True,
@@ -221,21 +242,6 @@ class PipelineEngine(DeepSpeedEngine):
             return eval_output, outputs
         return eval_output
 
-    def set_dataloader(self, loader):
-        if self.is_first_stage() or self.is_last_stage():
-            self.training_dataloader = loader
-            self.data_iterator = iter(self.training_dataloader)
-
-    def set_dataiterator(self, iterator):
-        """Micro-batches come from `iterator` (only the first and last stages read it)."""
-        if self.is_first_stage() or self.is_last_stage():
-            self.training_dataloader = None
-            self.data_iterator = iterator
-
-    def set_batch_fn(self, fn):
-        """Post-process each loaded batch with `fn`."""
-        self.batch_fn = fn
-
     def is_first_stage(self):
         return self.stage_id == 0
 
@@ -252,6 +258,48 @@ class PipelineEngine(DeepSpeedEngine):
 
     def is_gradient_accumulation_boundary(self):
         return self._force_grad_boundary
+
+    def set_train_batch_size(self, train_batch_size):
+        """Changes the global batch size by changing the number of micro-batches
+        (gradient accumulation steps); the micro-batch size stays."""
+        super().set_train_batch_size(train_batch_size)
+        self.micro_batches = self.gradient_accumulation_steps()
+
+    def set_has_attention_mask(self, value):
+        """DeepSpeed's engine needs to know that a bool attention mask travels
+        between stages; ours carries every dtype as it is and only records it."""
+        if not isinstance(value, bool):
+            raise TypeError(f"set_has_attention_mask takes True or False, got {type(value).__name__}")
+        self.has_attention_mask = value
+
+    def log_for_device(self, *msg):
+        """DeepSpeed's per-device debug print, gated by the same module-level
+        switches (deepspeed.runtime.pipe.engine.LOG_STAGE / DATA_PARALLEL_ID,
+        -1 for all, off by default)."""
+        from deepspeed.runtime.pipe import engine as ds_engine
+        if ds_engine.LOG_STAGE in (self.stage_id, -1) and \
+                ds_engine.DATA_PARALLEL_ID in (self.grid.data_parallel_id, -1):
+            print(f"RANK={dist.get_rank()} PIPE-ID={self.stage_id} DATA-ID={self.grid.data_parallel_id} "
+                  f"STEP-ID={self.log_batch_step_id} ::", *msg, flush=True)
+
+    def tput_log(self, *msg):
+        """Prints on global rank 0 every steps_per_print steps."""
+        if self.global_rank == 0 and self.global_steps % self.steps_per_print() == 0:
+            print(*msg)
+
+    def _loss_stage_global_rank(self):
+        return self.grid.stage_to_global(stage_id=self.num_stages - 1)
+
+    def _train_schedule(self):
+        """This stage's training instructions as DeepSpeed's schedule objects."""
+        from . import schedule
+        return schedule.TrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages,
+                                      stage_id=self.stage_id)
+
+    def _inference_schedule(self, micro_batches):
+        from . import schedule
+        return schedule.InferenceSchedule(micro_batches=micro_batches, stages=self.num_stages,
+                                          stage_id=self.stage_id)
 
     def forward(self, *args, **kwargs):
         raise PipelineError("Only train_batch() is accessible in pipeline mode.")
@@ -292,86 +340,6 @@ class PipelineEngine(DeepSpeedEngine):
                                        load_module_only=load_module_only, custom_load_fn=custom_load_fn)
 
     # ------------------------------------------------------------------ executor callbacks
-    @contextlib.contextmanager
-    def _batch_guard(self):
-        """Around a whole train_batch / eval_batch. A batch that raised here
-        is posted to every rank (which stop at once); after it, the
-        pipeline's transfers and gradients may be half done on this and other
-        stages, so every later batch refuses at once."""
-        if self._failed_batch is not None:
-            raise PipelineError(
-                f"stage {self.stage_id} (global rank {self.global_rank}): an earlier batch failed here "
-                f"({self._failed_batch}); its transfers and gradients may be half done on this and other stages, so "
-                "this engine refuses to go on rather than train on misaligned data. Rebuild the engine with "
-                "deepspeed.initialize and load the last checkpoint (engine.load_checkpoint) to continue")
-        if self._failures is not None:
-            self._failures.raise_if_failed()  # another rank failed after this rank's last batch
-        self._agreed = False
-        try:
-            yield
-        except BaseException as err:
-            cause = None if isinstance(err, RemoteFailure) else self._remote_cause(err)
-            final = err if cause is None else self._failures.error(cause)
-            self._failed_batch = f"{type(final).__name__}: {str(final).splitlines()[0] if str(final) else ''}"[:300]
-            if isinstance(err, RemoteFailure):
-                raise
-            if cause is not None:
-                raise final from err
-            told = self._failures is not None and self._failures.announce(self._describe_failure(err),
-                                                                           self._train_batches)
-            if hasattr(err, "add_note"):  # Python 3.11+: errors from DeepSpeed or torch name the rank too
-                err.add_note(f"deepspeed_pipe_ext: this batch failed on stage {self.stage_id} "
-                             f"(global rank {self.global_rank}); " + ("every other rank was told and stops; "
-                                                                      if told else "") +
-                             "later batches on this engine will refuse to run")
-            raise
-
-    # What a transfer or collective says when the real failure is elsewhere.
-    _CONSEQUENCES = (": stopped ", "closed the connection", "Connection closed by peer", "Connection reset",
-                     "timed out", "Timed out", "(timeout ", "did not complete within p2p_timeout")
-
-    def _remote_cause(self, err):
-        """The failure another rank posted, when `err` is only its consequence
-        here (an aborted transfer, a closed connection, a timeout)."""
-        if self._failures is None or not isinstance(err, (RuntimeError, PipelineError)):
-            return None
-        if not any(marker in str(err) for marker in self._CONSEQUENCES):
-            return None
-        return self._failures.posted()
-
-    def _describe_failure(self, err):
-        """Where and how this rank's batch failed, for the other ranks."""
-        where = ""
-        for note in getattr(err, "__notes__", []):
-            if note.startswith("deepspeed_pipe_ext: raised on stage ") and " at " in note:
-                where = " at " + note.split(" at ", 1)[1]
-        who = f"global rank {self.global_rank} (stage {self.stage_id}"
-        if self.is_data_parallel:
-            who += f", data-parallel rank {self.grid.get_data_parallel_rank()}"
-        text = str(err).splitlines()[0] if str(err) else ""
-        return f"{who}){where}: {type(err).__name__}{': ' + text if text else ''}"[:4000]
-
-    def _bound_collectives(self, timeout_s):
-        """The collectives a batch runs inside DeepSpeed (data-parallel and
-        clipping all-reduces, ZeRO's gathers) and ours (tied weights, loss)
-        wait at most p2p_timeout on the groups of this pipeline."""
-        grid, timeout = self.grid, datetime.timedelta(seconds=timeout_s)
-        groups = [grid.get_pipe_parallel_group(), grid.get_data_parallel_group()]
-        for getter in ("get_slice_parallel_group", "get_model_parallel_group"):
-            if hasattr(grid, getter):
-                groups.append(getattr(grid, getter)())
-        groups += [comm["group"] for comm in getattr(self.module, "tied_comms", {}).values()]
-        for group in {id(g): g for g in groups if g is not None}.values():
-            if self.global_rank in dist.get_process_group_ranks(group):
-                _deepspeed_compat.set_group_timeout(group, timeout)
-
-    def _agree_before_step(self):
-        """Before the first reduction of a train batch: every rank has done its
-        forward and backward passes, or none goes on to step."""
-        if self._failures is not None and not self._agreed:
-            self._agreed = True
-            self._failures.agree(self._train_batches)
-
     def _run(self, kind, micro_batches, tag_base):
         self._plain_path = self._plain_engine_path()
         # A stage that trains something (or passes gradients on) must send outputs that carry gradients.
@@ -391,7 +359,8 @@ class PipelineEngine(DeepSpeedEngine):
                 self.p2p, self._program(kind, micro_batches), self.num_stages, self.stage_id, peers[0], peers[1],
                 tag_base, self._load, self._forward, self._backward_loss, self._reduce_tied_grads, self._reduce_grads,
                 self._optimizer_step, *self._stage_backward_callbacks(), loss_to_differentiate=self._loss_to_differentiate,
-                release_sent_outputs=self.deallocate_outputs)
+                release_sent_outputs=self.deallocate_outputs, split=self._tp_split,
+                split_activations=self.is_pipe_partitioned, split_grads=self.is_grad_partitioned)
         finally:
             with self._running_engine_backward_lock:
                 self._running_engine_backward_count -= 1
@@ -443,43 +412,9 @@ class PipelineEngine(DeepSpeedEngine):
                                                   dynamic_shapes=self._dynamic_shapes)
         return self._programs[key]
 
-    def _require_data(self):
-        # Checked before the schedule starts, so the stages that load data fail
-        # at once instead of leaving their peers waiting for the p2p timeout.
-        if (self.is_first_stage() or self.is_last_stage()) and self.data_iterator is None:
-            raise RuntimeError(f"stage {self.stage_id} needs data: pass data_iter to train_batch()/eval_batch(), "
-                               "call set_dataiterator(), or give training_data to deepspeed.initialize")
-
-    def _next_batch(self):
-        batch = next(self.data_iterator)
-        if self.batch_fn:
-            batch = self.batch_fn(batch)
-        return batch
-
-    def _to_device(self, value, what):
-        if torch.is_tensor(value):
-            return value.clone().detach().to(self.device) if what == "inputs" else value.to(self.device)
-        if isinstance(value, (tuple, list)):
-            return tuple(self._to_device(v, what) for v in value)
-        raise TypeError(f"stage {self.stage_id}: batch {what} must be a tensor or a tuple of tensors, "
-                        f"got {type(value).__name__}")
-
-    def _load(self, buffer_id):
-        batch = self._next_batch()
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"stage {self.stage_id}: each batch must be a pair (inputs, labels), "
-                            f"got {type(batch).__name__}")
-        if self.is_last_stage():
-            self._labels[buffer_id] = self._to_device(batch[1], "labels")
-        if self.is_first_stage():
-            inputs = self._to_device(batch[0], "inputs")
-            if self._reentrant_checkpointing():
-                for t in (inputs if isinstance(inputs, tuple) else (inputs, )):
-                    t.requires_grad_(t.is_floating_point())
-            return inputs
-        return None
-
-    def _reentrant_checkpointing(self):
+    def _reentrant_activation_checkpointing(self):
+        """The module checkpoints activations with the reentrant function, so
+        the first stage's float inputs must require grad."""
         from deepspeed.runtime.activation_checkpointing import checkpointing
         return (self.module.activation_checkpoint_interval > 0
                 and self.module.activation_checkpoint_func is not checkpointing.non_reentrant_checkpoint)
@@ -500,6 +435,15 @@ class PipelineEngine(DeepSpeedEngine):
         self.fwd_outputs.append(detached)
         if torch.is_tensor(loss):
             self.total_loss = detached.clone() if self.total_loss is None else self.total_loss + detached
+        additional = self.module.get_additional_losses()
+        if additional is not None:  # summed over micro-batches as DeepSpeed does
+            if self.total_additional_losses is None:
+                self.total_additional_losses = OrderedDict()
+            for name, value in additional.items():
+                value = value.detach()
+                total = self.total_additional_losses.get(name)
+                self.total_additional_losses[name] = value.clone() if total is None else total + value
+        self.loss = loss  # DeepSpeed's engine keeps the last micro-batch's loss here
         if self.module.training:
             self._losses[buffer_id] = loss
         return None
@@ -588,82 +532,6 @@ class PipelineEngine(DeepSpeedEngine):
         finally:
             self._force_grad_boundary = False
 
-    def _deepspeed_collectives(self, what, *groups):
-        if self._failures is None:
-            return contextlib.nullcontext()
-        return self._failures.collectives(what, groups)
-
-    def _bounded(self, work, what, group):
-        """Waits for a collective of the batch at most p2p_timeout (less when
-        another rank's failure arrives), then fails naming this stage, the
-        collective and the ranks of its group."""
-        if self._failures is not None:
-            self._failures.wait_work(work, what, group)
-            return
-        work.wait(timeout=datetime.timedelta(seconds=self.p2p_timeout))
-
-    # ------------------------------------------------------------------ losses
-    def _aggregate_total_loss(self):
-        """Mean loss over micro-batches, averaged over data-parallel ranks, sent to every stage."""
-        pipe_group = self.grid.get_pipe_parallel_group()
-        if self.is_last_stage():
-            loss = self._scale_loss_by_gas(self.total_loss)
-            self.dp_group_loss = loss.clone().detach()
-            agg_loss = self.dp_group_loss.clone().detach()
-            if self.is_data_parallel:
-                dp_group = self.grid.get_data_parallel_group()
-                self._bounded(dist.all_reduce(agg_loss, group=dp_group, async_op=True), "the loss all-reduce",
-                              dp_group)
-                agg_loss /= self.grid.data_parallel_size
-            losses = torch.stack([self.dp_group_loss, agg_loss]).float()
-            if self.is_pipe_parallel:
-                self._bounded(dist.broadcast(losses, src=self.global_rank, group=pipe_group, async_op=True),
-                              "the loss broadcast", pipe_group)
-        else:
-            losses = torch.zeros(2, device=self.device)
-            self._bounded(dist.broadcast(losses, src=self.grid.stage_to_global(self.num_stages - 1), group=pipe_group,
-                                         async_op=True), "the loss broadcast", pipe_group)
-            self.dp_group_loss = losses[0].clone().detach()
-            agg_loss = losses[1].clone().detach()
-        return agg_loss
-
-    def _reduce_outputs(self, outputs, reduce='avg', micro_batches=None):
-        if reduce is None:
-            return outputs
-        if reduce.lower() != 'avg':
-            raise ValueError(f"reduce_output={reduce!r} is not supported: use 'avg' or None")
-        if torch.is_tensor(outputs[0]):
-            reduced = sum(outputs)
-        else:
-            reduced = [torch.zeros_like(o) for o in outputs[0]]
-            for out in outputs:
-                for idx, o in enumerate(out):
-                    reduced[idx] += o
-        reduced = self._scale_loss_by_gas(reduced, eval_micro_batches=micro_batches)
-        if self.is_data_parallel:
-            for t in ([reduced] if torch.is_tensor(reduced) else reduced):
-                dp_group = self.grid.get_data_parallel_group()
-                self._bounded(dist.all_reduce(t, group=dp_group, async_op=True), "the eval output all-reduce", dp_group)
-                t /= self.grid.data_parallel_size
-        return reduced
-
-    def _bcast_pipe_scalar(self, data, dtype=torch.float32):
-        src = self.grid.stage_to_global(self.num_stages - 1)
-        if self.global_rank == src:
-            result = data.clone().detach().type(dtype).to(self.device)
-        else:
-            result = torch.tensor([0.], dtype=dtype, device=self.device)
-        if self.is_pipe_parallel:
-            pipe_group = self.grid.get_pipe_parallel_group()
-            self._bounded(dist.broadcast(result, src=src, group=pipe_group, async_op=True), "the eval loss broadcast",
-                          pipe_group)
-        return result
-
-    def _build_data_iter(self, dataset):
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=self.dp_world_size,
-                                                                  rank=self.mpu.get_data_parallel_rank(),
-                                                                  shuffle=False)
-        self.set_dataloader(RepeatingLoader(self.deepspeed_io(dataset, data_sampler=sampler)))
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,

@@ -231,9 +231,12 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       if (stage_id_ == 0) inputs_[b] = std::move(loaded);
       break;
     }
-    case Op::RecvActivation:
-      inputs_[b] = as_stage_inputs(p2p_->recv(prev_peer_, activation_tag_, lazily(step_, in)));
+    case Op::RecvActivation: {
+      Activation received = p2p_->recv(prev_peer_, activation_tag_, lazily(step_, in));
+      if (split_activations_) received = split_->gather(received, where(in));
+      inputs_[b] = as_stage_inputs(received);
       break;
+    }
     case Op::ForwardPass: {
       // Forward on clones so the buffer's leaves receive the input gradient.
       Activation x{{}, inputs_[b].is_tuple};
@@ -242,11 +245,12 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       break;
     }
     case Op::SendActivation:
-      send(in, outputs_[b], delayed_send);
+      send(in, split_activations_ ? split_->split(outputs_[b]) : outputs_[b], delayed_send);
       if (release_sent_outputs_) release_sent_outputs(b);
       break;
     case Op::RecvGrad: {
       Activation grads = p2p_->recv(next_peer_, grad_tag_, lazily(step_, in));
+      if (split_grads_) grads = split_->gather(grads, where(in));
       std::vector<at::Tensor> outs, grad_tensors;
       for (const auto& t : outputs_[b].tensors) {
         if (t.is_floating_point()) outs.push_back(t);
@@ -313,7 +317,7 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
                     "tensor)");
         grads.tensors.push_back(t.grad());
       }
-      send(in, std::move(grads), delayed_send);
+      send(in, split_grads_ ? split_->split(grads) : std::move(grads), delayed_send);
       inputs_[b] = Activation{};
       break;
     }

@@ -15,6 +15,7 @@
 #include "core/schedule.h"
 #include "runtime/p2p.h"
 #include "runtime/split_backward.h"
+#include "runtime/tensor_parallel_split.h"
 
 namespace dpe::runtime {
 
@@ -69,6 +70,14 @@ class Executor {
   // as torch's PyObject preservation does in recent releases; 0 before).
   Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base = 0,
            bool release_sent_outputs = true, int64_t wrapper_references = 0);
+  // 3D parallelism: activations (and/or gradients) travel split across the
+  // stage's tensor-parallel ranks (DeepSpeed's pipe_partitioned and
+  // grad_partitioned); `split` must outlive run().
+  void split_transfers(const TensorParallelSplit* split, bool activations, bool grads) {
+    split_ = split;
+    split_activations_ = split != nullptr && activations;
+    split_grads_ = split != nullptr && grads;
+  }
 
   // Executes every step, issuing transfers as `plan` orders them (from
   // core::plan_transfers for this stage); throws (naming stage, step and
@@ -96,6 +105,8 @@ class Executor {
   std::string where(const core::Instruction& in) const;
 
   P2P* p2p_;
+  const TensorParallelSplit* split_ = nullptr;
+  bool split_activations_ = false, split_grads_ = false;
   int64_t stage_id_, num_stages_;
   int prev_peer_, next_peer_;
   int activation_tag_, grad_tag_;

@@ -1,0 +1,92 @@
+"""How the pipeline engine takes its data, as DeepSpeed's does: each batch a
+pair (inputs, labels) from the data iterator (or made by batch_fn); the first
+stage uses the inputs, the last the labels."""
+import torch
+from deepspeed.utils import RepeatingLoader
+
+
+class MicroBatchLoading:
+    """PipelineEngine's data side (a mixin of the engine)."""
+
+    def set_dataloader(self, loader):
+        if self.is_first_stage() or self.is_last_stage():
+            self.training_dataloader = loader
+            self.data_iterator = iter(self.training_dataloader)
+
+    def set_dataiterator(self, iterator):
+        """Micro-batches come from `iterator` (only the first and last stages read it)."""
+        if self.is_first_stage() or self.is_last_stage():
+            self.training_dataloader = None
+            self.data_iterator = iterator
+
+    def set_batch_fn(self, fn):
+        """Post-process each loaded batch with `fn`."""
+        self.batch_fn = fn
+
+    def _require_data(self):
+        # Checked before the schedule starts, so the stages that load data fail
+        # at once instead of leaving their peers waiting for the p2p timeout.
+        # A batch_fn may make the batch itself (3D parallelism: one rank of a
+        # tensor-parallel group reads, batch_fn broadcasts), as in DeepSpeed.
+        if (self.is_first_stage() or self.is_last_stage()) and self.data_iterator is None and not self.batch_fn:
+            raise RuntimeError(f"stage {self.stage_id} needs data: pass data_iter to train_batch()/eval_batch(), "
+                               "call set_dataiterator(), give training_data to deepspeed.initialize, or set a "
+                               "batch_fn that makes the batch")
+
+    def _next_batch(self):
+        batch = next(self.data_iterator) if self.data_iterator is not None else None
+        if self.batch_fn:
+            batch = self.batch_fn(batch)
+        return batch
+
+    def _inputs_to_device(self, inputs):
+        """The first stage's inputs, as DeepSpeed takes them: a tensor, or a
+        tuple or list of tensors; copied to the device, detached."""
+        if torch.is_tensor(inputs):
+            return inputs.clone().detach().to(self.device)
+        if isinstance(inputs, (tuple, list)) and inputs:
+            for i, x in enumerate(inputs):
+                if not torch.is_tensor(x):
+                    raise TypeError(f"stage {self.stage_id}: element {i} of the batch's inputs is a "
+                                    f"{type(x).__name__}; the inputs must be a tensor or a tuple of tensors (put "
+                                    "other values in the labels, or make them tensors)")
+            return tuple(x.clone().detach().to(self.device) for x in inputs)
+        raise TypeError(f"stage {self.stage_id}: the batch's inputs must be a tensor or a tuple of tensors, "
+                        f"got {type(inputs).__name__}")
+
+    def _labels_to_device(self, labels):
+        """Labels reach the loss as DeepSpeed passes them: a tensor moved to
+        the device, a tuple or list of tensors as a tuple of them moved, and
+        anything else (an int, a dict, None) untouched."""
+        if torch.is_tensor(labels):
+            return labels.to(self.device)
+        if isinstance(labels, (tuple, list)):
+            for i, x in enumerate(labels):
+                if not torch.is_tensor(x):
+                    raise TypeError(f"stage {self.stage_id}: element {i} of the batch's labels is a "
+                                    f"{type(x).__name__}; a tuple or list of labels must hold tensors only (as in "
+                                    "DeepSpeed); pass other values on their own or in a dict")
+            return tuple(x.to(self.device).detach() for x in labels)
+        return labels
+
+    def _load(self, buffer_id):
+        batch = self._next_batch()
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            found = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else \
+                type(batch).__name__
+            raise TypeError(f"stage {self.stage_id}: each batch must be a pair (inputs, labels), got {found}")
+        if self.is_last_stage():
+            self._labels[buffer_id] = self._labels_to_device(batch[1])
+        if self.is_first_stage():
+            inputs = self._inputs_to_device(batch[0])
+            if self._reentrant_activation_checkpointing():
+                for t in (inputs if isinstance(inputs, tuple) else (inputs, )):
+                    t.requires_grad_(t.is_floating_point())
+            return inputs
+        return None
+
+    def _build_data_iter(self, dataset):
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=self.dp_world_size,
+                                                                  rank=self.mpu.get_data_parallel_rank(),
+                                                                  shuffle=False)
+        self.set_dataloader(RepeatingLoader(self.deepspeed_io(dataset, data_sampler=sampler)))

@@ -1,0 +1,125 @@
+"""3D parallelism, run on every rank by tests/test_tensor_parallel.py: a
+Megatron-style tensor-parallel MLP (column- then row-parallel linears over the
+stage's tensor-parallel group) in a pipeline, on DeepSpeed's engine and ours."""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.pipe import PipelineModule as DSPipelineModule
+
+import deepspeed
+import deepspeed_pipe_ext as dpe
+from deepspeed_pipe_ext.topology import PipeModelDataParallelTopology
+
+
+class TensorParallel:
+    """The tensor-parallel group layers use: the module's grid's, set once the
+    module is built (layers are built inside PipelineModule, before its grid)."""
+    group = None
+
+    @classmethod
+    def rank(cls):
+        return dist.get_rank(cls.group)
+
+    @classmethod
+    def size(cls):
+        return dist.get_world_size(cls.group)
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=TensorParallel.group)
+        return grad
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x, group=TensorParallel.group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class TensorParallelMLP(nn.Module):
+    """h + Row(gelu(Column(h))): each tensor-parallel rank holds 1/TP of the
+    hidden units; the full weights come from one seed, so any TP size gives
+    the same function."""
+
+    def __init__(self, hidden, ffn, seed, tp_size=2, tp_rank=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w1, w2 = torch.randn(ffn, hidden, generator=g) / hidden**0.5, torch.randn(hidden, ffn, generator=g) / ffn**0.5
+        self.tp_size, self.tp_rank, self.shard = tp_size, tp_rank, ffn // tp_size
+        self.w1_full, self.w2_full = w1, w2  # sliced on first use, when the group is known
+        self.w1 = nn.Parameter(torch.empty(self.shard, hidden))
+        self.w2 = nn.Parameter(torch.empty(hidden, self.shard))
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self._sliced = False
+
+    def slice_for(self, tp_rank):
+        with torch.no_grad():
+            self.w1.copy_(self.w1_full[tp_rank * self.shard:(tp_rank + 1) * self.shard])
+            self.w2.copy_(self.w2_full[:, tp_rank * self.shard:(tp_rank + 1) * self.shard])
+
+    def forward(self, h):
+        x = _CopyToTensorParallel.apply(h)
+        x = nn.functional.gelu(x @ self.w1.t())
+        return h + _ReduceFromTensorParallel.apply(x @ self.w2.t()) + self.bias
+
+
+def mlp_layers(spec, hidden, ffn):
+    return [spec(nn.Linear, 6, hidden), spec(TensorParallelMLP, hidden, ffn, 1), spec(TensorParallelMLP, hidden, ffn, 2),
+            spec(nn.Linear, hidden, 3)]
+
+
+def train(rank, world_size, pipeline_configs, hidden=4, micro_batch=3, steps=10, micro_batches=3, engines="both"):
+    """Per pipeline config: DeepSpeed's engine and ours (or only ours) on
+    PP=2 x TP=2 (x DP with 8 ranks); losses, weights, eval loss and, for
+    ours, the bytes of stage 0's activation sends."""
+    from deepspeed import initialize as ds_initialize
+    out = []
+    kinds = ((DSPipelineModule, deepspeed.pipe.LayerSpec), (dpe.PipelineModule, dpe.LayerSpec))
+    for pipeline in pipeline_configs:
+        pair = []
+        for module_cls, spec in (kinds if engines == "both" else kinds[1:]):
+            torch.manual_seed(7)
+            topology = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=world_size // 4)
+            net = module_cls(layers=mlp_layers(spec, hidden, 8), topology=topology, loss_fn=nn.MSELoss(),
+                             partition_method="uniform")
+            TensorParallel.group = net._grid.get_slice_parallel_group()
+            for layer in net.forward_funcs:
+                if isinstance(layer, TensorParallelMLP):
+                    layer.slice_for(TensorParallel.rank())
+            config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro_batches,
+                      "steps_per_print": 10**9, "gradient_clipping": 1.0, "pipeline": dict(pipeline)}
+            engine, _, _, _ = ds_initialize(model=net, config=config, model_parameters=net.parameters(),
+                                            optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+            g = torch.Generator().manual_seed(50 + engine.grid.data_parallel_id)
+            data = [(torch.randn(micro_batch, 6, generator=g), torch.randn(micro_batch, 3, generator=g))
+                    for _ in range(micro_batches)]
+            losses = [engine.train_batch(data_iter=iter(data)).item() for _ in range(steps)]
+            sent = None
+            if module_cls is dpe.PipelineModule:  # one more batch on every rank; stage 0 records its sends
+                engine.p2p.set_recording(engine.stage_id == 0)
+                engine.train_batch(data_iter=iter(data))
+                if engine.stage_id == 0:
+                    sent = sorted({size for kind, _, size, what in engine.p2p.trace
+                                   if kind == "send" and "SendActivation" in what and "(meta)" not in what})
+                engine.p2p.set_recording(False)
+            else:
+                engine.train_batch(data_iter=iter(data))
+            evals = engine.eval_batch(iter(data)).item()
+            weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            pair.append({"losses": losses, "weights": weights, "eval": evals, "sent": sent,
+                         "flags": (engine.is_model_parallel, engine.is_pipe_partitioned, engine.is_grad_partitioned)})
+        out.append(pair)
+    return out
