@@ -8,7 +8,6 @@ from deepspeed.pipe import PipelineModule as DSPipelineModule
 
 import deepspeed
 import deepspeed_pipe_ext as dpe
-from deepspeed_pipe_ext import engine as dpe_engine
 
 MICRO_BATCHES = 3
 STEPS = 10

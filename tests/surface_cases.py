@@ -6,7 +6,6 @@ from deepspeed.pipe import PipelineModule as DSPipelineModule
 
 import deepspeed
 import deepspeed_pipe_ext as dpe
-from deepspeed_pipe_ext import engine as dpe_engine
 
 
 def engine_names(rank, world_size):
