@@ -81,45 +81,82 @@ def mlp_layers(spec, hidden, ffn):
             spec(nn.Linear, hidden, 3)]
 
 
-def train(rank, world_size, pipeline_configs, hidden=4, micro_batch=3, steps=10, micro_batches=3, engines="both"):
-    """Per pipeline config: DeepSpeed's engine and ours (or only ours) on
-    PP=2 x TP=2 (x DP with 8 ranks); losses, weights, eval loss and, for
-    ours, the bytes of stage 0's activation sends."""
+def build(kind, world_size, hidden=4, micro_batch=3, micro_batches=3, pipeline=None, extra_config=None, seed=7):
+    """DeepSpeed's module and engine ('deepspeed') or ours ('ours') on
+    PP=2 x TP=2 (x DP=2 with 8 ranks), through deepspeed.initialize."""
     from deepspeed import initialize as ds_initialize
+    module_cls, spec = ((DSPipelineModule, deepspeed.pipe.LayerSpec) if kind == "deepspeed" else
+                        (dpe.PipelineModule, dpe.LayerSpec))
+    torch.manual_seed(seed)
+    topology = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=world_size // 4)
+    net = module_cls(layers=mlp_layers(spec, hidden, 8), topology=topology, loss_fn=nn.MSELoss(),
+                     partition_method="uniform")
+    TensorParallel.group = net.mpu().get_slice_parallel_group()
+    for layer in net.forward_funcs:
+        if isinstance(layer, TensorParallelMLP):
+            layer.slice_for(TensorParallel.rank())
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro_batches,
+              "steps_per_print": 10**9, "gradient_clipping": 1.0, "pipeline": dict(pipeline or {}),
+              **(extra_config or {})}
+    engine, _, _, _ = ds_initialize(model=net, config=config, model_parameters=net.parameters(),
+                                    optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    assert (type(engine).__module__ == "deepspeed_pipe_ext.engine") == (kind == "ours"), type(engine)
+    return engine, net
+
+
+def batches(engine, step, micro_batch=3, micro_batches=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(50 + 1000 * step + engine.grid.data_parallel_id)
+    return [(torch.randn(micro_batch, 6, generator=g).to(dtype), torch.randn(micro_batch, 3, generator=g).to(dtype))
+            for _ in range(micro_batches)]
+
+
+def train(rank, world_size, pipeline_configs, hidden=4, micro_batch=3, steps=10, micro_batches=3, engines="both",
+          extra_config=None):
+    """Per pipeline config: DeepSpeed's engine and ours (or only ours); the
+    losses, weights, eval loss and, for ours, the bytes of stage 0's
+    activation sends."""
     out = []
-    kinds = ((DSPipelineModule, deepspeed.pipe.LayerSpec), (dpe.PipelineModule, dpe.LayerSpec))
+    dtype = torch.bfloat16 if (extra_config or {}).get("bf16", {}).get("enabled") else torch.float32
     for pipeline in pipeline_configs:
         pair = []
-        for module_cls, spec in (kinds if engines == "both" else kinds[1:]):
-            torch.manual_seed(7)
-            topology = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=world_size // 4)
-            net = module_cls(layers=mlp_layers(spec, hidden, 8), topology=topology, loss_fn=nn.MSELoss(),
-                             partition_method="uniform")
-            TensorParallel.group = net._grid.get_slice_parallel_group()
-            for layer in net.forward_funcs:
-                if isinstance(layer, TensorParallelMLP):
-                    layer.slice_for(TensorParallel.rank())
-            config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro_batches,
-                      "steps_per_print": 10**9, "gradient_clipping": 1.0, "pipeline": dict(pipeline)}
-            engine, _, _, _ = ds_initialize(model=net, config=config, model_parameters=net.parameters(),
-                                            optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
-            g = torch.Generator().manual_seed(50 + engine.grid.data_parallel_id)
-            data = [(torch.randn(micro_batch, 6, generator=g), torch.randn(micro_batch, 3, generator=g))
-                    for _ in range(micro_batches)]
+        for kind in (("deepspeed", "ours") if engines == "both" else ("ours", )):
+            engine, net = build(kind, world_size, hidden, micro_batch, micro_batches, pipeline, extra_config)
+            data = batches(engine, 0, micro_batch, micro_batches, dtype)
             losses = [engine.train_batch(data_iter=iter(data)).item() for _ in range(steps)]
             sent = None
-            if module_cls is dpe.PipelineModule:  # one more batch on every rank; stage 0 records its sends
+            if kind == "ours":  # one more batch on every rank; stage 0 records its sends
                 engine.p2p.set_recording(engine.stage_id == 0)
                 engine.train_batch(data_iter=iter(data))
                 if engine.stage_id == 0:
-                    sent = sorted({size for kind, _, size, what in engine.p2p.trace
-                                   if kind == "send" and "SendActivation" in what and "(meta)" not in what})
+                    sent = sorted({size for op, _, size, what in engine.p2p.trace
+                                   if op == "send" and "SendActivation" in what and "(meta)" not in what})
                 engine.p2p.set_recording(False)
             else:
                 engine.train_batch(data_iter=iter(data))
             evals = engine.eval_batch(iter(data)).item()
-            weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            weights = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
             pair.append({"losses": losses, "weights": weights, "eval": evals, "sent": sent,
                          "flags": (engine.is_model_parallel, engine.is_pipe_partitioned, engine.is_grad_partitioned)})
         out.append(pair)
     return out
+
+
+def checkpoint_interop(rank, world_size, directory):
+    """Saved by one engine after 3 steps, loaded by a fresh engine of the
+    other kind: its next 2 steps give the losses of the saver's next 2; and
+    the file names in the tag directory (on rank 0)."""
+    import os
+    results = {}
+    for saver, loader in (("ours", "deepspeed"), ("deepspeed", "ours")):
+        path = os.path.join(directory, f"{saver}_to_{loader}")
+        engine, _ = build(saver, world_size)
+        for step in range(3):
+            engine.train_batch(data_iter=iter(batches(engine, step)))
+        engine.save_checkpoint(path, tag="t")
+        continued = [engine.train_batch(data_iter=iter(batches(engine, step))).item() for step in (3, 4)]
+        other, _ = build(loader, world_size, seed=99)
+        other.load_checkpoint(path, tag="t")
+        resumed = [other.train_batch(data_iter=iter(batches(other, step))).item() for step in (3, 4)]
+        files = sorted(os.listdir(os.path.join(path, "t"))) if rank == 0 else None
+        results[f"{saver}_to_{loader}"] = (continued, resumed, files)
+    return results
