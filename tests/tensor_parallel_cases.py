@@ -159,4 +159,14 @@ def checkpoint_interop(rank, world_size, directory):
         resumed = [other.train_batch(data_iter=iter(batches(other, step))).item() for step in (3, 4)]
         files = sorted(os.listdir(os.path.join(path, "t"))) if rank == 0 else None
         results[f"{saver}_to_{loader}"] = (continued, resumed, files)
+    if rank == 0:  # the export tool takes one tensor-parallel rank's shards, and says so without one
+        from deepspeed_pipe_ext.checkpointing import CheckpointError, to_sequential_state_dict
+        path = os.path.join(directory, "ours_to_deepspeed")
+        shards = [to_sequential_state_dict(path, tag="t", model_rank=r) for r in range(2)]
+        results["export"] = {"shapes": {k: tuple(v.shape) for k, v in shards[0].items()},
+                             "differ": not torch.equal(shards[0]["1.w1"], shards[1]["1.w1"])}
+        try:
+            to_sequential_state_dict(path, tag="t")
+        except CheckpointError as err:
+            results["export"]["without_rank"] = str(err)
     return results

@@ -51,6 +51,10 @@ def test_uneven_shares_and_either_direction_alone_give_the_numbers_of_whole_tran
 
 def test_checkpoints_move_between_the_engines_with_tensor_parallel_names(tmp_path):
     results = run_ranks(tensor_parallel_cases.checkpoint_interop, 4, str(tmp_path), timeout=400)
+    export = results[0].pop("export")
+    assert export["shapes"]["1.w1"] == (4, 4) and export["shapes"]["0.weight"] == (4, 6), export  # a shard: 8 / 2
+    assert export["differ"]  # each rank's own shard
+    assert "pass model_rank (--model-rank)" in export["without_rank"], export
     for rank, by_way in enumerate(results):
         for way, (continued, resumed, files) in by_way.items():
             assert resumed == continued, (rank, way, continued, resumed)  # bitwise
