@@ -270,5 +270,10 @@ class PipelineParallelGrid:
     def get_tensor_model_parallel_world_size(self):
         return self.get_slice_parallel_world_size()
 
+    def get_tensor_model_parallel_group(self):
+        """Megatron's name (DeepSpeed's activation checkpointing asks for it
+        beside the rank and world size): the tensor-parallel group."""
+        return self.get_slice_parallel_group()
+
     def get_slice_parallel_group(self):
         return self.slice_proc_group

@@ -170,3 +170,158 @@ def checkpoint_interop(rank, world_size, directory):
         except CheckpointError as err:
             results["export"]["without_rank"] = str(err)
     return results
+
+
+# ---------------------------------------------------------------------- a small Megatron-style GPT
+VOCAB, HIDDEN, HEADS, SEQ = 16, 8, 2, 6
+
+
+def _seeded(seed, *shape, scale):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+class Embedding(nn.Module):
+    """Token and position embeddings; returns (hidden states, a bool padding
+    mask) for the blocks. Its weight is tied to the output head."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(_seeded(100, VOCAB, HIDDEN, scale=0.3))
+        self.position = nn.Parameter(_seeded(101, SEQ, HIDDEN, scale=0.1))
+
+    def forward(self, tokens):
+        return self.weight[tokens] + self.position, tokens != 0  # token 0 is padding
+
+
+def lm_head(embedding, hidden):
+    return hidden @ embedding.weight.t()
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm causal self-attention and MLP; the heads and the MLP's hidden
+    units are split across the tensor-parallel ranks (column-parallel in,
+    row-parallel out, one all-reduce each)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)
+        self.full = {"qkv": _seeded(seed, 3, HEADS, HIDDEN // HEADS, HIDDEN, scale=HIDDEN**-0.5),
+                     "out": _seeded(seed + 1, HIDDEN, HEADS, HIDDEN // HEADS, scale=HIDDEN**-0.5),
+                     "up": _seeded(seed + 2, 2 * HIDDEN, HIDDEN, scale=HIDDEN**-0.5),
+                     "down": _seeded(seed + 3, HIDDEN, 2 * HIDDEN, scale=(2 * HIDDEN)**-0.5)}
+        self.qkv = nn.Parameter(torch.empty(3, HEADS // 2, HIDDEN // HEADS, HIDDEN))
+        self.out = nn.Parameter(torch.empty(HIDDEN, HEADS // 2, HIDDEN // HEADS))
+        self.up = nn.Parameter(torch.empty(HIDDEN, HIDDEN))
+        self.down = nn.Parameter(torch.empty(HIDDEN, HIDDEN))
+
+    def slice_for(self, tp_rank):
+        h, u = HEADS // 2, HIDDEN
+        with torch.no_grad():
+            self.qkv.copy_(self.full["qkv"][:, tp_rank * h:(tp_rank + 1) * h])
+            self.out.copy_(self.full["out"][:, tp_rank * h:(tp_rank + 1) * h])
+            self.up.copy_(self.full["up"][tp_rank * u:(tp_rank + 1) * u])
+            self.down.copy_(self.full["down"][:, tp_rank * u:(tp_rank + 1) * u])
+
+    def forward(self, inputs):
+        h, mask = inputs
+        x = _CopyToTensorParallel.apply(self.norm1(h))
+        q, k, v = torch.einsum("bth,nadh->nbatd", x, self.qkv)  # n: q/k/v, a: local heads
+        scores = q @ k.transpose(-1, -2) / (HIDDEN // HEADS)**0.5
+        causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~(causal & mask[:, None, None, :]), -1e4)
+        context = torch.softmax(scores, dim=-1) @ v  # b, a, t, d
+        h = h + _ReduceFromTensorParallel.apply(torch.einsum("batd,had->bth", context, self.out))
+        x = _CopyToTensorParallel.apply(self.norm2(h))
+        h = h + _ReduceFromTensorParallel.apply(nn.functional.gelu(x @ self.up.t()) @ self.down.t())
+        return h, mask
+
+
+class FinalNorm(nn.LayerNorm):
+    def forward(self, inputs):
+        return super().forward(inputs[0])
+
+
+def gpt_layers(spec, tied):
+    blocks = [spec(TransformerBlock, 200 + 10 * i) for i in range(4)]
+    return [tied("embed", Embedding), *blocks, spec(FinalNorm, HIDDEN),
+            tied("embed", Embedding, forward_fn=lm_head, tied_weight_attr="weight")]
+
+
+class MegatronMpu:
+    """What Megatron-DeepSpeed hands deepspeed.checkpointing.configure: the
+    tensor-parallel rank, size and group (here from a pipeline grid)."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def get_tensor_model_parallel_rank(self):
+        return self.grid.get_slice_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.grid.get_slice_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self.grid.get_slice_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return self.grid.get_data_parallel_rank()
+
+
+def gpt_loss(logits, labels):
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+
+
+def gpt_batches(engine, step, micro_batches=2):
+    g = torch.Generator().manual_seed(70 + 1000 * step + engine.grid.data_parallel_id)
+    out = []
+    for _ in range(micro_batches):
+        tokens = torch.randint(1, VOCAB, (2, SEQ + 1), generator=g)
+        tokens[0, :2] = 0  # a padded row
+        out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    return out
+
+
+def train_gpt(rank, world_size, checkpointing_modes, steps=6, micro_batches=2):
+    """The GPT on PP=2 x TP=2 with DeepSpeed's engine and ours, per
+    activation-checkpointing mode: None, "deepspeed" (DeepSpeed's
+    checkpoint with partition_activations over the tensor-parallel ranks) or
+    "ours" (deepspeed_pipe_ext.activation_checkpointing.checkpoint)."""
+    from deepspeed import initialize as ds_initialize
+    from deepspeed_pipe_ext import activation_checkpointing as ours_checkpointing
+    out = {}
+    for mode in checkpointing_modes:
+        pair = []
+        for kind in ("deepspeed", "ours"):
+            module_cls, spec, tied = ((DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.pipe.TiedLayerSpec)
+                                      if kind == "deepspeed" else (dpe.PipelineModule, dpe.LayerSpec, dpe.TiedLayerSpec))
+            torch.manual_seed(8)
+            topology = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=world_size // 4)
+            extra = {}
+            if mode == "deepspeed":
+                extra = {"activation_checkpoint_func": deepspeed.checkpointing.checkpoint}
+            elif mode == "ours":
+                extra = {"activation_checkpoint_func": ours_checkpointing.checkpoint}
+            if mode is not None:  # the blocks only, as Megatron does (the embedding takes integer tokens)
+                extra.update(activation_checkpoint_interval=1, checkpointable_layers=["TransformerBlock"])
+            net = module_cls(layers=gpt_layers(spec, tied), topology=topology, loss_fn=gpt_loss,
+                             partition_method="type:TransformerBlock", **extra)
+            TensorParallel.group = net.mpu().get_slice_parallel_group()
+            for layer in net.forward_funcs:
+                if isinstance(layer, TransformerBlock):
+                    layer.slice_for(TensorParallel.rank())
+            if mode == "deepspeed":  # DeepSpeed's own grid lacks get_tensor_model_parallel_group: Megatron's mpu
+                deepspeed.checkpointing.configure(net.mpu() if kind == "ours" else MegatronMpu(net.mpu()),
+                                                  partition_activations=True)
+            config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
+                      "steps_per_print": 10**9, "gradient_clipping": 1.0}
+            engine, _, _, _ = ds_initialize(model=net, config=config, model_parameters=net.parameters(),
+                                            optimizer=torch.optim.Adam(net.parameters(), lr=0.01))
+            engine.set_has_attention_mask(True)  # DeepSpeed's engine needs it to send the bool mask
+            losses = [engine.train_batch(data_iter=iter(gpt_batches(engine, s, micro_batches))).item()
+                      for s in range(steps)]
+            evals = engine.eval_batch(iter(gpt_batches(engine, 99, micro_batches))).item()
+            weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            stage_layers = sorted(type(f).__name__ for f in net.forward_funcs if isinstance(f, nn.Module))
+            pair.append({"losses": losses, "weights": weights, "eval": evals, "layers": stage_layers})
+        out[str(mode)] = pair
+    return out

@@ -62,3 +62,23 @@ def test_checkpoints_move_between_the_engines_with_tensor_parallel_names(tmp_pat
                 assert {"layer_01-model_00-model_states.pt", "layer_01-model_01-model_states.pt",
                         "layer_02-model_00-model_states.pt", "layer_02-model_01-model_states.pt"} <= set(files), files
                 assert {f"mp_rank_{r:02d}_model_states.pt" for r in range(4)} <= set(files), files
+
+
+def test_a_megatron_style_gpt_matches_deepspeed_with_every_activation_checkpointing():
+    """Tied embedding and head across the first and last stage, tensor-parallel
+    attention and MLP, (hidden states, bool mask) between stages,
+    partition_method="type:TransformerBlock"; PP=2 x TP=2."""
+    modes = [None, "deepspeed", "ours"]
+    results = run_ranks(tensor_parallel_cases.train_gpt, 4, modes, timeout=600)
+    for rank, by_mode in enumerate(results):
+        for mode in modes:
+            theirs, ours = by_mode[str(mode)]
+            what = (rank, mode)
+            assert ours["layers"] == theirs["layers"], what
+            assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6,
+                                  atol=1e-6), (what, ours["losses"], theirs["losses"])
+            for k in theirs["weights"]:
+                assert torch.allclose(ours["weights"][k], theirs["weights"][k], rtol=1e-5, atol=1e-6), (what, k)
+            assert abs(ours["eval"] - theirs["eval"]) <= 1e-5 * abs(theirs["eval"]), what
+            assert ours["losses"][-1] < ours["losses"][0], what
+        assert by_mode["None"][1]["layers"].count("TransformerBlock") == 2, by_mode["None"][1]["layers"]
