@@ -9,7 +9,8 @@ from distributed import run_ranks
 CONFIGS = [{}, {"pipe_partitioned": False, "grad_partitioned": False}]
 
 
-@pytest.mark.parametrize("world_size,configs", [(4, CONFIGS), (8, CONFIGS[:1])])  # 8: PP=2 x DP=2 x TP=2
+@pytest.mark.parametrize("world_size,configs", [(4, CONFIGS + [{"schedule": "gpipe"}, {"schedule": "zb-h1"}]),
+                                                (8, CONFIGS[:1])])  # 8: PP=2 x DP=2 x TP=2; DeepSpeed's runs 1F1B
 def test_pipeline_by_tensor_parallel_matches_deepspeed(world_size, configs):
     results = run_ranks(tensor_parallel_cases.train, world_size, configs, timeout=600)
     for rank, per_config in enumerate(results):
