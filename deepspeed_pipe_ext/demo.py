@@ -10,6 +10,12 @@ c10d from C++.
 
     python -m deepspeed_pipe_ext.demo [--steps 60] [--stages 2] [--schedule zb-h1]
 
+3D parallelism: a character-level GPT on the standard library's source, its
+attention and MLP split over tensor-parallel ranks (PP=2 x TP=2, 4 processes),
+prints the loss and a sample of generated text:
+
+    python -m deepspeed_pipe_ext.demo --model gpt --tensor-parallel 2 [--steps 600]
+
 Launched here with torchrun; DeepSpeed's launcher runs the workers too:
     deepspeed --num_gpus 2 --module deepspeed_pipe_ext.demo --worker
 """
@@ -29,10 +35,10 @@ def _free_port():
 
 def launch(args):
     """Start one worker per stage with torchrun, as a user would."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.stages}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.stages * args.tensor_parallel}",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "deepspeed_pipe_ext.demo",
            "--worker", f"--steps={args.steps}", f"--stages={args.stages}", f"--timeline={args.timeline}",
-           f"--schedule={args.schedule}"]
+           f"--schedule={args.schedule}", f"--model={args.model}", f"--tensor-parallel={args.tensor_parallel}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.call(cmd, env=env)
 
@@ -109,19 +115,76 @@ def worker(args):
     torch.distributed.barrier()
 
 
+def gpt_worker(args):
+    """PP=stages x TP=tensor_parallel: a character-level GPT learns Python source."""
+    import torch
+    import deepspeed
+    import deepspeed_pipe_ext as dpe
+    from deepspeed_pipe_ext import demo_gpt
+    from deepspeed_pipe_ext.topology import PipeModelDataParallelTopology
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = torch.distributed.get_rank()
+    text = demo_gpt.stdlib_text()
+    vocab = demo_gpt.Vocabulary(text)
+    ids = vocab.encode(text)
+    torch.manual_seed(0)
+    topology = PipeModelDataParallelTopology(num_pp=args.stages, num_mp=args.tensor_parallel,
+                                             num_dp=torch.distributed.get_world_size() //
+                                             (args.stages * args.tensor_parallel))
+    net = dpe.PipelineModule(layers=demo_gpt.layers(len(vocab.chars), tp=args.tensor_parallel), topology=topology,
+                             loss_fn=demo_gpt.loss_fn, partition_method="type:TransformerBlock")
+    grid = net.mpu()
+    demo_gpt.TensorParallel.group = grid.get_slice_parallel_group()
+    for index, layer in enumerate(net.forward_funcs):
+        if isinstance(layer, demo_gpt.TransformerBlock):
+            layer.reset_shards(seed=1000 * index + grid.get_slice_parallel_rank())
+    if rank == 0:
+        print(f"{len(text):,} characters of Python source, {len(vocab.chars)} symbols; "
+              f"{args.stages} stages x {args.tensor_parallel} tensor-parallel ranks", flush=True)
+        print(net.describe_partition(), flush=True)
+    micro_batch, micro_batches = 8, 4
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro_batches,
+              "steps_per_print": 10**9, "gradient_clipping": 1.0,
+              "pipeline": {"schedule": args.schedule}}
+    engine, _, _, _ = deepspeed.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                           optimizer=torch.optim.Adam(net.parameters(), lr=3e-3))
+    data = demo_gpt.windows(ids, micro_batch, seed=engine.grid.data_parallel_id)
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        loss = engine.train_batch(data_iter=data)
+        if rank == 0 and (step % 20 == 0 or step == 1):
+            print(f"step {step:4d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f} s", flush=True)
+    sampler = topology.get_rank(pipe=args.stages - 1, data=0, model=0)  # the same rank everywhere
+    sample = demo_gpt.generate(engine, vocab, prompt="def ", length=120, sampler=sampler)
+    if rank == 0:
+        print(f"engine: {type(engine).__module__}.{type(engine).__name__}", flush=True)
+        print("sample:\n" + sample, flush=True)
+    torch.distributed.barrier()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, help="training steps (default: 60 for mlp, 600 for gpt)")
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b", help="1f1b (default), gpipe or zb-h1")
     parser.add_argument("--timeline", default="out/demo_timeline.png",
                         help="where to draw the last step's measured timeline (needs matplotlib); the same "
                         "timeline, all ranks merged, goes beside it as a Chrome/Perfetto trace (.json)")
+    parser.add_argument("--model", default="mlp", choices=["mlp", "gpt"],
+                        help="mlp: a classifier of the bundled digits (default); gpt: a character-level GPT with "
+                        "tensor-parallel blocks")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel ranks per stage (gpt)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = parser.parse_args()
+    if args.steps is None:
+        args.steps = 600 if args.model == "gpt" else 60
+    if args.tensor_parallel > 1 and args.model != "gpt":
+        parser.error("--tensor-parallel needs --model gpt (the digits classifier has no tensor-parallel layers)")
     if args.worker:
-        worker(args)
+        gpt_worker(args) if args.model == "gpt" else worker(args)
     else:
         sys.exit(launch(args))
 

@@ -43,3 +43,17 @@ def test_deepspeed_launcher_runs_the_demo_workers(tmp_path):
     losses = run([launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "deepspeed_pipe_ext.demo",
                   "--worker", "--steps", "1", "--timeline", str(tmp_path / "t.png")])
     assert len(losses) == 1 and 2.0 < losses[0] < 2.6  # an untrained 10-class classifier: about ln(10)
+
+
+def test_gpt_demo_trains_with_tensor_parallel_stages_and_writes_text():
+    """PP=2 x TP=2 (4 processes): the character-level GPT's loss falls and it samples text."""
+    done = subprocess.run([sys.executable, "-m", "deepspeed_pipe_ext.demo", "--model", "gpt", "--tensor-parallel", "2",
+                           "--steps", "20"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "2 stages x 2 tensor-parallel ranks" in done.stdout
+    assert "engine: deepspeed_pipe_ext.engine.PipelineEngine" in done.stdout
+    losses = [float(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert len(losses) == 2 and losses[1] < losses[0] - 0.5, losses  # steps 1 and 20
+    sample = done.stdout.split("sample:\n", 1)[1]
+    assert sample.startswith("def ") and len(sample.strip()) > 100, sample
