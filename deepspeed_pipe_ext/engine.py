@@ -29,6 +29,7 @@ from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE, DeepSpeedEngine
 from deepspeed.runtime.pipe.module import PipelineError, PipelineModule as DSPipelineModule
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
+from . import _deepspeed_compat
 from ._native import _C
 from .engine_data import MicroBatchLoading
 from .engine_failures import FailureHandling
@@ -397,9 +398,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         handles = (getattr(self, "module_forward_pre_hook", None), getattr(self, "module_forward_post_hook", None))
         if None in handles:
             return False
-        import torch.nn.modules.module as torch_module
-        global_hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
-                        torch_module._global_backward_hooks, torch_module._global_backward_pre_hooks)
+        global_hooks = _deepspeed_compat.global_module_hooks()
         return (list(module._forward_pre_hooks) == [handles[0].id] and list(module._forward_hooks) == [handles[1].id]
                 and not module._backward_hooks and not module._backward_pre_hooks
                 and not any(global_hooks))

@@ -33,4 +33,8 @@ def engine_names(rank, world_size):
         behaviour["additional_losses"] = engine.get_additional_losses()
         behaviour["train_schedule"] = [[repr(i) for i in step] for step in engine._train_schedule()]
         out[name] = {"names": sorted(n for n in dir(engine)), "behaviour": behaviour}
+        if name == "deepspeed":  # the private attributes our engine relies on, on DeepSpeed's own objects
+            from deepspeed_pipe_ext import _deepspeed_compat as compat
+            out["missing_private"] = ([n for n in compat.ENGINE_INSTANCE_NAMES if not hasattr(engine, n)] +
+                                      [n for n in compat.MODULE_INSTANCE_NAMES if not hasattr(net, n)])
     return out

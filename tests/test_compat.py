@@ -7,4 +7,4 @@ def test_every_private_name_still_exists():
     missing = [f"{module.__name__}.{name}" for module, name in _deepspeed_compat.PRIVATE_NAMES
                if not hasattr(module, name)]
     assert not missing, f"gone from the installed version: {missing}"
-    assert len(_deepspeed_compat.PRIVATE_NAMES) >= 2
+    assert len(_deepspeed_compat.PRIVATE_NAMES) >= 12

@@ -56,3 +56,7 @@ def test_deepspeed_accessors_behave_the_same(engines):
     assert theirs.pop("class").startswith("deepspeed.") and ours.pop("class").startswith("deepspeed_pipe_ext.")
     assert ours == theirs
     assert ours["micro_batches"] == (4, 4)  # set_train_batch_size changes the number of micro-batches
+
+
+def test_the_private_deepspeed_attributes_our_engine_relies_on_still_exist(engines):
+    assert engines["missing_private"] == [], engines["missing_private"]
