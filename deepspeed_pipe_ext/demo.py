@@ -135,11 +135,7 @@ def gpt_worker(args):
                                              (args.stages * args.tensor_parallel))
     net = dpe.PipelineModule(layers=demo_gpt.layers(len(vocab.chars), tp=args.tensor_parallel), topology=topology,
                              loss_fn=demo_gpt.loss_fn, partition_method="type:TransformerBlock")
-    grid = net.mpu()
-    demo_gpt.TensorParallel.group = grid.get_slice_parallel_group()
-    for index, layer in enumerate(net.forward_funcs):
-        if isinstance(layer, demo_gpt.TransformerBlock):
-            layer.reset_shards(seed=1000 * index + grid.get_slice_parallel_rank())
+    demo_gpt.TensorParallel.group = net.mpu().get_slice_parallel_group()
     if rank == 0:
         print(f"{len(text):,} characters of Python source, {len(vocab.chars)} symbols; "
               f"{args.stages} stages x {args.tensor_parallel} tensor-parallel ranks", flush=True)

@@ -80,6 +80,18 @@ class _SumOverTensorParallel(torch.autograd.Function):
         return grad
 
 
+def copy_to_tensor_parallel(x):
+    """x, whose gradient is summed over the tensor-parallel ranks (the input
+    of a column-parallel linear)."""
+    return _CopyToTensorParallel.apply(x)
+
+
+def sum_over_tensor_parallel(x):
+    """The sum of every tensor-parallel rank's x (the output of a
+    row-parallel linear)."""
+    return _SumOverTensorParallel.apply(x)
+
+
 class TokenEmbedding(nn.Module):
     def __init__(self, vocab, hidden):
         super().__init__()
@@ -104,17 +116,20 @@ class TransformerBlock(nn.Module):
         super().__init__()
         if heads % tp:
             raise ValueError(f"{heads} attention heads do not split over {tp} tensor-parallel ranks")
-        self.heads, self.head_dim = heads // tp, hidden // heads
+        self.tp, self.heads, self.head_dim = tp, heads // tp, hidden // heads
         local = self.heads * self.head_dim
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * local, bias=False)  # column-parallel
         self.proj = nn.Linear(local, hidden, bias=False)  # row-parallel
         self.up = nn.Linear(hidden, 4 * hidden // tp, bias=False)  # column-parallel
         self.down = nn.Linear(4 * hidden // tp, hidden, bias=False)  # row-parallel
+        # Each rank's own shards: the same seed on every tensor-parallel rank
+        # would make its heads copies of the others'. (Data-parallel replicas
+        # differ too until DeepSpeed broadcasts the model at initialize.)
+        seed = int(torch.randint(2**31, (1, ))) + 7919 * (dist.get_rank() if dist.is_initialized() else 0)
+        self._init_shards(seed)
 
-    def reset_shards(self, seed):
-        """Each tensor-parallel rank's own shard (the same seed on every rank
-        would make its heads copies of the others')."""
+    def _init_shards(self, seed):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for linear in (self.qkv, self.proj, self.up, self.down):
@@ -122,16 +137,28 @@ class TransformerBlock(nn.Module):
             self.proj.weight.mul_(0.5)
             self.down.weight.mul_(0.5)
 
+    def _check_group(self):
+        group = TensorParallel.group
+        if group is None:
+            raise RuntimeError("demo_gpt.TensorParallel.group is not set: after building the PipelineModule, set it "
+                               "to net.mpu().get_slice_parallel_group()")
+        size = dist.get_world_size(group)
+        if size != self.tp:
+            raise ValueError(f"this TransformerBlock holds 1/{self.tp} of its heads (tp={self.tp}) but the topology's "
+                             f"tensor-parallel group has {size} rank(s): build the layers with tp={size}, or use a "
+                             f"topology with num_mp={self.tp} (PipeModelDataParallelTopology)")
+
     def forward(self, inputs):
+        self._check_group()  # a dictionary lookup: cheap beside the block
         h, mask = inputs
         b, t, _ = h.shape
-        x = _CopyToTensorParallel.apply(self.norm1(h))
+        x = copy_to_tensor_parallel(self.norm1(h))
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril() & mask[:, None, None, :]
         context = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
-        h = h + _SumOverTensorParallel.apply(self.proj(context.transpose(1, 2).reshape(b, t, -1)))
-        x = _CopyToTensorParallel.apply(self.norm2(h))
-        return h + _SumOverTensorParallel.apply(self.down(nn.functional.gelu(self.up(x)))), mask
+        h = h + sum_over_tensor_parallel(self.proj(context.transpose(1, 2).reshape(b, t, -1)))
+        x = copy_to_tensor_parallel(self.norm2(h))
+        return h + sum_over_tensor_parallel(self.down(nn.functional.gelu(self.up(x)))), mask
 
 
 class FinalNorm(nn.LayerNorm):

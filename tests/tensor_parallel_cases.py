@@ -8,45 +8,8 @@ from deepspeed.pipe import PipelineModule as DSPipelineModule
 
 import deepspeed
 import deepspeed_pipe_ext as dpe
+from deepspeed_pipe_ext.demo_gpt import TensorParallel, copy_to_tensor_parallel, sum_over_tensor_parallel
 from deepspeed_pipe_ext.topology import PipeModelDataParallelTopology
-
-
-class TensorParallel:
-    """The tensor-parallel group layers use: the module's grid's, set once the
-    module is built (layers are built inside PipelineModule, before its grid)."""
-    group = None
-
-    @classmethod
-    def rank(cls):
-        return dist.get_rank(cls.group)
-
-    @classmethod
-    def size(cls):
-        return dist.get_world_size(cls.group)
-
-
-class _CopyToTensorParallel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=TensorParallel.group)
-        return grad
-
-
-class _ReduceFromTensorParallel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x, group=TensorParallel.group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 class TensorParallelMLP(nn.Module):
@@ -71,9 +34,9 @@ class TensorParallelMLP(nn.Module):
             self.w2.copy_(self.w2_full[:, tp_rank * self.shard:(tp_rank + 1) * self.shard])
 
     def forward(self, h):
-        x = _CopyToTensorParallel.apply(h)
+        x = copy_to_tensor_parallel(h)
         x = nn.functional.gelu(x @ self.w1.t())
-        return h + _ReduceFromTensorParallel.apply(x @ self.w2.t()) + self.bias
+        return h + sum_over_tensor_parallel(x @ self.w2.t()) + self.bias
 
 
 def mlp_layers(spec, hidden, ffn):
@@ -94,7 +57,7 @@ def build(kind, world_size, hidden=4, micro_batch=3, micro_batches=3, pipeline=N
     TensorParallel.group = net.mpu().get_slice_parallel_group()
     for layer in net.forward_funcs:
         if isinstance(layer, TensorParallelMLP):
-            layer.slice_for(TensorParallel.rank())
+            layer.slice_for(dist.get_rank(TensorParallel.group))
     config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro_batches,
               "steps_per_print": 10**9, "gradient_clipping": 1.0, "pipeline": dict(pipeline or {}),
               **(extra_config or {})}
@@ -224,15 +187,15 @@ class TransformerBlock(nn.Module):
 
     def forward(self, inputs):
         h, mask = inputs
-        x = _CopyToTensorParallel.apply(self.norm1(h))
+        x = copy_to_tensor_parallel(self.norm1(h))
         q, k, v = torch.einsum("bth,nadh->nbatd", x, self.qkv)  # n: q/k/v, a: local heads
         scores = q @ k.transpose(-1, -2) / (HIDDEN // HEADS)**0.5
         causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
         scores = scores.masked_fill(~(causal & mask[:, None, None, :]), -1e4)
         context = torch.softmax(scores, dim=-1) @ v  # b, a, t, d
-        h = h + _ReduceFromTensorParallel.apply(torch.einsum("batd,had->bth", context, self.out))
-        x = _CopyToTensorParallel.apply(self.norm2(h))
-        h = h + _ReduceFromTensorParallel.apply(nn.functional.gelu(x @ self.up.t()) @ self.down.t())
+        h = h + sum_over_tensor_parallel(torch.einsum("batd,had->bth", context, self.out))
+        x = copy_to_tensor_parallel(self.norm2(h))
+        h = h + sum_over_tensor_parallel(nn.functional.gelu(x @ self.up.t()) @ self.down.t())
         return h, mask
 
 
@@ -308,7 +271,7 @@ def train_gpt(rank, world_size, checkpointing_modes, steps=6, micro_batches=2):
             TensorParallel.group = net.mpu().get_slice_parallel_group()
             for layer in net.forward_funcs:
                 if isinstance(layer, TransformerBlock):
-                    layer.slice_for(TensorParallel.rank())
+                    layer.slice_for(dist.get_rank(TensorParallel.group))
             if mode == "deepspeed":  # DeepSpeed's own grid lacks get_tensor_model_parallel_group: Megatron's mpu
                 deepspeed.checkpointing.configure(net.mpu() if kind == "ours" else MegatronMpu(net.mpu()),
                                                   partition_activations=True)

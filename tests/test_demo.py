@@ -57,3 +57,27 @@ def test_gpt_demo_trains_with_tensor_parallel_stages_and_writes_text():
     assert len(losses) == 2 and losses[1] < losses[0] - 0.5, losses  # steps 1 and 20
     sample = done.stdout.split("sample:\n", 1)[1]
     assert sample.startswith("def ") and len(sample.strip()) > 100, sample
+
+
+def _block_on_a_topology_without_tensor_parallelism(rank, world_size):
+    import torch
+    import torch.distributed as dist
+    from deepspeed_pipe_ext import demo_gpt
+    block = demo_gpt.TransformerBlock(hidden=8, heads=2, tp=2)
+    inputs = (torch.randn(1, 4, 8), torch.ones(1, 4, dtype=torch.bool))
+    errors = []
+    for group in (None, dist.group.WORLD):  # unset, then a tensor-parallel group of 1 rank
+        demo_gpt.TensorParallel.group = group
+        try:
+            block(inputs)
+            errors.append(None)
+        except (RuntimeError, ValueError) as err:
+            errors.append(str(err))
+    return errors
+
+
+def test_a_tensor_parallel_block_refuses_a_group_of_the_wrong_size():
+    from distributed import run_ranks
+    (errors, ) = run_ranks(_block_on_a_topology_without_tensor_parallelism, 1)
+    assert "TensorParallel.group is not set" in errors[0], errors
+    assert "tp=2" in errors[1] and "has 1 rank(s)" in errors[1] and "num_mp=2" in errors[1], errors

@@ -5,6 +5,16 @@ import torch
 import tensor_parallel_cases
 from distributed import run_ranks
 
+
+def assert_matches(ours, theirs, what, rtol=1e-6, atol=1e-7):
+    """Losses, weights and eval loss of our engine against DeepSpeed's; and the loss fell."""
+    assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=rtol, atol=atol), \
+        (what, ours["losses"], theirs["losses"])
+    for k in theirs["weights"]:
+        assert torch.allclose(ours["weights"][k], theirs["weights"][k], rtol=rtol, atol=atol), (what, k)
+    assert abs(ours["eval"] - theirs["eval"]) <= rtol * abs(theirs["eval"]), what
+    assert ours["losses"][-1] < ours["losses"][0], what
+
 # {} is DeepSpeed's default with tensor parallelism: both on.
 CONFIGS = [{}, {"pipe_partitioned": False, "grad_partitioned": False}]
 
@@ -17,12 +27,7 @@ def test_pipeline_by_tensor_parallel_matches_deepspeed(world_size, configs):
         for pipeline, (theirs, ours) in zip(configs, per_config):
             what = (rank, pipeline)
             assert ours["flags"] == theirs["flags"], what
-            assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6,
-                                  atol=1e-7), (what, ours["losses"], theirs["losses"])
-            for k in theirs["weights"]:
-                assert torch.allclose(ours["weights"][k], theirs["weights"][k], rtol=1e-6, atol=1e-7), (what, k)
-            assert abs(ours["eval"] - theirs["eval"]) <= 1e-6 * abs(theirs["eval"]), what
-            assert ours["losses"][-1] < ours["losses"][0], what
+            assert_matches(ours, theirs, what)
             if ours["sent"] is not None:  # stage 0: a micro-batch's activation is 3 x 4 float32 = 48 bytes
                 split = pipeline.get("pipe_partitioned", True)
                 # Split: a share of 12 / 2 floats and the split's meta (5 int64), every micro-batch.
@@ -76,10 +81,5 @@ def test_a_megatron_style_gpt_matches_deepspeed_with_every_activation_checkpoint
             theirs, ours = by_mode[str(mode)]
             what = (rank, mode)
             assert ours["layers"] == theirs["layers"], what
-            assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6,
-                                  atol=1e-6), (what, ours["losses"], theirs["losses"])
-            for k in theirs["weights"]:
-                assert torch.allclose(ours["weights"][k], theirs["weights"][k], rtol=1e-5, atol=1e-6), (what, k)
-            assert abs(ours["eval"] - theirs["eval"]) <= 1e-5 * abs(theirs["eval"]), what
-            assert ours["losses"][-1] < ours["losses"][0], what
+            assert_matches(ours, theirs, what, rtol=1e-5, atol=1e-6)
         assert by_mode["None"][1]["layers"].count("TransformerBlock") == 2, by_mode["None"][1]["layers"]
