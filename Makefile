@@ -47,7 +47,7 @@ bench: build
 	$(PY) benchmarks/bench_schedule.py
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_torch_pipelining.py
-	$(PY) benchmarks/bench_checkpointing.py
+	$(PY) benchmarks/bench_activation_checkpointing.py
 	$(PY) benchmarks/bench_failures.py
 
 # Compile-only check of the CUDA variant (not part of `make test`): its own venv

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .checkpointing import CheckpointError, to_sequential_state_dict
+from .pipeline_checkpoints import CheckpointError, to_sequential_state_dict
 
 
 def main(argv=None):

@@ -320,20 +320,20 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     # ------------------------------------------------------------------ checkpoints (DeepSpeed's pipeline layout)
     def module_state_dict(self, exclude_frozen_parameters=False):
         """Called by DeepSpeedEngine.save_checkpoint: the weights go to per-layer files."""
-        from . import checkpointing
-        return checkpointing.save_module_layers(self, exclude_frozen_parameters)
+        from . import pipeline_checkpoints
+        return pipeline_checkpoints.save_module_layers(self, exclude_frozen_parameters)
 
     def load_module_state_dict(self, checkpoint, strict=True, custom_load_fn=None, fetch_z3_params=False,
                                z3_params_to_fetch=None, allowed_missing_keys=None):
         """Called by DeepSpeedEngine.load_checkpoint: the weights come from per-layer files."""
-        from . import checkpointing
-        return checkpointing.load_module_layers(self, checkpoint, strict=strict, custom_load_fn=custom_load_fn)
+        from . import pipeline_checkpoints
+        return pipeline_checkpoints.load_module_layers(self, checkpoint, strict=strict, custom_load_fn=custom_load_fn)
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                         load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
         """DeepSpeedEngine.load_checkpoint, after checking the files this engine will read."""
-        from . import checkpointing
-        checkpointing.check_before_load(self, load_dir, tag, load_optimizer_states=load_optimizer_states,
+        from . import pipeline_checkpoints
+        pipeline_checkpoints.check_before_load(self, load_dir, tag, load_optimizer_states=load_optimizer_states,
                                         load_module_only=load_module_only, load_module_strict=load_module_strict)
         return super().load_checkpoint(load_dir, tag=tag, load_module_strict=load_module_strict,
                                        load_optimizer_states=load_optimizer_states,

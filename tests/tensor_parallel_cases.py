@@ -123,7 +123,7 @@ def checkpoint_interop(rank, world_size, directory):
         files = sorted(os.listdir(os.path.join(path, "t"))) if rank == 0 else None
         results[f"{saver}_to_{loader}"] = (continued, resumed, files)
     if rank == 0:  # the export tool takes one tensor-parallel rank's shards, and says so without one
-        from deepspeed_pipe_ext.checkpointing import CheckpointError, to_sequential_state_dict
+        from deepspeed_pipe_ext.pipeline_checkpoints import CheckpointError, to_sequential_state_dict
         path = os.path.join(directory, "ours_to_deepspeed")
         shards = [to_sequential_state_dict(path, tag="t", model_rank=r) for r in range(2)]
         results["export"] = {"shapes": {k: tuple(v.shape) for k, v in shards[0].items()},

@@ -10,7 +10,7 @@ import torch
 
 import checkpoint_cases as cases
 from distributed import run_ranks
-from deepspeed_pipe_ext.checkpointing import CheckpointError, to_sequential_state_dict
+from deepspeed_pipe_ext.pipeline_checkpoints import CheckpointError, to_sequential_state_dict
 
 TAG = f"global_step{cases.SAVED_STEPS}"
 

@@ -12,7 +12,7 @@ sent stage output's storage (its graph kept, as Megatron's
 deallocate_output_tensor); the "sent outputs kept" rows turn that off
 ("pipeline": {"deallocate_outputs": false}) to show what it saves.
 
-    .venv/bin/python benchmarks/bench_checkpointing.py [--repeats 7]
+    .venv/bin/python benchmarks/bench_activation_checkpointing.py [--repeats 7]
 """
 import argparse
 import os
