@@ -396,11 +396,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "run_stage",
       [](dpe::runtime::P2P* p2p, const StageProgram& program, int64_t stages, int64_t stage_id, int prev_peer,
-         int next_peer, int tag_base, py::function load, py::function forward, py::function backward_loss,
-         py::function reduce_tied_grads, py::function reduce_grads, py::function optimizer_step,
-         std::optional<py::function> before_backward, std::optional<py::function> after_backward,
-         std::optional<py::function> loss_to_differentiate, bool release_sent_outputs,
+         int next_peer, int tag_base, py::object callbacks, bool release_sent_outputs,
          const dpe::runtime::TensorParallelSplit* split, bool split_activations, bool split_grads) {
+        // The callbacks object's methods, by name; the optional ones may be missing or None.
+        auto required = [&callbacks](const char* name) {
+          py::object fn = py::getattr(callbacks, name, py::none());
+          if (fn.is_none() || !PyCallable_Check(fn.ptr())) {
+            throw py::type_error(std::string("run_stage: the callbacks object has no callable '") + name + "'");
+          }
+          return py::reinterpret_borrow<py::function>(fn);
+        };
+        auto optional = [&callbacks](const char* name) -> std::optional<py::function> {
+          py::object fn = py::getattr(callbacks, name, py::none());
+          if (fn.is_none()) return std::nullopt;
+          return py::reinterpret_borrow<py::function>(fn);
+        };
+        py::function load = required("load"), forward = required("forward"), backward_loss = required("backward_loss"),
+                     reduce_tied_grads = required("reduce_tied_grads"), reduce_grads = required("reduce_grads"),
+                     optimizer_step = required("optimizer_step");
+        std::optional<py::function> before_backward = optional("before_backward"),
+                                    after_backward = optional("after_backward"),
+                                    loss_to_differentiate = optional("loss_to_differentiate");
         dpe::runtime::StageCallbacks cb;
         cb.load = [&](int64_t buffer) {
           py::gil_scoped_acquire gil;
@@ -458,13 +474,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return py::make_tuple(timeline, usage);
       },
       "Runs one stage's program (a StageProgram) for a whole batch, calling back into Python only for "
-      "loading, forward (+ loss), the loss backward, reductions and the optimizer step; returns the "
-      "measured timeline and the activation buffers' usage.",
+      "loading, forward (+ loss), the loss backward, reductions and the optimizer step: the methods "
+      "load(buffer), forward(buffer, inputs), backward_loss(buffer), reduce_tied_grads(), reduce_grads(), "
+      "optimizer_step() of `callbacks`, and if present (not None) loss_to_differentiate(buffer), "
+      "before_backward(), after_backward(). Returns the measured timeline and the activation buffers' usage.",
       py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("prev_peer"),
-      py::arg("next_peer"), py::arg("tag_base"), py::arg("load"), py::arg("forward"), py::arg("backward_loss"),
-      py::arg("reduce_tied_grads"), py::arg("reduce_grads"), py::arg("optimizer_step"),
-      py::arg("before_backward") = py::none(), py::arg("after_backward") = py::none(),
-      py::arg("loss_to_differentiate") = py::none(), py::arg("release_sent_outputs") = true,
+      py::arg("next_peer"), py::arg("tag_base"), py::arg("callbacks"), py::arg("release_sent_outputs") = true,
       py::arg("split") = nullptr, py::arg("split_activations") = false, py::arg("split_grads") = false);
 
   py::class_<dpe::runtime::TensorParallelSplit>(m, "TensorParallelSplit",

@@ -17,6 +17,7 @@ PipelineModule too).
 `deepspeed_pipe_ext.engine.initialize(...)` always builds this engine.
 """
 import time
+import types
 import weakref
 from collections import OrderedDict
 
@@ -358,10 +359,9 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
             # (start, end, op code, micro_batch, chunk) per compute pass, monotonic seconds: see timeline.py
             self.last_timeline, self.last_buffer_usage = _C.run_stage(
                 self.p2p, self._program(kind, micro_batches), self.num_stages, self.stage_id, peers[0], peers[1],
-                tag_base, self._load, self._forward, self._backward_loss, self._reduce_tied_grads, self._reduce_grads,
-                self._optimizer_step, *self._stage_backward_callbacks(), loss_to_differentiate=self._loss_to_differentiate,
-                release_sent_outputs=self.deallocate_outputs, split=self._tp_split,
-                split_activations=self.is_pipe_partitioned, split_grads=self.is_grad_partitioned)
+                tag_base, self._executor_callbacks(), release_sent_outputs=self.deallocate_outputs,
+                split=self._tp_split, split_activations=self.is_pipe_partitioned,
+                split_grads=self.is_grad_partitioned)
         finally:
             with self._running_engine_backward_lock:
                 self._running_engine_backward_count -= 1
@@ -486,6 +486,15 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
             raise TypeError(f"stage {self.stage_id}: schedule {self.schedule_kind!r} needs the loss to be one tensor, "
                             f"got {type(loss).__name__}; give the PipelineModule a loss_fn")
         return loss / self.gradient_accumulation_steps()
+
+    def _executor_callbacks(self):
+        """What the C++ executor calls back, by name (see _C.run_stage)."""
+        before, after = self._stage_backward_callbacks()
+        return types.SimpleNamespace(load=self._load, forward=self._forward, backward_loss=self._backward_loss,
+                                     loss_to_differentiate=self._loss_to_differentiate,
+                                     reduce_tied_grads=self._reduce_tied_grads, reduce_grads=self._reduce_grads,
+                                     optimizer_step=self._optimizer_step, before_backward=before,
+                                     after_backward=after)
 
     def _stage_backward_callbacks(self):
         """Around the executor's backward on stages without the loss: the bf16
