@@ -32,7 +32,7 @@ class FailureHandling:
         try:
             yield
         except BaseException as err:
-            cause = None if isinstance(err, RemoteFailure) else self._remote_cause(err)
+            cause = None if isinstance(err, RemoteFailure) or self._failures is None else self._failures.cause_of(err)
             final = err if cause is None else self._failures.error(cause)
             self._failed_batch = f"{type(final).__name__}: {str(final).splitlines()[0] if str(final) else ''}"[:300]
             if isinstance(err, RemoteFailure):
@@ -47,21 +47,6 @@ class FailureHandling:
                                                                       if told else "") +
                              "later batches on this engine will refuse to run")
             raise
-
-    # What a transfer or collective says when the real failure is elsewhere.
-
-    # What a transfer or collective says when the real failure is elsewhere.
-    _CONSEQUENCES = (": stopped ", "closed the connection", "Connection closed by peer", "Connection reset",
-                     "timed out", "Timed out", "(timeout ", "did not complete within p2p_timeout")
-
-    def _remote_cause(self, err):
-        """The failure another rank posted, when `err` is only its consequence
-        here (an aborted transfer, a closed connection, a timeout)."""
-        if self._failures is None or not isinstance(err, (RuntimeError, PipelineError)):
-            return None
-        if not any(marker in str(err) for marker in self._CONSEQUENCES):
-            return None
-        return self._failures.posted()
 
     def _describe_failure(self, err):
         """Where and how this rank's batch failed, for the other ranks."""

@@ -35,6 +35,9 @@ _OK = b"ok"
 _FOREVER = datetime.timedelta(days=3650)
 # What gloo says when a peer of a collective died or never came.
 _TRANSPORT_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset")
+# ... and what our own transfers and waits say when the real failure is elsewhere.
+_CONSEQUENCES = _TRANSPORT_FAILURES + (": stopped ", "closed the connection", "(timeout ",
+                                       "did not complete within p2p_timeout")
 _RECOVERY = ("Rebuild the engine with deepspeed.initialize and load the last checkpoint (engine.load_checkpoint) "
              "to continue")
 
@@ -119,6 +122,13 @@ class FailureBoard:
         except Exception:
             pass
         return None
+
+    def cause_of(self, err):
+        """The failure another rank posted, when `err` is only its consequence
+        here (an aborted transfer, a closed connection, a timeout); else None."""
+        if not isinstance(err, (RuntimeError, PipelineError)) or not any(m in str(err) for m in _CONSEQUENCES):
+            return None
+        return self.posted()
 
     def error(self, description):
         """The error a rank raises because of another rank's failure."""

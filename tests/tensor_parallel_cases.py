@@ -288,3 +288,22 @@ def train_gpt(rank, world_size, checkpointing_modes, steps=6, micro_batches=2):
             pair.append({"losses": losses, "weights": weights, "eval": evals, "layers": stage_layers})
         out[str(mode)] = pair
     return out
+
+
+def recorded_traces(rank, world_size, schedules, steps=2):
+    """PP=2 x TP=2 with the split transfers on: per schedule, DeepSpeed's
+    losses (its 1F1B) and ours with every transfer on one tag (gloo then
+    matches in issue order, as NCCL does) and P2P recording what it issues."""
+    out = {}
+    for schedule in schedules:
+        losses = {}
+        for kind in ("deepspeed", "ours"):
+            engine, _ = build(kind, world_size, pipeline={"schedule": schedule} if kind == "ours" else None)
+            if kind == "ours":
+                engine.p2p.set_single_tag(True)
+                engine.p2p.set_recording(True)
+            losses[kind] = [engine.train_batch(data_iter=iter(batches(engine, s))).item() for s in range(steps)]
+            losses[kind].append(engine.eval_batch(iter(batches(engine, 9))).item())
+        out[schedule] = {"theirs": losses["deepspeed"], "ours": losses["ours"], "trace": list(engine.p2p.trace),
+                         "stage": engine.stage_id, "tp": engine.grid.get_slice_parallel_rank()}
+    return out

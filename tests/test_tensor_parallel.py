@@ -83,3 +83,26 @@ def test_a_megatron_style_gpt_matches_deepspeed_with_every_activation_checkpoint
             assert ours["layers"] == theirs["layers"], what
             assert_matches(ours, theirs, what, rtol=1e-5, atol=1e-6)
         assert by_mode["None"][1]["layers"].count("TransformerBlock") == 2, by_mode["None"][1]["layers"]
+
+
+def test_split_transfers_pass_under_nccl_rules():
+    """What the executor issues with pipe_partitioned and grad_partitioned on,
+    recorded per pipeline (one per tensor-parallel rank) and replayed by the
+    NCCL-order checker; the shares and their meta travel in that order."""
+    from deepspeed_pipe_ext import _C
+    schedules = ["1f1b", "gpipe", "zb-h1"]
+    results = run_ranks(tensor_parallel_cases.recorded_traces, 4, schedules, timeout=400)
+    for schedule in schedules:
+        pipes = {}
+        for by_schedule in results:
+            case = by_schedule[schedule]
+            assert torch.allclose(torch.tensor(case["ours"]), torch.tensor(case["theirs"]), rtol=1e-6, atol=1e-7), \
+                (schedule, case["ours"], case["theirs"])
+            pipes.setdefault(case["tp"], {})[case["stage"]] = case["trace"]
+        assert len(pipes) == 2
+        for tp, traces in pipes.items():
+            ordered = [traces[0], traces[1]]
+            assert all(any(e[0] == "send" for e in t) for t in ordered)
+            for one_stream in (False, True):
+                result = _C.check_nccl_order(ordered, one_stream_per_rank=one_stream)
+                assert result["ok"], f"{schedule} pipe {tp}: {result['report']}"
