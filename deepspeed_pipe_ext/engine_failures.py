@@ -26,10 +26,10 @@ class FailureHandling:
                 f"({self._failed_batch}); its transfers and gradients may be half done on this and other stages, so "
                 "this engine refuses to go on rather than train on misaligned data. Rebuild the engine with "
                 "deepspeed.initialize and load the last checkpoint (engine.load_checkpoint) to continue")
-        if self._failures is not None:
-            self._failures.raise_if_failed()  # another rank failed after this rank's last batch
         self._agreed = False
         try:
+            if self._failures is not None:  # another rank failed since this rank's last batch: latched below too
+                self._failures.raise_if_failed()
             yield
         except BaseException as err:
             cause = None if isinstance(err, RemoteFailure) or self._failures is None else self._failures.cause_of(err)
