@@ -13,6 +13,13 @@ figure printed in one summary (and written to <out>/gpu_check.json).
    also records a torch.profiler trace of one step (CPU and CUDA activity).
 4. Overhead-bound train_batch at S=1 (many tiny layers, 32 micro-batches):
    DeepSpeed's engine against ours, alternating repetitions, medians.
+5. PP=2 x TP=2 in four processes on the one GPU over gloo: a tensor-parallel
+   MLP whose stage links are split across the tensor-parallel ranks
+   (pipe_partitioned / grad_partitioned) and gathered on arrival; the same
+   losses with the split off and under gpipe and zb-h1; 1/TP of the bytes.
+6. A failed batch at S=2 on the one GPU: a forward, a loss and a data
+   iterator raising on one rank; every rank stops at once, no weight moves,
+   the next batch refuses (the host-staged transfers are aborted).
 
 NCCL refuses two ranks on one device, so point-to-point over NCCL is not run
 here; its ordering is proven by the checker (tests/test_nccl_order.py).
@@ -85,7 +92,7 @@ def batches(seed, count, dtype, micro_batch=8):
             for _ in range(count)]
 
 
-def train(engine_kind, num_stages, precision, steps, micro_batches=4, overflow_step=None):
+def train(engine_kind, num_stages, precision, steps, micro_batches=4, overflow_step=None, schedule=None):
     """One engine (ours or DeepSpeed's) on the MLP; the same seeds per layer."""
     import torch
     import torch.nn as nn
@@ -99,9 +106,14 @@ def train(engine_kind, num_stages, precision, steps, micro_batches=4, overflow_s
                      partition_method="uniform")
     config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": micro_batches,
               "steps_per_print": 10**9}
+    if schedule is not None:
+        config["pipeline"] = {"schedule": schedule}
     dtype = torch.float32
-    if precision == "bf16":
+    if precision.startswith("bf16"):
         config["bf16"], dtype = {"enabled": True}, torch.bfloat16
+    if precision.endswith("zero1"):
+        config["zero_optimization"] = {"stage": 1}
+        config["zero_allow_untested_optimizer"] = True
     if precision == "fp16":
         config["fp16"], dtype = {"enabled": True, "loss_scale_window": 2, "hysteresis": 1}, torch.float16
     engine, _, _, _ = deepspeed.initialize(model=net, config=config, model_parameters=net.parameters(),
@@ -131,7 +143,7 @@ def same_losses(a, b, rtol=1e-6):
 def parity_s1():
     import torch
     out = {}
-    for precision in ("fp32", "bf16", "fp16"):
+    for precision in ("fp32", "bf16", "fp16", "bf16-zero1"):
         overflow = 2 if precision == "fp16" else None
         theirs = train("deepspeed", 1, precision, 6, overflow_step=overflow)
         ours = train("ours", 1, precision, 6, overflow_step=overflow)
@@ -195,6 +207,8 @@ def _worker(rank, world_size, port, queue, device, body):
 
 def _s2_body(rank, world_size, out_dir):
     result = train("ours", world_size, "fp32", 6)
+    result["losses_by_schedule"] = {kind: train("ours", world_size, "fp32", 6, schedule=kind)["losses"]
+                                    for kind in ("gpipe", "zb-h1")}
     # One more step under torch.profiler: the pipe labels and the CUDA kernels, as a Chrome trace.
     import torch
     import torch.nn as nn
@@ -262,6 +276,8 @@ def host_staged_s2(out_dir):
     return {"losses_s2": s2[0]["losses"], "losses_s1": s1[0]["losses"],
             "losses_equal": same_losses(s2[0]["losses"], s1[0]["losses"]),
             "loss_falls": s2[0]["losses"][-1] < s2[0]["losses"][0],
+            "gpipe_zbh1_losses_equal": {kind: same_losses(losses, s1[0]["losses"])
+                                        for kind, losses in s2[0]["losses_by_schedule"].items()},
             "stages_through_host": [s2[r]["p2p_through_host"] for r in sorted(s2)],
             "profiled_labels": {r: [n for n in s2[r]["profiled_pipe_labels"] if "mb 1" in n] for r in sorted(s2)}}
 
@@ -300,6 +316,71 @@ def overhead_s1(repeats=15):
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return {"layers": layers, "micro_batches": micro_batches, "deepspeed_ms": round(med["deepspeed"], 2),
             "ours_ms": round(med["ours"], 2), "speedup": round(med["deepspeed"] / med["ours"], 2)}
+
+
+def _tests_on_path():
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+
+
+TP_CONFIGS = {"split": {}, "unsplit": {"pipe_partitioned": False, "grad_partitioned": False},
+              "split gpipe": {"schedule": "gpipe"}, "split zb-h1": {"schedule": "zb-h1"}}
+
+
+def _tp_worker(rank, world_size, port, out_dir, queue, device):
+    def body(rank, world_size):
+        _tests_on_path()
+        import tensor_parallel_cases as cases
+        runs = cases.train(rank, world_size, list(TP_CONFIGS.values()), steps=6, engines="ours")
+        out = {}
+        for name, (run, ) in zip(TP_CONFIGS, runs):
+            out[name] = {"losses": run["losses"], "eval": run["eval"], "sent": run["sent"], "flags": run["flags"],
+                         "weights_on": sorted({str(w.device) for w in run["weights"].values()})}
+        return out
+    _worker(rank, world_size, port, queue, device, body)
+
+
+@section("PP=2 x TP=2 in four processes on one GPU over gloo: split transfers, every schedule")
+def tensor_parallel_split(out_dir):
+    runs = spawn(_tp_worker, 4, out_dir)
+    assert len(runs) == 4 and all("error" not in r for r in runs.values()), runs
+    last = runs[3]  # a last-stage rank: it holds the losses
+    split, unsplit = last["split"]["losses"], last["unsplit"]["losses"]
+    sent = {name: runs[0][name]["sent"] for name in ("split", "unsplit")}
+    return {"losses_split": split, "losses_unsplit": unsplit,
+            "split_equals_unsplit": same_losses(split, unsplit),
+            "gpipe_zbh1_equal": {name: same_losses(last[name]["losses"], split)
+                                 for name in ("split gpipe", "split zb-h1")},
+            "loss_falls": split[-1] < split[0], "eval_equal": last["split"]["eval"] == last["unsplit"]["eval"],
+            "stage0_activation_send_bytes": sent, "flags_split": last["split"]["flags"],
+            "weights_on": last["split"]["weights_on"]}
+
+
+def _fault_worker(rank, world_size, port, out_dir, queue, device):
+    def body(rank, world_size):
+        _tests_on_path()
+        import fault_cases
+        return fault_cases.callback_failures(rank, world_size, {"forward": (0, 0), "loss": (1, 0), "load": (0, 0)})
+    _worker(rank, world_size, port, queue, device, body)
+
+
+@section("a failed batch at S=2 on one GPU over gloo: every rank stops, nothing steps")
+def failed_batch(out_dir):
+    runs = spawn(_fault_worker, 2, out_dir)
+    assert len(runs) == 2 and all("error" not in r for r in runs.values()), runs
+    out = {}
+    for case in runs[0]:
+        ranks = [runs[r][case] for r in sorted(runs)]
+        out[case] = {"every_rank_raised": all(r["error"] is not None for r in ranks),
+                     "seconds_max": round(max(r["seconds"] for r in ranks), 3),
+                     "weights_unchanged": all(r["weights_unchanged"] for r in ranks),
+                     "next_batch_refused": all(r["next"] is not None for r in ranks),
+                     "errors": [f"{r['error'][0]}: {r['error'][1][:160]}" for r in ranks if r["error"]]}
+    out["all_stopped_within_5s"] = all(v["every_rank_raised"] and v["seconds_max"] < 5 and v["weights_unchanged"]
+                                       and v["next_batch_refused"] for v in out.values())
+    assert out["all_stopped_within_5s"], out
+    return out
 
 
 def dry_run_patches():
@@ -344,6 +425,8 @@ def main():
     checkpoint_dropout()
     overhead_s1()
     host_staged_s2(args.out)
+    tensor_parallel_split(args.out)
+    failed_batch(args.out)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
     print("\n==== summary ====")
@@ -353,7 +436,8 @@ def main():
     for name, r in RESULTS.items():
         if name == "environment":
             continue
-        long = {"losses_ours", "losses_deepspeed", "losses_s1", "losses_s2", "error"}
+        long = {"losses_ours", "losses_deepspeed", "losses_s1", "losses_s2", "error", "losses_split", "losses_unsplit",
+                "errors"}
         shown = {k: ({kk: vv for kk, vv in v.items() if kk not in long} if isinstance(v, dict) else v)
                  for k, v in r.items() if k not in long}
         print(f"{'PASS' if r.get('ok') else 'FAIL'}  {name}: {json.dumps(shown, default=str)[:900]}")

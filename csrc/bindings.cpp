@@ -110,6 +110,20 @@ dpe::runtime::Activation activation_from_python(const py::handle& obj, const cha
                        std::string(py::str(py::type::of(obj).attr("__name__"))));
 }
 
+// A Python value the executor keeps for a micro-batch (labels, a loss); None
+// is kept as nothing. Released on whatever thread drops it, under the GIL.
+dpe::runtime::Held hold(const py::handle& obj) {
+  if (obj.is_none()) return nullptr;
+  return dpe::runtime::Held(new py::object(py::reinterpret_borrow<py::object>(obj)), [](void* p) {
+    py::gil_scoped_acquire gil;
+    delete static_cast<py::object*>(p);
+  });
+}
+
+py::object held(const dpe::runtime::Held& value) {
+  return value ? *static_cast<const py::object*>(value.get()) : py::none();
+}
+
 // A Python callable the autograd graph may hold and drop on any thread:
 // calls and the final release take the GIL.
 dpe::runtime::GroupForward group_forward_from_python(py::function fn) {
@@ -411,40 +425,60 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           if (fn.is_none()) return std::nullopt;
           return py::reinterpret_borrow<py::function>(fn);
         };
-        py::function load = required("load"), forward = required("forward"), backward_loss = required("backward_loss"),
-                     reduce_tied_grads = required("reduce_tied_grads"), reduce_grads = required("reduce_grads"),
-                     optimizer_step = required("optimizer_step");
+        const bool last_stage = stage_id == stages - 1;
+        py::function load = required("load"), reduce_tied_grads = required("reduce_tied_grads"),
+                     reduce_grads = required("reduce_grads"), optimizer_step = required("optimizer_step");
+        // The last stage computes the loss; the others pass outputs on.
+        py::function forward = required(last_stage ? "forward_loss" : "forward");
         std::optional<py::function> before_backward = optional("before_backward"),
                                     after_backward = optional("after_backward"),
-                                    loss_to_differentiate = optional("loss_to_differentiate");
+                                    loss_to_differentiate = optional("loss_to_differentiate"),
+                                    backward_loss = optional("backward_loss");
+        if (last_stage && !backward_loss) required("backward_loss");
         dpe::runtime::StageCallbacks cb;
-        cb.load = [&](int64_t buffer) {
+        cb.load = [&]() {
           py::gil_scoped_acquire gil;
-          return activation_from_python(load(buffer), "the loaded micro-batch's inputs");
+          py::object loaded = load();
+          if (!py::isinstance<py::tuple>(loaded) || py::len(loaded) != 2) {
+            throw py::type_error("run_stage: load() must return (inputs, labels), got " +
+                                 std::string(py::str(py::type::of(loaded).attr("__name__"))));
+          }
+          auto pair = loaded.cast<py::tuple>();
+          return dpe::runtime::LoadedMicroBatch{
+              activation_from_python(pair[0], "the loaded micro-batch's inputs"), hold(pair[1])};
         };
-        cb.forward = [&](int64_t buffer, const dpe::runtime::Activation& inputs) {
-          py::gil_scoped_acquire gil;
-          return activation_from_python(forward(buffer, activation_to_python(inputs)), "a stage's output");
-        };
+        if (last_stage) {
+          cb.forward_loss = [&](const dpe::runtime::Activation& inputs, const dpe::runtime::Held& labels) {
+            py::gil_scoped_acquire gil;
+            return hold(forward(activation_to_python(inputs), held(labels)));
+          };
+        } else {
+          cb.forward = [&](const dpe::runtime::Activation& inputs) {
+            py::gil_scoped_acquire gil;
+            return activation_from_python(forward(activation_to_python(inputs)), "a stage's output");
+          };
+        }
         auto plain = [](py::function& fn) {
           return [&fn]() {
             py::gil_scoped_acquire gil;
             fn();
           };
         };
-        cb.backward_loss = [&](int64_t buffer) {
-          py::gil_scoped_acquire gil;
-          backward_loss(buffer);
-        };
+        if (backward_loss) {
+          cb.backward_loss = [&fn = *backward_loss](const dpe::runtime::Held& loss) {
+            py::gil_scoped_acquire gil;
+            fn(held(loss));
+          };
+        }
         cb.reduce_tied_grads = plain(reduce_tied_grads);
         cb.reduce_grads = plain(reduce_grads);
         cb.optimizer_step = plain(optimizer_step);
         if (before_backward) cb.before_backward = plain(*before_backward);
         if (after_backward) cb.after_backward = plain(*after_backward);
         if (loss_to_differentiate) {
-          cb.loss_to_differentiate = [&fn = *loss_to_differentiate](int64_t buffer) {
+          cb.loss_to_differentiate = [&fn = *loss_to_differentiate](const dpe::runtime::Held& held_loss) {
             py::gil_scoped_acquire gil;
-            py::object loss = fn(buffer);
+            py::object loss = fn(held(held_loss));
             TORCH_CHECK(THPVariable_Check(loss.ptr()), "the loss to differentiate must be a tensor, got ",
                         std::string(py::str(py::type::of(loss).attr("__name__"))));
             return THPVariable_Unpack(loss.ptr());
@@ -474,10 +508,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return py::make_tuple(timeline, usage);
       },
       "Runs one stage's program (a StageProgram) for a whole batch, calling back into Python only for "
-      "loading, forward (+ loss), the loss backward, reductions and the optimizer step: the methods "
-      "load(buffer), forward(buffer, inputs), backward_loss(buffer), reduce_tied_grads(), reduce_grads(), "
-      "optimizer_step() of `callbacks`, and if present (not None) loss_to_differentiate(buffer), "
-      "before_backward(), after_backward(). Returns the measured timeline and the activation buffers' usage.",
+      "loading, forward (+ loss), the loss backward, reductions and the optimizer step. The executor holds "
+      "each micro-batch's inputs, labels, outputs and loss and passes them to the methods of `callbacks`: "
+      "load() -> (inputs, labels); on stages other than the last forward(inputs) -> outputs; on the last "
+      "forward_loss(inputs, labels) -> the loss (None: nothing to keep for a backward) and "
+      "backward_loss(loss); reduce_tied_grads(), reduce_grads(), optimizer_step(); and if present (not None) "
+      "loss_to_differentiate(loss) -> tensor, before_backward(), after_backward(). Returns the measured "
+      "timeline and the activation buffers' usage.",
       py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("prev_peer"),
       py::arg("next_peer"), py::arg("tag_base"), py::arg("callbacks"), py::arg("release_sent_outputs") = true,
       py::arg("split") = nullptr, py::arg("split_activations") = false, py::arg("split_grads") = false);

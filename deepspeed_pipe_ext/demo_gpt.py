@@ -123,6 +123,9 @@ class TransformerBlock(nn.Module):
         self.proj = nn.Linear(local, hidden, bias=False)  # row-parallel
         self.up = nn.Linear(hidden, 4 * hidden // tp, bias=False)  # column-parallel
         self.down = nn.Linear(4 * hidden // tp, hidden, bias=False)  # row-parallel
+        for linear in (self.qkv, self.proj, self.up, self.down):
+            # Megatron's mark: a shard, not a copy (gradient clipping counts it on every tensor-parallel rank).
+            linear.weight.tensor_model_parallel = True
         # Each rank's own shards: the same seed on every tensor-parallel rank
         # would make its heads copies of the others'. (Data-parallel replicas
         # differ too until DeepSpeed broadcasts the model at initialize.)

@@ -85,8 +85,9 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         if super_kwargs.get("config_class") is not None:
             _check_supported(super_kwargs["config_class"])
         super().__init__(*super_args, **super_kwargs)
-        _check_supported(self._config)
-        pipeline = self._config.pipeline
+        config = _deepspeed_compat.engine_config(self)
+        _check_supported(config)
+        pipeline = config.pipeline
         self.schedule_kind = pipeline.get("schedule", "1f1b")
         # The engine schedules the gradient all-reduce itself.
         self.enable_backward_allreduce = False
@@ -102,7 +103,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                              f"{', '.join(blockers)}. Remove those or use the 1f1b schedule")
         self.micro_batch_size = self.train_micro_batch_size_per_gpu()
         self.micro_batches = self.gradient_accumulation_steps()
-        self.grid = self.module._grid
+        self.grid = _deepspeed_compat.module_grid(self.module)
         self.global_rank = self.grid.get_global_rank()
         self.num_stages = self.grid.pipe_parallel_size
         self.stage_id = self.grid.get_stage_id()
@@ -135,8 +136,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         if pipeline["activation_checkpoint_interval"] > 0:
             self.module.activation_checkpoint_interval = pipeline["activation_checkpoint_interval"]
         if self.module.activation_checkpoint_interval > 0:
-            self.module._precompute_checkpointable_values()
-        self.module.checkpoint_parallel_write_pipeline = self._config.checkpoint_parallel_write_pipeline
+            _deepspeed_compat.precompute_checkpointable_values(self.module)
+        self.module.checkpoint_parallel_write_pipeline = config.checkpoint_parallel_write_pipeline
 
         # A sent stage output keeps its autograd graph but not its storage (Megatron's deallocate_output_tensor).
         self.deallocate_outputs = bool(pipeline.get("deallocate_outputs", True))
@@ -349,23 +350,15 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                                     and (self.stage_id > 0 or any(p.requires_grad for p in self.module.parameters())))
         self._stage_forward = self.module.forward if self._only_engine_hooks() else self.module
         self.fwd_outputs = []
-        self._labels, self._losses = {}, {}
         peers = (self.prev_stage if self.prev_stage >= 0 else -1,
                  self.next_stage if self.next_stage < self.num_stages else -1)
-        with self._running_engine_backward_lock:
-            self._running_engine_backward_count += 1
-            self._running_engine_backward = True
-        try:
+        with _deepspeed_compat.engine_backward_running(self):
             # (start, end, op code, micro_batch, chunk) per compute pass, monotonic seconds: see timeline.py
             self.last_timeline, self.last_buffer_usage = _C.run_stage(
                 self.p2p, self._program(kind, micro_batches), self.num_stages, self.stage_id, peers[0], peers[1],
                 tag_base, self._executor_callbacks(), release_sent_outputs=self.deallocate_outputs,
                 split=self._tp_split, split_activations=self.is_pipe_partitioned,
                 split_grads=self.is_grad_partitioned)
-        finally:
-            with self._running_engine_backward_lock:
-                self._running_engine_backward_count -= 1
-                self._running_engine_backward = self._running_engine_backward_count > 0
 
     def _plain_engine_path(self):
         """True when DeepSpeedEngine's forward and backward wrappers would add
@@ -381,7 +374,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                   ("bf16", self.using_bf16_optimizer),
                   ("fp16", self.fp16_enabled()),
                   ("torch_autocast", self.torch_autocast_enabled() or self.torch_autocast_z0_gradscaler is not None),
-                  ("compile", self.is_deepcompile_enabled() or self.is_compiled or self._is_compiled_autograd_enabled),
+                  ("compile", self.is_deepcompile_enabled() or self.is_compiled
+                              or _deepspeed_compat.compiled_autograd_enabled(self)),
                   ("wall_clock_breakdown", self.wall_clock_breakdown()),
                   ("memory_breakdown", self.memory_breakdown()),
                   ("autotuning", self.autotuning_profile_model_info()))
@@ -399,8 +393,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         if None in handles:
             return False
         global_hooks = _deepspeed_compat.global_module_hooks()
-        return (list(module._forward_pre_hooks) == [handles[0].id] and list(module._forward_hooks) == [handles[1].id]
-                and not module._backward_hooks and not module._backward_pre_hooks
+        pre, post, backward, backward_pre = _deepspeed_compat.module_hook_ids(module)
+        return (pre == [handles[0].id] and post == [handles[1].id] and not backward and not backward_pre
                 and not any(global_hooks))
 
     def _program(self, kind, micro_batches):
@@ -418,16 +412,22 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         return (self.module.activation_checkpoint_interval > 0
                 and self.module.activation_checkpoint_func is not checkpointing.non_reentrant_checkpoint)
 
-    def _forward(self, buffer_id, inputs):
-        outputs = self._stage_forward(inputs) if self._plain_path else super().forward(inputs)
-        if not self.is_last_stage():
-            self._check_stage_output(outputs)
-            return outputs
-        if self._compute_loss and self.module.loss_fn is not None:
-            loss = self.module.loss_fn(outputs, self._labels.pop(buffer_id))
-        else:
-            self._labels.pop(buffer_id, None)
-            loss = outputs
+    def _stage_outputs(self, inputs):
+        return self._stage_forward(inputs) if self._plain_path else super().forward(inputs)
+
+    def _forward(self, inputs):
+        """Stages other than the last: the outputs to send on."""
+        outputs = self._stage_outputs(inputs)
+        self._check_stage_output(outputs)
+        return outputs
+
+    def _forward_loss(self, inputs, labels):
+        """The last stage: outputs, then the loss, recorded as DeepSpeed's
+        engine records it; returns the loss for the executor to keep for the
+        backward (None when there is no backward)."""
+        outputs = self._stage_outputs(inputs)
+        loss = self.module.loss_fn(outputs, labels) if self._compute_loss and self.module.loss_fn is not None \
+            else outputs
         if self.eval_return_logits:
             self.outputs = outputs
         detached = loss.detach() if torch.is_tensor(loss) else [l.detach() for l in loss]
@@ -443,9 +443,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                 total = self.total_additional_losses.get(name)
                 self.total_additional_losses[name] = value.clone() if total is None else total + value
         self.loss = loss  # DeepSpeed's engine keeps the last micro-batch's loss here
-        if self.module.training:
-            self._losses[buffer_id] = loss
-        return None
+        return loss if self.module.training else None
 
     def _check_stage_output(self, outputs):
         """Refuse what the next stage cannot take, and outputs that would
@@ -463,25 +461,23 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                 "learning; do not detach the outputs (or compute them under torch.no_grad) in a stage's layers")
 
     def _last_layer(self):
-        module = self.module
-        index = (module._local_stop or len(module._layer_specs)) - 1
-        layer = module._layer_specs[index]
+        specs, _, stop = _deepspeed_compat.module_layers(self.module)
+        index = (stop or len(specs)) - 1
+        layer = specs[index]
         name = getattr(getattr(layer, "typename", None), "__name__", None) or type(layer).__name__
         if name == "function":
             name = getattr(layer, "__name__", name)
         return f"layer {index}, {name}"
 
-    def _backward_loss(self, buffer_id):
-        loss = self._losses.pop(buffer_id)
+    def _backward_loss(self, loss):
         if self._plain_path:
             (loss / self.gradient_accumulation_steps()).backward()
         else:
             super().backward(loss)
 
-    def _loss_to_differentiate(self, buffer_id):
+    def _loss_to_differentiate(self, loss):
         """Split backward (zero-bubble schedules) on the loss stage: the executor
         differentiates this, as the plain path's _backward_loss would."""
-        loss = self._losses.pop(buffer_id)
         if not torch.is_tensor(loss):
             raise TypeError(f"stage {self.stage_id}: schedule {self.schedule_kind!r} needs the loss to be one tensor, "
                             f"got {type(loss).__name__}; give the PipelineModule a loss_fn")
@@ -490,7 +486,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     def _executor_callbacks(self):
         """What the C++ executor calls back, by name (see _C.run_stage)."""
         before, after = self._stage_backward_callbacks()
-        return types.SimpleNamespace(load=self._load, forward=self._forward, backward_loss=self._backward_loss,
+        return types.SimpleNamespace(load=self._load, forward=self._forward, forward_loss=self._forward_loss,
+                                     backward_loss=self._backward_loss,
                                      loss_to_differentiate=self._loss_to_differentiate,
                                      reduce_tied_grads=self._reduce_tied_grads, reduce_grads=self._reduce_grads,
                                      optimizer_step=self._optimizer_step, before_backward=before,
@@ -503,14 +500,14 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         if not self.using_bf16_optimizer or self.is_last_stage():
             return None, None
         after = None
-        if not self._config.bfloat16_config.immediate_grad_update:
+        if not _deepspeed_compat.engine_config(self).bfloat16_config.immediate_grad_update:
             after = lambda: self.optimizer.update_hp_grads(clear_lp_grads=False)
         return self.optimizer.clear_lp_grads, after
 
     def _reduce_tied_grads(self):
         self._agree_before_step()
         for weight, group in self.module.get_tied_weights_and_groups():
-            grad = weight._hp_grad if self.using_bf16_optimizer else weight.grad
+            grad = _deepspeed_compat.high_precision_grad(weight) if self.using_bf16_optimizer else weight.grad
             if grad is not None:
                 self._bounded(dist.all_reduce(grad, group=group, async_op=True), "the tied-weight all-reduce", group)
 
@@ -536,7 +533,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
             with self._deepspeed_collectives("a collective of the optimizer step (gradient clipping's norm, ZeRO's "
                                              "gathers)", self.grid.get_model_parallel_group(),
                                              self.grid.get_data_parallel_group()):
-                self._take_model_step(None)
+                _deepspeed_compat.take_model_step(self)
         finally:
             self._force_grad_boundary = False
 

@@ -69,21 +69,22 @@ class MicroBatchLoading:
             return tuple(x.to(self.device).detach() for x in labels)
         return labels
 
-    def _load(self, buffer_id):
+    def _load(self):
+        """The next micro-batch as (inputs, labels) for the executor to hold:
+        the inputs on the first stage, the labels on the last (None elsewhere)."""
         batch = self._next_batch()
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             found = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else \
                 type(batch).__name__
             raise TypeError(f"stage {self.stage_id}: each batch must be a pair (inputs, labels), got {found}")
-        if self.is_last_stage():
-            self._labels[buffer_id] = self._labels_to_device(batch[1])
+        labels = self._labels_to_device(batch[1]) if self.is_last_stage() else None
+        inputs = None
         if self.is_first_stage():
             inputs = self._inputs_to_device(batch[0])
             if self._reentrant_activation_checkpointing():
                 for t in (inputs if isinstance(inputs, tuple) else (inputs, )):
                     t.requires_grad_(t.is_floating_point())
-            return inputs
-        return None
+        return inputs, labels
 
     def _build_data_iter(self, dataset):
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=self.dp_world_size,

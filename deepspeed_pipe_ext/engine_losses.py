@@ -6,6 +6,8 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
+from . import _deepspeed_compat
+
 
 class LossReporting:
     """PipelineEngine's losses (a mixin of the engine)."""
@@ -21,10 +23,10 @@ class LossReporting:
         to every stage; with the module's additional losses, as DeepSpeed does."""
         pipe_group = self.grid.get_pipe_parallel_group()
         if self.is_last_stage():
-            loss = self._scale_loss_by_gas(self.total_loss)
+            loss = _deepspeed_compat.scale_loss_by_gas(self, self.total_loss)
             extra = self.total_additional_losses
             if extra is not None:
-                extra = OrderedDict((name, self._scale_loss_by_gas(value.clone().detach()))
+                extra = OrderedDict((name, _deepspeed_compat.scale_loss_by_gas(self, value.clone().detach()))
                                     for name, value in extra.items())
             self.dp_group_loss = loss.clone().detach()
             agg_loss = self.dp_group_loss.clone().detach()
@@ -69,7 +71,7 @@ class LossReporting:
             for out in outputs:
                 for idx, o in enumerate(out):
                     reduced[idx] += o
-        reduced = self._scale_loss_by_gas(reduced, eval_micro_batches=micro_batches)
+        reduced = _deepspeed_compat.scale_loss_by_gas(self, reduced, eval_micro_batches=micro_batches)
         if self.is_data_parallel:
             for t in ([reduced] if torch.is_tensor(reduced) else reduced):
                 dp_group = self.grid.get_data_parallel_group()

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from . import _deepspeed_compat
+
 __all__ = ["CheckpointError", "CheckpointFileMissingError", "to_sequential_state_dict"]
 
 MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
@@ -95,6 +97,11 @@ def _stateful_layers(module):
     return [(i, layer) for i, layer in enumerate(module.forward_funcs) if hasattr(layer, "load_state_dict")]
 
 
+def _first_layer(module):
+    """The index of this stage's first layer in the whole pipeline."""
+    return _deepspeed_compat.module_layers(module)[1]
+
+
 def layer_file(module, tag_dir, local_idx):
     """The file this rank reads for a layer: the name it would write itself.
     Shards of another tensor-parallel layout are refused: merging them is
@@ -102,7 +109,7 @@ def layer_file(module, tag_dir, local_idx):
     path = module.ckpt_layer_path(tag_dir, local_idx)
     if os.path.isfile(path):
         return path
-    layer_idx = module._local_start + local_idx
+    layer_idx = _first_layer(module) + local_idx
     others = module.ckpt_layer_path_list(tag_dir, local_idx)
     if others:
         raise CheckpointError(f"{_where(module)}: layer {layer_idx} has no file {os.path.basename(path)} but "
@@ -146,7 +153,7 @@ def check_stage_layers(module, tag_dir, strict=True):
     """Every layer file this stage will read exists, opens and fits its layer."""
     for local_idx, layer in _stateful_layers(module):
         path = layer_file(module, tag_dir, local_idx)
-        layer_idx = module._local_start + local_idx
+        layer_idx = _first_layer(module) + local_idx
         state = peek_file(path, f"{_where(module)}: layer {layer_idx}")
         check_layer_state(state, layer, path, _where(module), layer_idx, strict)
 
@@ -156,11 +163,12 @@ def save_module_layers(engine, exclude_frozen_parameters=False):
     """DeepSpeed's PipelineEngine.module_state_dict: each layer to its own file
     (data-parallel rank 0, or spread over the data-parallel ranks with
     checkpoint_parallel_write_pipeline); the mp_rank file gets module=None."""
-    if engine._curr_ckpt_path is None:
+    tag_dir = _deepspeed_compat.checkpoint_tag_dir(engine)
+    if tag_dir is None:
         raise RuntimeError("a pipeline engine's module_state_dict() writes per-layer files and only runs inside "
                            "save_checkpoint(); to save the weights alone use engine.module.save_state_dict(dir, "
                            "checkpoint_engine)")
-    engine.module.save_state_dict(engine._curr_ckpt_path, checkpoint_engine=engine.checkpoint_engine,
+    engine.module.save_state_dict(tag_dir, checkpoint_engine=engine.checkpoint_engine,
                                   exclude_frozen_params=exclude_frozen_parameters)
     return None
 
@@ -177,15 +185,15 @@ def load_module_layers(engine, checkpoint, strict=True, custom_load_fn=None):
         # A whole-model state_dict (saved by a non-pipeline engine): DeepSpeed's plain path.
         DeepSpeedEngine.load_module_state_dict(engine, checkpoint, strict)
         return
-    module, tag_dir = engine.module, engine._curr_ckpt_path
+    module, tag_dir = engine.module, _deepspeed_compat.checkpoint_tag_dir(engine)
     for local_idx, layer in _stateful_layers(module):
         path = layer_file(module, tag_dir, local_idx)
-        layer_idx = module._local_start + local_idx
+        layer_idx = _first_layer(module) + local_idx
         state = read_file(path, f"{_where(module)}: layer {layer_idx}",
                           lambda p: engine.checkpoint_engine.load(p, map_location="cpu"))
         check_layer_state(state, layer, path, _where(module), layer_idx, strict)
         layer.load_state_dict(state, strict=strict)
-    module._synchronize_tied_weights()
+    _deepspeed_compat.synchronize_tied_weights(module)
 
 
 def check_before_load(engine, load_dir, tag=None, load_optimizer_states=True, load_module_only=False,
@@ -225,7 +233,7 @@ def _check_local_files(engine, load_dir, tag, loads_optimizer, strict):
         raise CheckpointError(f"{where}: {tag_dir} has {found} mp_rank_XX_model_states.pt files but was saved by "
                               f"{saved_mp} ranks: files left from another save? Remove them or save again")
     if saved_mp == engine.mp_world_size:
-        own = engine._get_ckpt_name(load_dir, tag)
+        own = _deepspeed_compat.checkpoint_file_name(engine, load_dir, tag)
         if own != first:
             saved = peek_file(own, f"{where}: model states")
     elif loads_optimizer:

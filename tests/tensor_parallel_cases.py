@@ -26,6 +26,7 @@ class TensorParallelMLP(nn.Module):
         self.w1 = nn.Parameter(torch.empty(self.shard, hidden))
         self.w2 = nn.Parameter(torch.empty(hidden, self.shard))
         self.bias = nn.Parameter(torch.zeros(hidden))
+        self.w1.tensor_model_parallel = self.w2.tensor_model_parallel = True  # Megatron's mark for shards
         self._sliced = False
 
     def slice_for(self, tp_rank):
@@ -176,6 +177,8 @@ class TransformerBlock(nn.Module):
         self.out = nn.Parameter(torch.empty(HIDDEN, HEADS // 2, HIDDEN // HEADS))
         self.up = nn.Parameter(torch.empty(HIDDEN, HIDDEN))
         self.down = nn.Parameter(torch.empty(HIDDEN, HIDDEN))
+        for shard in (self.qkv, self.out, self.up, self.down):
+            shard.tensor_model_parallel = True
 
     def slice_for(self, tp_rank):
         h, u = HEADS // 2, HIDDEN
@@ -307,3 +310,19 @@ def recorded_traces(rank, world_size, schedules, steps=2):
         out[schedule] = {"theirs": losses["deepspeed"], "ours": losses["ours"], "trace": list(engine.p2p.trace),
                          "stage": engine.stage_id, "tp": engine.grid.get_slice_parallel_rank()}
     return out
+
+
+def train_optimizers(rank, world_size, extra_configs, steps=6):
+    """PP=2 x TP=2 with DeepSpeed's optimizer wrappers (ZeRO stage 1, bf16):
+    per extra config, DeepSpeed's engine and ours."""
+    return [train(rank, world_size, [{}], steps=steps, extra_config=extra)[0] for extra in extra_configs]
+
+
+def topology_larger_than_the_job(rank, world_size):
+    """PP=2 x TP=2 (4 ranks) in a job of `world_size` ranks: the error each rank raises."""
+    try:
+        dpe.PipelineModule(layers=mlp_layers(dpe.LayerSpec, 4, 8), loss_fn=nn.MSELoss(),
+                           topology=PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=1))
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None

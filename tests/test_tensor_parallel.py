@@ -106,3 +106,22 @@ def test_split_transfers_pass_under_nccl_rules():
             for one_stream in (False, True):
                 result = _C.check_nccl_order(ordered, one_stream_per_rank=one_stream)
                 assert result["ok"], f"{schedule} pipe {tp}: {result['report']}"
+
+
+def test_zero_stage_1_and_bf16_at_pipeline_by_tensor_parallel_match_deepspeed():
+    """DeepSpeed's ZeRO-1 and bf16 optimizers over PP=2 x TP=2 (with gradient
+    clipping, whose norm counts each tensor-parallel shard once)."""
+    zero1 = {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True}
+    extras = [zero1, {"bf16": {"enabled": True}}, {"bf16": {"enabled": True}, **zero1}]
+    results = run_ranks(tensor_parallel_cases.train_optimizers, 4, extras, timeout=600)
+    for rank, per_extra in enumerate(results):
+        for extra, (theirs, ours) in zip(extras, per_extra):
+            bf16 = "bf16" in extra
+            assert_matches(ours, theirs, (rank, extra), rtol=1e-2 if bf16 else 1e-6, atol=1e-3 if bf16 else 1e-7)
+
+
+def test_a_topology_that_does_not_match_the_world_size_is_refused_on_every_rank():
+    errors = run_ranks(tensor_parallel_cases.topology_larger_than_the_job, 2, timeout=120)
+    for error in errors:
+        assert error is not None and "has 4 ranks but the job has 2" in error, errors
+        assert "product of the topology dims must equal the world size" in error, errors

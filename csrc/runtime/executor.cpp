@@ -89,10 +89,13 @@ Describe lazily(int64_t step, const core::Instruction& in) {
 
 void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int64_t num_buffers,
                    const StageCallbacks& cb) {
-  inputs_.assign(num_buffers, Activation{});
-  outputs_.assign(num_buffers, Activation{});
-  output_grads_.assign(num_buffers, {});
-  deferred_weight_grads_.assign(num_buffers, DeferredWeightGrads{});
+  clear_buffers();
+  inputs_.resize(num_buffers);
+  outputs_.resize(num_buffers);
+  labels_.resize(num_buffers);
+  losses_.resize(num_buffers);
+  output_grads_.resize(num_buffers);
+  deferred_weight_grads_.resize(num_buffers);
   step_ = 0;
   timeline_.clear();
   usage_ = BufferUsage{};
@@ -125,11 +128,17 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
   TORCH_CHECK(captured_sends_.empty(), "stage ", stage_id_, ": the transfer plan left ", captured_sends_.size(),
               " sends unissued");
   if (p2p_) p2p_->wait_sends();
+  clear_buffers();
+  flat_.clear();
+}
+
+void Executor::clear_buffers() {
   inputs_.clear();
   outputs_.clear();
+  labels_.clear();
+  losses_.clear();
   output_grads_.clear();
   deferred_weight_grads_.clear();
-  flat_.clear();
 }
 
 std::string Executor::position() const {
@@ -174,7 +183,7 @@ void Executor::send(const core::Instruction& in, Activation value, bool delayed)
 void Executor::account_buffers() {
   int64_t live = 0, bytes = 0;
   for (size_t b = 0; b < inputs_.size(); ++b) {
-    bool used = !deferred_weight_grads_[b].empty();
+    bool used = !deferred_weight_grads_[b].empty() || losses_[b] != nullptr;
     for (const auto* tensors : {&inputs_[b].tensors, &outputs_[b].tensors, &output_grads_[b]}) {
       for (const auto& t : *tensors) {
         bytes += static_cast<int64_t>(t.nbytes());
@@ -227,8 +236,9 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
   const int64_t b = in.buffer_id;
   switch (in.op) {
     case Op::LoadMicroBatch: {
-      Activation loaded = cb.load(b);
-      if (stage_id_ == 0) inputs_[b] = std::move(loaded);
+      LoadedMicroBatch loaded = cb.load();
+      if (stage_id_ == 0) inputs_[b] = std::move(loaded.inputs);
+      if (stage_id_ == num_stages_ - 1) labels_[b] = std::move(loaded.labels);
       break;
     }
     case Op::RecvActivation: {
@@ -241,7 +251,12 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       // Forward on clones so the buffer's leaves receive the input gradient.
       Activation x{{}, inputs_[b].is_tuple};
       for (const auto& t : inputs_[b].tensors) x.tensors.push_back(t.clone());
-      outputs_[b] = cb.forward(b, x);
+      if (stage_id_ == num_stages_ - 1) {
+        losses_[b] = cb.forward_loss(x, labels_[b]);
+        labels_[b].reset();
+      } else {
+        outputs_[b] = cb.forward(x);
+      }
       break;
     }
     case Op::SendActivation:
@@ -264,7 +279,8 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
     }
     case Op::BackwardPass:
       if (stage_id_ == num_stages_ - 1) {
-        cb.backward_loss(b);
+        cb.backward_loss(losses_[b]);
+        losses_[b].reset();
       } else {
         std::vector<at::Tensor> outs, grads;
         backward_seeds(in, &outs, &grads);
@@ -283,7 +299,8 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       if (stage_id_ == num_stages_ - 1) {
         TORCH_CHECK(cb.loss_to_differentiate, "stage ", stage_id_, ", ", where(in),
                     ": a split backward on the last stage needs the loss_to_differentiate callback");
-        at::Tensor loss = cb.loss_to_differentiate(b);
+        at::Tensor loss = cb.loss_to_differentiate(losses_[b]);
+        losses_[b].reset();
         TORCH_CHECK(loss.defined() && loss.numel() == 1, "stage ", stage_id_, ", ", where(in),
                     ": the loss must be a scalar tensor (got shape ", loss.defined() ? loss.sizes() : at::IntArrayRef{},
                     "); give the PipelineModule a loss_fn that reduces to one value");

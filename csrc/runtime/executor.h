@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -19,18 +20,36 @@
 
 namespace dpe::runtime {
 
+// A value the executor keeps for a micro-batch and hands back to a callback
+// without reading it: the labels (any Python value DeepSpeed passes to the
+// loss: tensors, ints, dicts, None) and the loss. The bindings put Python
+// objects here; the runtime needs no Python headers.
+using Held = std::shared_ptr<void>;
+
+// What LoadMicroBatch produced: the stage inputs (first stage; empty
+// elsewhere) and the labels (kept until the loss stage's forward).
+struct LoadedMicroBatch {
+  Activation inputs;
+  Held labels;
+};
+
+// Python's part of a stage, by micro-batch: the executor holds each
+// micro-batch's inputs, labels, outputs and loss in its buffers and passes
+// them in; the callbacks keep no per-micro-batch state of their own.
 struct StageCallbacks {
-  // Loads the next micro-batch into `buffer`; returns the stage inputs on the
-  // first stage (labels stay on the Python side), an empty Activation elsewhere.
-  std::function<Activation(int64_t buffer)> load;
-  // Runs the stage's layers on `inputs`; on the last stage also the loss.
-  std::function<Activation(int64_t buffer, const Activation& inputs)> forward;
-  // Last stage: backward of the loss of `buffer`'s micro-batch.
-  std::function<void(int64_t buffer)> backward_loss;
-  // Last stage, split backward (zero-bubble schedules): the scalar that
+  // Loads the next micro-batch.
+  std::function<LoadedMicroBatch()> load;
+  // Stages other than the last: runs the stage's layers on `inputs`.
+  std::function<Activation(const Activation& inputs)> forward;
+  // The last stage: runs its layers and the loss on (inputs, labels);
+  // returns the loss (kept for the backward while training).
+  std::function<Held(const Activation& inputs, const Held& labels)> forward_loss;
+  // The last stage: backward of a micro-batch's loss.
+  std::function<void(const Held& loss)> backward_loss;
+  // The last stage, split backward (zero-bubble schedules): the scalar that
   // backward_loss would differentiate (the loss scaled as it scales it); the
   // executor splits its backward.
-  std::function<at::Tensor(int64_t buffer)> loss_to_differentiate;
+  std::function<at::Tensor(const Held& loss)> loss_to_differentiate;
   // Other stages, optional: run just before and after the executor's own
   // backward of a micro-batch (DeepSpeed's bf16 optimizer moves gradients
   // there). Not supported with split backward passes.
@@ -100,6 +119,7 @@ class Executor {
   void release_sent_outputs(int64_t buffer);
   bool held_only_here(const at::Tensor& t) const;
   void account_buffers();
+  void clear_buffers();
   // The floating-point outputs of `buffer` that require grad, paired with their received gradients.
   void backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs, std::vector<at::Tensor>* grads) const;
   std::string where(const core::Instruction& in) const;
@@ -118,6 +138,7 @@ class Executor {
   std::map<int32_t, Activation> captured_sends_;
   int32_t position_ = 0;  // flat index of the instruction running
   std::vector<Activation> inputs_, outputs_;
+  std::vector<Held> labels_, losses_;  // per buffer: from LoadMicroBatch to the loss; from the loss to its backward
   std::vector<std::vector<at::Tensor>> output_grads_;
   std::vector<DeferredWeightGrads> deferred_weight_grads_;  // between BackwardInput and BackwardWeight
   std::vector<TimedInstruction> timeline_;
