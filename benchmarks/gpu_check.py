@@ -55,6 +55,7 @@ def section(name):
                 RESULTS[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
             RESULTS[name]["seconds"] = round(time.perf_counter() - start, 1)
             print(f"[{name}] {json.dumps(RESULTS[name], default=str)[:1500]}", flush=True)
+        run.section_name = name
         return run
     return wrap
 
@@ -357,27 +358,40 @@ def tensor_parallel_split(out_dir):
             "weights_on": last["split"]["weights_on"]}
 
 
-def _fault_worker(rank, world_size, port, out_dir, queue, device):
+FAULT_CASES = {"forward": (0, 0), "loss": (1, 0), "load": (0, 0)}  # case: the victim's (stage, data-parallel rank)
+
+
+def _fault_worker(case, rank, world_size, port, out_dir, queue, device):
     def body(rank, world_size):
+        import faulthandler
+        faulthandler.dump_traceback_later(45, exit=True)  # a hang shows every thread's stack, then ends the rank
         _tests_on_path()
         import fault_cases
-        return fault_cases.callback_failures(rank, world_size, {"forward": (0, 0), "loss": (1, 0), "load": (0, 0)})
+        print(f"[fault case {case}] rank {rank} starts", file=sys.stderr, flush=True)
+        result = fault_cases.callback_failures(rank, world_size, {case: FAULT_CASES[case]})
+        print(f"[fault case {case}] rank {rank} done: {result}", file=sys.stderr, flush=True)
+        faulthandler.cancel_dump_traceback_later()
+        return result
     _worker(rank, world_size, port, queue, device, body)
 
 
 @section("a failed batch at S=2 on one GPU over gloo: every rank stops, nothing steps")
 def failed_batch(out_dir):
-    runs = spawn(_fault_worker, 2, out_dir)
-    assert len(runs) == 2 and all("error" not in r for r in runs.values()), runs
+    import functools
     out = {}
-    for case in runs[0]:
+    for case in FAULT_CASES:  # one job per case, so that a hang in one leaves the others' figures
+        runs = spawn(functools.partial(_fault_worker, case), 2, out_dir, timeout=75)
+        if len(runs) < 2 or any("error" in r for r in runs.values()):
+            out[case] = {"failed": {rank: r.get("error", "")[-600:] for rank, r in runs.items()}, "ranks_reported":
+                         sorted(runs)}
+            continue
         ranks = [runs[r][case] for r in sorted(runs)]
         out[case] = {"every_rank_raised": all(r["error"] is not None for r in ranks),
                      "seconds_max": round(max(r["seconds"] for r in ranks), 3),
                      "weights_unchanged": all(r["weights_unchanged"] for r in ranks),
                      "next_batch_refused": all(r["next"] is not None for r in ranks),
                      "errors": [f"{r['error'][0]}: {r['error'][1][:160]}" for r in ranks if r["error"]]}
-    out["all_stopped_within_5s"] = all(v["every_rank_raised"] and v["seconds_max"] < 5 and v["weights_unchanged"]
+    out["all_stopped_within_5s"] = all(v.get("every_rank_raised") and v["seconds_max"] < 5 and v["weights_unchanged"]
                                        and v["next_batch_refused"] for v in out.values())
     assert out["all_stopped_within_5s"], out
     return out
@@ -412,6 +426,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="out/gpu_check")
     parser.add_argument("--cpu-dry-run", action="store_true", help="check this script on a machine without a GPU")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the sections whose names contain one of these")
     args = parser.parse_args()
     global DEVICE, BACKEND
     if args.cpu_dry_run:
@@ -421,12 +436,11 @@ def main():
     RESULTS["environment"] = environment()
     print(f"[environment] {RESULTS['environment']}", flush=True)
     join(0, 1, free_port(), BACKEND)
-    parity_s1()
-    checkpoint_dropout()
-    overhead_s1()
-    host_staged_s2(args.out)
-    tensor_parallel_split(args.out)
-    failed_batch(args.out)
+    sections = [(parity_s1, ()), (checkpoint_dropout, ()), (overhead_s1, ()), (host_staged_s2, (args.out, )),
+                (tensor_parallel_split, (args.out, )), (failed_batch, (args.out, ))]
+    for run, run_args in sections:
+        if args.only is None or any(word in run.section_name for word in args.only):
+            run(*run_args)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
     print("\n==== summary ====")

@@ -19,4 +19,4 @@ nvidia-smi | tee "$OUT_DIR/nvidia-smi.txt"
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace > "$OUT_DIR/build.log" 2>&1 || { tail -40 "$OUT_DIR/build.log"; exit 1; }
 echo "extension built in $(( $(date +%s) - start )) s"
-PYTHONUNBUFFERED=1 $PY benchmarks/gpu_check.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/gpu_check.log" | grep -v "^\[20"
+PYTHONUNBUFFERED=1 $PY benchmarks/gpu_check.py --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log" | grep -v "^\[20"
