@@ -364,6 +364,7 @@ FAULT_CASES = {"forward": (0, 0), "loss": (1, 0), "load": (0, 0)}  # case: the v
 def _fault_worker(case, rank, world_size, port, out_dir, queue, device):
     def body(rank, world_size):
         import faulthandler
+        faulthandler.enable(all_threads=True)  # a crash shows every thread's stack
         faulthandler.dump_traceback_later(45, exit=True)  # a hang shows every thread's stack, then ends the rank
         _tests_on_path()
         import fault_cases
@@ -379,7 +380,8 @@ def _fault_worker(case, rank, world_size, port, out_dir, queue, device):
 def failed_batch(out_dir):
     import functools
     out = {}
-    for case in FAULT_CASES:  # one job per case, so that a hang in one leaves the others' figures
+    cases = os.environ.get("GPU_CHECK_FAULT_CASES", ",".join(FAULT_CASES)).split(",")
+    for case in cases:  # one job per case, so that a hang in one leaves the others' figures
         runs = spawn(functools.partial(_fault_worker, case), 2, out_dir, timeout=75)
         if len(runs) < 2 or any("error" in r for r in runs.values()):
             out[case] = {"failed": {rank: r.get("error", "")[-600:] for rank, r in runs.items()}, "ranks_reported":
