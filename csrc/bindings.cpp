@@ -76,6 +76,16 @@ py::dict result_to_python(const core::SimulationResult& r) {
   return d;
 }
 
+// Rows of action tokens ("0F3"), one row per rank, as compute orders.
+std::vector<core::ComputeOrder> orders_from_python(const std::vector<std::vector<std::string>>& rows) {
+  const int64_t stages = static_cast<int64_t>(rows.size());
+  if (stages < 1) throw std::invalid_argument("a compute order needs one row of actions per rank; got none");
+  std::vector<core::ComputeOrder> orders(stages);
+  for (int64_t r = 0; r < stages; ++r)
+    for (const auto& token : rows[r]) orders[r].push_back(core::parse_action(token, stages, r));
+  return orders;
+}
+
 core::OpCosts make_costs(double forward, double backward_input, double backward_weight, double send_latency) {
   return core::OpCosts{forward, backward_input, backward_weight, send_latency};
 }
@@ -288,6 +298,48 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("send_latency") = 0.0);
 
   m.def(
+      "compute_order",
+      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks) {
+        const auto spec = make_spec(kind, micro_batches, stages, chunks);
+        std::vector<std::vector<std::string>> rows;
+        const auto orders = core::compute_orders_of(core::generate_all_steps(spec));
+        for (size_t r = 0; r < orders.size(); ++r) {
+          rows.emplace_back();
+          for (const auto& op : orders[r]) rows.back().push_back(core::format_action(op, stages, r));
+        }
+        return rows;
+      },
+      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks") = 1,
+      "A schedule's compute passes per rank, as action tokens (\"0F3\").");
+  m.def(
+      "lower_compute_order",
+      [](const std::vector<std::vector<std::string>>& rows, int64_t micro_batches) {
+        std::vector<int64_t> buffers;
+        const auto all = core::lower_compute_orders(orders_from_python(rows), micro_batches, &buffers);
+        py::list streams;
+        for (const auto& steps : all) streams.append(steps_to_python(steps));
+        return py::make_tuple(streams, buffers);
+      },
+      py::arg("rows"), py::arg("micro_batches"),
+      "Every rank's instruction stream for rows of action tokens, and its buffer count.");
+  m.def(
+      "simulate_compute_order",
+      [](const std::vector<std::vector<std::string>>& rows, int64_t micro_batches, double forward,
+         double backward_input, double backward_weight, double send_latency) {
+        std::vector<int64_t> buffers;
+        const auto all = core::lower_compute_orders(orders_from_python(rows), micro_batches, &buffers);
+        core::SimulationResult r;
+        {
+          py::gil_scoped_release release;
+          r = core::simulate(all, micro_batches, 1, buffers,
+                             make_costs(forward, backward_input, backward_weight, send_latency));
+        }
+        return result_to_python(r);
+      },
+      py::arg("rows"), py::arg("micro_batches"), py::arg("forward") = 1.0, py::arg("backward_input") = 1.0,
+      py::arg("backward_weight") = 1.0, py::arg("send_latency") = 0.0);
+
+  m.def(
       "check_nccl_order",
       [](const std::vector<std::vector<std::tuple<std::string, int, int64_t, std::string>>>& ranks,
          bool one_stream_per_rank) {
@@ -390,6 +442,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"),
            py::arg("dynamic_shapes") = false)
+      .def_static(
+          "from_compute_order",
+          [](const std::vector<std::vector<std::string>>& rows, int64_t micro_batches, int64_t stage_id,
+             bool dynamic_shapes) {
+            const auto orders = orders_from_python(rows);
+            if (stage_id < 0 || stage_id >= static_cast<int64_t>(orders.size())) {
+              throw std::invalid_argument("stage_id " + std::to_string(stage_id) + " is out of range for a "
+                                          "compute order of " + std::to_string(orders.size()) + " ranks");
+            }
+            py::gil_scoped_release release;
+            std::vector<int64_t> buffers;
+            auto all = core::lower_compute_orders(orders, micro_batches, &buffers);
+            // Proven before it runs: throws ScheduleError naming the rank, step and instruction that cannot proceed.
+            core::simulate(all, micro_batches, 1, buffers, core::OpCosts{1.0, 1.0, 1.0, 0.0});
+            auto plans = core::plan_transfers(all, micro_batches, 1, buffers, core::TransferOrder::PairOrder,
+                                              dynamic_shapes);
+            return StageProgram{std::move(all[stage_id]), buffers[stage_id], std::move(plans[stage_id])};
+          },
+          py::arg("rows"), py::arg("micro_batches"), py::arg("stage_id"), py::arg("dynamic_shapes") = false,
+          "A stage's program for a compute order (rows of action tokens, one per rank), proven by the simulator "
+          "first.")
       .def_readonly("num_buffers", &StageProgram::num_buffers)
       .def_property_readonly("steps", [](const StageProgram& p) { return steps_to_python(p.steps); })
       .def_property_readonly(

@@ -32,6 +32,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from . import _deepspeed_compat
 from ._native import _C
+from .schedule import load_schedule
 from .engine_data import MicroBatchLoading
 from .engine_failures import FailureHandling
 from .engine_losses import LossReporting
@@ -55,10 +56,10 @@ def _check_supported(config):
         raise ValueError(f"ZeRO stage {int(stage)} partitions gradients, which pipeline parallelism cannot use: "
                          "set zero_optimization.stage to 0 or 1")
     kind = config.pipeline.get("schedule", "1f1b")
-    if kind not in RUNNABLE_SCHEDULES:
+    if kind not in RUNNABLE_SCHEDULES and load_schedule(kind) is None:
         raise ValueError(f"schedule {kind!r} cannot run on the pipeline runtime yet: choose one of "
-                         f"{sorted(RUNNABLE_SCHEDULES)} (the others can be simulated with "
-                         "deepspeed_pipe_ext.schedule.simulate)")
+                         f"{sorted(RUNNABLE_SCHEDULES)} or the path of a compute-order CSV file (the others can be "
+                         "simulated with deepspeed_pipe_ext.schedule.simulate)")
 
 
 def _p2p_timeout(value):
@@ -89,6 +90,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         _check_supported(config)
         pipeline = config.pipeline
         self.schedule_kind = pipeline.get("schedule", "1f1b")
+        self._compute_order = load_schedule(self.schedule_kind)  # a hand-written schedule, or None
         # The engine schedules the gradient all-reduce itself.
         self.enable_backward_allreduce = False
         self.pipeline_enable_backward_allreduce = True
@@ -96,11 +98,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
 
         # DeepSpeed's bf16 optimizer keeps fp32 gradients beside the model's bf16 ones.
         self.using_bf16_optimizer = type(self.optimizer) is BF16_Optimizer
-        blockers = self._plain_path_blockers() if self.schedule_kind in SPLIT_BACKWARD_SCHEDULES else []
-        if blockers:
-            raise ValueError(f"schedule {self.schedule_kind!r} splits the backward pass, which runs with fp32 and ZeRO "
-                             f"stage 0 without DeepSpeed's backward wrappers; this config has: "
-                             f"{', '.join(blockers)}. Remove those or use the 1f1b schedule")
+        self._refuse_split_backward_blockers()
         self.micro_batch_size = self.train_micro_batch_size_per_gpu()
         self.micro_batches = self.gradient_accumulation_steps()
         self.grid = _deepspeed_compat.module_grid(self.module)
@@ -397,12 +395,56 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         return (pre == [handles[0].id] and post == [handles[1].id] and not backward and not backward_pre
                 and not any(global_hooks))
 
+    def _splits_backward(self):
+        if self._compute_order is not None:
+            return self._compute_order.splits_backward
+        return self.schedule_kind in SPLIT_BACKWARD_SCHEDULES
+
+    def _refuse_split_backward_blockers(self):
+        blockers = self._plain_path_blockers() if self._splits_backward() else []
+        if blockers:
+            raise ValueError(f"schedule {self.schedule_kind!r} splits the backward pass, which runs with fp32 and ZeRO "
+                             f"stage 0 without DeepSpeed's backward wrappers; this config has: "
+                             f"{', '.join(blockers)}. Remove those or use the 1f1b schedule")
+
+    def set_schedule(self, schedule):
+        """Runs later train batches with `schedule`: a built-in kind name
+        ("1f1b", "gpipe", "zb-h1"), a deepspeed_pipe_ext.schedule.ComputeOrder
+        or the path of its CSV file. Every rank must set the same one; it is
+        proven by the simulator before its first step."""
+        order = load_schedule(schedule)
+        if order is None and schedule not in RUNNABLE_SCHEDULES:
+            raise ValueError(f"stage {self.stage_id}: schedule {schedule!r} cannot run: choose one of "
+                             f"{sorted(RUNNABLE_SCHEDULES)}, a ComputeOrder or the path of its CSV file")
+        previous = (self.schedule_kind, self._compute_order)
+        self.schedule_kind, self._compute_order = (order if order is not None else schedule), order
+        try:
+            self._refuse_split_backward_blockers()
+        except ValueError:
+            self.schedule_kind, self._compute_order = previous
+            raise
+
     def _program(self, kind, micro_batches):
         """This stage's instruction stream, generated once per configuration."""
+        order = self._compute_order if kind is self.schedule_kind else None
+        if order is not None:
+            return self._custom_program(order, micro_batches)
         key = (kind, micro_batches)
         if key not in self._programs:  # dynamic shapes as the P2P channels were built
             self._programs[key] = _C.StageProgram(kind, micro_batches, self.num_stages, self.stage_id,
                                                   dynamic_shapes=self._dynamic_shapes)
+        return self._programs[key]
+
+    def _custom_program(self, order, micro_batches):
+        if order.stages != self.num_stages or order.micro_batches != micro_batches:
+            raise ValueError(f"stage {self.stage_id}: the compute order is written for {order.stages} ranks and "
+                             f"{order.micro_batches} micro-batches, but this pipeline has {self.num_stages} stages "
+                             f"and {micro_batches} micro-batches per batch (gradient_accumulation_steps): write one "
+                             "row per stage and every micro-batch's passes")
+        key = (id(order), micro_batches)
+        if key not in self._programs:
+            self._programs[key] = _C.StageProgram.from_compute_order(order.rows, micro_batches, self.stage_id,
+                                                                     dynamic_shapes=self._dynamic_shapes)
         return self._programs[key]
 
     def _reentrant_activation_checkpointing(self):

@@ -9,7 +9,19 @@ streams exactly. `GPipeSchedule`, `Interleaved1F1BSchedule` and
 stage's stream through the C++ simulator, which checks it and measures it.
 
     python -m deepspeed_pipe_ext.schedule --kind zb-h1 --stages 4 --micro-batches 8 [--plot out.png]
+
+`ComputeOrder` is a schedule written by hand: each rank's compute passes in
+order, as action tokens (`0F3`: stage 0, forward, micro-batch 3; B full
+backward, I input backward, W weight backward), one row per rank in the CSV
+form torch.distributed.pipelining reads and writes. The runtime adds the
+loads, transfers, reductions and optimizer step, the simulator proves it, and
+the engine runs it (`"pipeline": {"schedule": "order.csv"}` or
+`engine.set_schedule(order)`).
 """
+import csv
+import io
+import os
+
 from deepspeed.runtime.pipe import schedule as _ds
 
 from ._native import _C
@@ -231,6 +243,88 @@ def simulate(kind, micro_batches, stages, chunks=1, forward=1.0, backward_input=
     chunks > 1 each chunk costs 1/chunks). Raises ScheduleError if invalid."""
     return SimulationResult(_C.simulate(kind, micro_batches, stages, chunks, forward, backward_input,
                                         backward_weight, send_latency))
+
+
+class ComputeOrder:
+    """Each rank's compute passes, in order: `rows[r]` is rank r's list of
+    action tokens ("0F3"). Built-in schedules export theirs with
+    `ComputeOrder.builtin(kind, micro_batches, stages)`."""
+
+    def __init__(self, rows, micro_batches=None):
+        self.rows = [[str(token).strip() for token in row if str(token).strip()] for row in rows]
+        if not self.rows:
+            raise ValueError("a compute order needs one row of actions per rank; got none")
+        found = [_micro_batch(token) for row in self.rows for token in row]
+        self.micro_batches = micro_batches if micro_batches is not None else (max(found) + 1 if found else 0)
+        _C.lower_compute_order(self.rows, self.micro_batches)  # parses and lowers: a clear error if it cannot
+
+    @classmethod
+    def builtin(cls, kind, micro_batches, stages):
+        return cls(_C.compute_order(kind, micro_batches, stages), micro_batches)
+
+    @classmethod
+    def from_csv(cls, text, micro_batches=None):
+        """Rows of comma-separated tokens, one row per rank (empty cells skipped)."""
+        return cls(list(csv.reader(io.StringIO(text))), micro_batches)
+
+    @classmethod
+    def read(cls, path, micro_batches=None):
+        with open(path, newline="") as f:
+            return cls.from_csv(f.read(), micro_batches)
+
+    def to_csv(self):
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(self.rows)
+        return out.getvalue()
+
+    @property
+    def stages(self):
+        return len(self.rows)
+
+    @property
+    def splits_backward(self):
+        """True when any backward is split into I and W (as in zb-h1)."""
+        return any(_letter(token) in "IW" for row in self.rows for token in row)
+
+    def steps(self, stage_id):
+        """Rank `stage_id`'s instruction stream, with the transfers added."""
+        streams, _ = _C.lower_compute_order(self.rows, self.micro_batches)
+        return [[_instruction(*cmd) for cmd in step] for step in streams[stage_id]]
+
+    def simulate(self, forward=1.0, backward_input=1.0, backward_weight=1.0, send_latency=0.0):
+        """Proves and measures the order as simulate() does a built-in kind;
+        raises ScheduleError naming the rank, step and instruction that
+        cannot proceed."""
+        return SimulationResult(_C.simulate_compute_order(self.rows, self.micro_batches, forward, backward_input,
+                                                          backward_weight, send_latency))
+
+    def __eq__(self, other):
+        return isinstance(other, ComputeOrder) and (self.rows, self.micro_batches) == (other.rows,
+                                                                                         other.micro_batches)
+
+    def __repr__(self):
+        return f"ComputeOrder({self.stages} ranks, {self.micro_batches} micro-batches)"
+
+
+def _letter(token):
+    return token.lstrip("0123456789")[:1]
+
+
+def _micro_batch(token):
+    tail = token.lstrip("0123456789")[1:]
+    if not tail.isdigit():
+        raise ValueError(f"action {token!r} is not STAGE LETTER MICRO_BATCH (like 0F3)")
+    return int(tail)
+
+
+def load_schedule(value):
+    """A `"pipeline": {"schedule": ...}` value as a ComputeOrder when it is one
+    or names a CSV file of one; None for a built-in kind name."""
+    if isinstance(value, ComputeOrder):
+        return value
+    if isinstance(value, (str, os.PathLike)) and str(value) not in SCHEDULE_KINDS and os.path.isfile(value):
+        return ComputeOrder.read(value)
+    return None
 
 
 if __name__ == "__main__":

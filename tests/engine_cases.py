@@ -497,3 +497,39 @@ def failed_batches(rank, world_size):
     attempt([nn.Linear(8, 8), ReturnsNone(), nn.Linear(8, 8), nn.Linear(8, 4)], batches(1, 4), "none")
     attempt(linear(), batches(1, 4), "stalled", stall_loss_broadcast=True)  # last: it may leave the group broken
     return out
+
+
+def set_schedule_cases(rank, world_size):
+    """engine.set_schedule: a built-in order as a ComputeOrder gives that
+    schedule's losses; an order for another micro-batch count, an unknown
+    name and a deadlocking order are refused."""
+    import torch.nn as nn
+    from deepspeed_pipe_ext import schedule
+    out = {}
+
+    def engine():
+        torch.manual_seed(3)
+        net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=2, loss_fn=nn.MSELoss())
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "steps_per_print": 10**9}
+        eng, _, _, _ = dpe_engine.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                      optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        return eng
+
+    losses = []
+    for chosen in ("zb-h1", schedule.ComputeOrder.builtin("zb-h1", 4, 2)):
+        eng = engine()
+        eng.set_schedule(chosen)
+        losses.append([eng.train_batch(data_iter=iter(batches(5 + s, 4))).item() for s in range(3)])
+    out["losses_equal"] = losses[0] == losses[1]
+    for name, chosen in (("wrong_size", schedule.ComputeOrder.builtin("gpipe", 3, 2)), ("unknown", "2f2b"),
+                         ("deadlock", schedule.ComputeOrder([["0F0", "0B0", "0F1", "0B1", "0F2", "0B2", "0F3", "0B3"],
+                                                             ["1F1", "1B1", "1F0", "1B0", "1F2", "1B2", "1F3",
+                                                              "1B3"]]))):
+        eng = engine()
+        try:
+            eng.set_schedule(chosen)
+            eng.train_batch(data_iter=iter(batches(5, 4)))
+            out[name] = None
+        except Exception as err:
+            out[name] = f"{type(err).__name__}: {err}"
+    return out

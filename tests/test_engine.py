@@ -239,3 +239,22 @@ def test_failed_batches_never_step_and_later_batches_refuse():
     assert kind == "PipelineError" and "the loss broadcast over global ranks [0, 1] did not complete within" in message
     assert stage0["stalled"]["seconds"] < 3 + 5
     assert stage1["stalled"]["error"][1] == "stalled before the loss broadcast"
+
+
+def test_a_hand_written_schedule_from_a_csv_file_matches_deepspeed(tmp_path):
+    """1F1B with two more warm-up forwards on stage 0 than any built-in
+    schedule runs, written as a torch.distributed.pipelining-style CSV."""
+    path = tmp_path / "warm.csv"
+    path.write_text("0F0,0F1,0F2,0B0,0F3,0B1,0B2,0B3\n1F0,1B0,1F1,1B1,1F2,1B2,1F3,1B3\n")
+    results = run_ranks(engine_cases.train_both, 2, 2, 20, 4, 3, {"pipeline": {"schedule": str(path)}}, True,
+                        timeout=400)
+    check_parity([r[:2] for r in results])
+    assert results[0][2] == "FFFBFBBB" and results[1][2] == "FBFBFBFB", [r[2] for r in results]
+
+
+def test_set_schedule_runs_a_compute_order_and_refuses_one_that_does_not_fit():
+    for out in run_ranks(engine_cases.set_schedule_cases, 2, timeout=300):
+        assert out["losses_equal"], out
+        assert "written for 2 ranks and 3 micro-batches" in out["wrong_size"], out
+        assert "cannot run" in out["unknown"], out
+        assert out["deadlock"].startswith("ScheduleError"), out

@@ -1,6 +1,7 @@
 """Schedules: parity with DeepSpeed's generator, the simulator's figures, the
 simulator catching broken schedules, bad input, and the CLI."""
 import random
+import re
 
 import pytest
 from deepspeed.runtime.pipe import schedule as ds
@@ -246,3 +247,54 @@ def test_measured_timeline_picture(tmp_path):
     png = tmp_path / "measured.png"
     timeline.plot_timeline(result, str(png), xlabel="milliseconds")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- hand-written schedules (compute orders)
+@pytest.mark.parametrize("kind", ["gpipe", "zb-h1"])
+@pytest.mark.parametrize("micro_batches,stages", [(1, 1), (4, 2), (7, 3), (8, 4), (5, 6)])
+def test_a_built_in_compute_order_lowers_to_the_built_in_streams(kind, micro_batches, stages):
+    order = ours.ComputeOrder.builtin(kind, micro_batches, stages)
+    assert order.stages == stages and order.micro_batches == micro_batches
+    assert order.splits_backward == (kind == "zb-h1")
+    assert ours.ComputeOrder.from_csv(order.to_csv()) == order  # the CSV form round-trips
+    for stage_id in range(stages):
+        built_in = ours.get_schedule(kind, micro_batches, stages, stage_id)
+        assert [[repr(c) for c in step] for step in order.steps(stage_id)] == \
+            [[repr(c) for c in step] for step in built_in]
+    assert order.simulate().makespan == ours.simulate(kind, micro_batches, stages).makespan
+
+
+def test_compute_order_tokens_are_torch_pipelining_actions():
+    """The text form is torch.distributed.pipelining's: its parser reads our
+    tokens back to the same action, and its tokens parse here."""
+    from torch.distributed.pipelining.schedules import _Action
+    order = ours.ComputeOrder.builtin("zb-h1", 4, 2)
+    for row in order.rows:
+        for token in row:
+            assert str(_Action.from_str(token)) == token
+    theirs = [[str(_Action.from_str(t)) for t in ("0F0", "0F1", "0I0", "0W0", "0I1", "0W1")],
+              [str(_Action.from_str(t)) for t in ("1F0", "1I0", "1W0", "1F1", "1I1", "1W1")]]
+    assert ours.ComputeOrder(theirs).simulate().makespan > 0
+
+
+def test_a_broken_compute_order_is_refused_naming_the_rank_and_action():
+    # Rank 0 waits for micro-batch 0's gradient before sending micro-batch 1's
+    # activation, which rank 1 needs first: a deadlock the simulator reports.
+    deadlock = ours.ComputeOrder([["0F0", "0B0", "0F1", "0B1"], ["1F1", "1B1", "1F0", "1B0"]])
+    with pytest.raises(ours.ScheduleError, match="stage"):
+        deadlock.simulate()
+    from deepspeed_pipe_ext._native import _C
+    with pytest.raises(ours.ScheduleError):
+        _C.StageProgram.from_compute_order(deadlock.rows, 2, 0)
+    cases = {"rank 1, action 0 (1B0): a backward pass of micro-batch 0 without its forward": [["0F0", "0B0"],
+                                                                                             ["1B0", "1F0"]],
+             "rank 0: action '1F0' names stage 1, which does not run on rank 0": [["1F0", "1B0"], ["0F0", "0B0"]],
+             "runs its forward twice": [["0F0", "0F0", "0B0"]],
+             "has the pass 'X'": [["0X0"]],
+             "several model chunks per rank": [["0F0", "1F0", "1B0", "0B0"]]}
+    for message, rows in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ours.ComputeOrder(rows)
+    # Every micro-batch's passes must be there: one B missing.
+    with pytest.raises(ours.ScheduleError):
+        ours.ComputeOrder([["0F0", "0F1", "0B0"]], micro_batches=2).simulate()

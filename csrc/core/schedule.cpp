@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <deque>
 #include <map>
+#include <set>
 #include <stdexcept>
 
 namespace dpe::core {
@@ -125,14 +126,6 @@ Steps ds_data_parallel_steps(const ScheduleSpec& s) {
 }
 
 // ---------------------------------------------------------------- compute orders
-
-enum class Compute : uint8_t { F, B, BInput, W };
-struct ComputeOp {
-  Compute what;
-  int64_t micro_batch;
-  int64_t chunk;
-};
-using ComputeOrder = std::vector<ComputeOp>;
 
 ComputeOrder gpipe_order(const ScheduleSpec& s) {
   ComputeOrder order;
@@ -335,11 +328,28 @@ Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, 
   int64_t most = 0;
   Steps steps;
   steps.reserve(order.size());
+  std::set<std::pair<int64_t, int64_t>> forwarded;
+  // The buffer of a backward pass's micro-batch: that of its forward, which must come first.
+  auto buffer_for = [&](const ComputeOp& op) {
+    auto found = buffer_of.find({op.micro_batch, op.chunk});
+    if (found == buffer_of.end()) {
+      throw std::invalid_argument("rank " + std::to_string(stage_id) + ", action " + std::to_string(steps.size()) +
+                                  " (" + format_action(op, S, stage_id) + "): a backward pass of micro-batch " +
+                                  std::to_string(op.micro_batch) + " without its forward before it (or after its "
+                                  "backward already finished); every micro-batch runs F, then B (or I, then W)");
+    }
+    return found->second;
+  };
   for (const ComputeOp& op : order) {
     const int64_t vs = op.chunk * S + stage_id;
     const auto key = std::make_pair(op.micro_batch, op.chunk);
     Step cmds;
     if (op.what == Compute::F) {
+      if (!forwarded.insert(key).second) {
+        throw std::invalid_argument("rank " + std::to_string(stage_id) + ", action " + std::to_string(steps.size()) +
+                                    " (" + format_action(op, S, stage_id) + "): micro-batch " +
+                                    std::to_string(op.micro_batch) + " runs its forward twice");
+      }
       int64_t buf = std::find(in_use.begin(), in_use.end(), false) - in_use.begin();
       if (buf == static_cast<int64_t>(in_use.size())) in_use.push_back(false);
       in_use[buf] = true;
@@ -350,16 +360,20 @@ Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, 
       cmds.push_back(buffered(Op::ForwardPass, buf, op.micro_batch, op.chunk));
       if (vs < last_virtual) cmds.push_back(buffered(Op::SendActivation, buf, op.micro_batch, op.chunk));
     } else if (op.what == Compute::W) {
-      const int64_t buf = buffer_of.at(key);
+      const int64_t buf = buffer_for(op);
       cmds.push_back(buffered(Op::BackwardWeight, buf, op.micro_batch, op.chunk));
       in_use[buf] = false;
+      buffer_of.erase(key);
     } else {
-      const int64_t buf = buffer_of.at(key);
+      const int64_t buf = buffer_for(op);
       if (vs < last_virtual) cmds.push_back(buffered(Op::RecvGrad, buf, op.micro_batch, op.chunk));
       const Op backward = op.what == Compute::B ? Op::BackwardPass : Op::BackwardInput;
       cmds.push_back(buffered(backward, buf, op.micro_batch, op.chunk));
       if (vs > 0) cmds.push_back(buffered(Op::SendGrad, buf, op.micro_batch, op.chunk));
-      if (op.what == Compute::B) in_use[buf] = false;
+      if (op.what == Compute::B) {
+        in_use[buf] = false;
+        buffer_of.erase(key);
+      }
     }
     steps.push_back(std::move(cmds));
   }
@@ -493,6 +507,89 @@ int64_t num_pipe_buffers(const ScheduleSpec& s, int64_t stage_id) {
       return peak;
     }
   }
+}
+
+std::vector<ComputeOrder> compute_orders_of(const std::vector<Steps>& streams) {
+  std::vector<ComputeOrder> orders(streams.size());
+  for (size_t i = 0; i < streams.size(); ++i) {
+    for (const auto& step : streams[i]) {
+      for (const auto& in : step) {
+        switch (in.op) {
+          case Op::ForwardPass: orders[i].push_back({Compute::F, in.micro_batch, in.chunk}); break;
+          case Op::BackwardPass: orders[i].push_back({Compute::B, in.micro_batch, in.chunk}); break;
+          case Op::BackwardInput: orders[i].push_back({Compute::BInput, in.micro_batch, in.chunk}); break;
+          case Op::BackwardWeight: orders[i].push_back({Compute::W, in.micro_batch, in.chunk}); break;
+          default: break;
+        }
+      }
+    }
+  }
+  return orders;
+}
+
+std::vector<Steps> lower_compute_orders(const std::vector<ComputeOrder>& orders, int64_t micro_batches,
+                                        std::vector<int64_t>* num_buffers) {
+  ScheduleSpec spec;
+  spec.micro_batches = micro_batches;
+  spec.stages = static_cast<int64_t>(orders.size());
+  validate(spec);
+  for (size_t i = 0; i < orders.size(); ++i) {
+    for (size_t k = 0; k < orders[i].size(); ++k) {
+      const ComputeOp& op = orders[i][k];
+      if (op.chunk != 0) {
+        throw std::invalid_argument("rank " + std::to_string(i) + ", action " + std::to_string(k) + " (" +
+                                    format_action(op, spec.stages, static_cast<int64_t>(i)) +
+                                    "): several model chunks per rank (virtual stages) cannot run yet; use stage "
+                                    "indices 0.." + std::to_string(spec.stages - 1) + ", one per rank");
+      }
+      if (op.micro_batch < 0 || op.micro_batch >= micro_batches) {
+        throw std::invalid_argument("rank " + std::to_string(i) + ", action " + std::to_string(k) + " (" +
+                                    format_action(op, spec.stages, static_cast<int64_t>(i)) + "): micro-batch " +
+                                    std::to_string(op.micro_batch) + " outside 0.." + std::to_string(micro_batches - 1));
+      }
+    }
+  }
+  std::vector<Steps> all;
+  if (num_buffers) num_buffers->assign(orders.size(), 0);
+  for (size_t i = 0; i < orders.size(); ++i) {
+    all.push_back(lower(spec, static_cast<int64_t>(i), orders[i], num_buffers ? &(*num_buffers)[i] : nullptr));
+  }
+  return all;
+}
+
+std::string format_action(const ComputeOp& op, int64_t stages, int64_t rank) {
+  static constexpr char kLetters[] = {'F', 'B', 'I', 'W'};
+  return std::to_string(op.chunk * stages + rank) + kLetters[static_cast<int>(op.what)] +
+         std::to_string(op.micro_batch);
+}
+
+ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank) {
+  auto bad = [&](const std::string& why) {
+    return std::invalid_argument("rank " + std::to_string(rank) + ": action '" + token + "' " + why);
+  };
+  size_t i = 0;
+  while (i < token.size() && token[i] >= '0' && token[i] <= '9') ++i;
+  if (i == 0 || i + 2 > token.size()) {
+    throw bad("is not STAGE LETTER MICRO_BATCH (like 0F3: stage 0, forward, micro-batch 3; letters F forward, B "
+              "full backward, I input backward, W weight backward)");
+  }
+  static const std::string kLetters = "FBIW";
+  const size_t what = kLetters.find(token[i]);
+  if (what == std::string::npos) {
+    throw bad("has the pass '" + std::string(1, token[i]) + "': use F (forward), B (full backward), I (input "
+              "backward) or W (weight backward); transfers are added by the runtime");
+  }
+  const std::string digits = token.substr(i + 1);
+  if (digits.empty() || digits.size() > 9 || digits.find_first_not_of("0123456789") != std::string::npos) {
+    throw bad("does not end in a micro-batch number");
+  }
+  if (i > 9) throw bad("has a stage index that is too large");
+  const int64_t stage = std::stoll(token.substr(0, i)), micro_batch = std::stoll(digits);
+  if (stage % stages != rank) {
+    throw bad("names stage " + std::to_string(stage) + ", which does not run on rank " + std::to_string(rank) +
+              " of " + std::to_string(stages) + " (stage s runs on rank s mod " + std::to_string(stages) + ")");
+  }
+  return ComputeOp{static_cast<Compute>(what), micro_batch, stage / stages};
 }
 
 }  // namespace dpe::core

@@ -83,6 +83,32 @@ Steps generate_steps(const ScheduleSpec& spec, int64_t stage_id, int64_t* num_bu
 // schedules whose construction looks at the whole pipeline), and optionally
 // each stage's num_pipe_buffers.
 std::vector<Steps> generate_all_steps(const ScheduleSpec& spec, std::vector<int64_t>* num_buffers = nullptr);
+// ---------------------------------------------------------------- compute orders
+// A schedule written as each rank's compute passes alone, in order; the
+// loads, transfers, reductions and optimizer step are added by lowering.
+enum class Compute : uint8_t { F, B, BInput, W };
+struct ComputeOp {
+  Compute what;
+  int64_t micro_batch;
+  int64_t chunk;
+};
+using ComputeOrder = std::vector<ComputeOp>;
+
+// The compute passes of each stage's stream, in order.
+std::vector<ComputeOrder> compute_orders_of(const std::vector<Steps>& streams);
+// Every rank's steps for its compute order (one rank per order, one model
+// chunk each); throws std::invalid_argument naming the rank and action it
+// cannot lower. Whether the result runs is the simulator's to prove.
+std::vector<Steps> lower_compute_orders(const std::vector<ComputeOrder>& orders, int64_t micro_batches,
+                                        std::vector<int64_t>* num_buffers = nullptr);
+// The text form of one action, as torch.distributed.pipelining writes it:
+// stage index (chunk * stages + rank), a letter (F forward, B full backward,
+// I input backward, W weight backward), the micro-batch: "0F3", "1I0".
+std::string format_action(const ComputeOp& op, int64_t stages, int64_t rank);
+// Parses one action of `rank`'s row; throws std::invalid_argument naming the
+// rank, the token and what is wrong with it.
+ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank);
+
 // Activation buffers the stage needs (DeepSpeed's num_pipe_buffers() for the
 // DeepSpeed-named schedules; the peak of live buffers for the others).
 int64_t num_pipe_buffers(const ScheduleSpec& spec, int64_t stage_id);
