@@ -134,11 +134,26 @@ def main(argv=None):
     parser.add_argument("--backward-weight", type=float, default=1.0, help="weight-gradient cost")
     parser.add_argument("--send-latency", type=float, default=0.0)
     parser.add_argument("--plot", metavar="PNG", help="also draw the timeline into this file (needs matplotlib)")
+    parser.add_argument("--order", metavar="CSV", help="simulate (and draw) a hand-written compute order read from "
+                        "this file instead of --kind: one row of actions per rank, like 0F0,0F1,0B0,...")
+    parser.add_argument("--export-order", metavar="CSV",
+                        help="write --kind's compute order in that CSV form to this file and stop")
     args = parser.parse_args(argv)
     try:
-        result = _schedule.simulate(args.kind, args.micro_batches, args.stages, args.chunks, args.forward,
-                                    args.backward_input, args.backward_weight, args.send_latency)
-    except (ValueError, _schedule.ScheduleError) as err:
+        if args.export_order:
+            with open(args.export_order, "w") as f:
+                f.write(_schedule.ComputeOrder.builtin(args.kind, args.micro_batches, args.stages).to_csv())
+            print(f"wrote {args.kind}'s compute order ({args.stages} ranks, {args.micro_batches} micro-batches) to "
+                  f"{args.export_order}")
+            return
+        costs = (args.forward, args.backward_input, args.backward_weight, args.send_latency)
+        if args.order:
+            order = _schedule.ComputeOrder.read(args.order)
+            args.kind, args.stages, args.micro_batches, args.chunks = args.order, order.stages, order.micro_batches, 1
+            result = order.simulate(*costs)
+        else:
+            result = _schedule.simulate(args.kind, args.micro_batches, args.stages, args.chunks, *costs)
+    except (ValueError, OSError, _schedule.ScheduleError) as err:
         parser.exit(2, f"error: {err}\n")
     chunks = f", chunks={args.chunks}" if args.chunks > 1 else ""
     print(f"{args.kind}: stages={args.stages}, micro_batches={args.micro_batches}{chunks}")

@@ -298,3 +298,18 @@ def test_a_broken_compute_order_is_refused_naming_the_rank_and_action():
     # Every micro-batch's passes must be there: one B missing.
     with pytest.raises(ours.ScheduleError):
         ours.ComputeOrder([["0F0", "0F1", "0B0"]], micro_batches=2).simulate()
+
+
+def test_cli_exports_a_compute_order_and_draws_one_read_from_a_file(capsys, tmp_path):
+    path, png = tmp_path / "zb.csv", tmp_path / "zb.png"
+    cli_main(["--kind", "zb-h1", "--stages", "2", "--micro-batches", "4", "--export-order", str(path)])
+    assert path.read_text().splitlines()[0].startswith("0F0,0F1,0I0,")
+    cli_main(["--order", str(path), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert "stages=2, micro_batches=4" in out and png.stat().st_size > 1000
+    assert "bubble" in out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("0F0,0B0,0F1,0B1\n1F1,1B1,1F0,1B0\n")
+    with pytest.raises(SystemExit):
+        cli_main(["--order", str(bad)])
+    assert "stage 1, step 0, RecvActivation" in capsys.readouterr().err
