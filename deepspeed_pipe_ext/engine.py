@@ -27,12 +27,13 @@ from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE, DeepSpeedEngine
+from deepspeed.runtime.pipe import schedule as _ds_schedule
 from deepspeed.runtime.pipe.module import PipelineError, PipelineModule as DSPipelineModule
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from . import _deepspeed_compat
 from ._native import _C
-from .schedule import load_schedule
+from .schedule import ComputeOrder, load_schedule
 from .engine_data import MicroBatchLoading
 from .engine_failures import FailureHandling
 from .engine_losses import LossReporting
@@ -91,6 +92,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         pipeline = config.pipeline
         self.schedule_kind = pipeline.get("schedule", "1f1b")
         self._compute_order = load_schedule(self.schedule_kind)  # a hand-written schedule, or None
+        self._schedule_class = None  # a PipeSchedule subclass given to set_schedule
         # The engine schedules the gradient all-reduce itself.
         self.enable_backward_allreduce = False
         self.pipeline_enable_backward_allreduce = True
@@ -410,18 +412,25 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     def set_schedule(self, schedule):
         """Runs later train batches with `schedule`: a built-in kind name
         ("1f1b", "gpipe", "zb-h1"), a deepspeed_pipe_ext.schedule.ComputeOrder
-        or the path of its CSV file. Every rank must set the same one; it is
-        proven by the simulator before its first step."""
+        or the path of its CSV file, or a subclass of DeepSpeed's PipeSchedule
+        (its compute passes, built for this pipeline's stages and
+        micro-batches). Every rank must set the same one; it is proven by the
+        simulator before its first step."""
         order = load_schedule(schedule)
-        if order is None and schedule not in RUNNABLE_SCHEDULES:
+        is_class = isinstance(schedule, type) and issubclass(schedule, _ds_schedule.PipeSchedule)
+        if order is None and not is_class and schedule not in RUNNABLE_SCHEDULES:
             raise ValueError(f"stage {self.stage_id}: schedule {schedule!r} cannot run: choose one of "
-                             f"{sorted(RUNNABLE_SCHEDULES)}, a ComputeOrder or the path of its CSV file")
-        previous = (self.schedule_kind, self._compute_order)
-        self.schedule_kind, self._compute_order = (order if order is not None else schedule), order
+                             f"{sorted(RUNNABLE_SCHEDULES)}, a ComputeOrder or the path of its CSV file, or a "
+                             "subclass of DeepSpeed's PipeSchedule")
+        if is_class:
+            order = ComputeOrder.from_pipe_schedule(schedule, self.micro_batches, self.num_stages)
+        previous = (self.schedule_kind, self._compute_order, self._schedule_class)
+        self.schedule_kind, self._compute_order = (schedule if order is None else order), order
+        self._schedule_class = schedule if is_class else None  # rebuilt if the micro-batch count changes
         try:
             self._refuse_split_backward_blockers()
         except ValueError:
-            self.schedule_kind, self._compute_order = previous
+            self.schedule_kind, self._compute_order, self._schedule_class = previous
             raise
 
     def _program(self, kind, micro_batches):
@@ -436,6 +445,9 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         return self._programs[key]
 
     def _custom_program(self, order, micro_batches):
+        if self._schedule_class is not None and order.micro_batches != micro_batches:
+            order = ComputeOrder.from_pipe_schedule(self._schedule_class, micro_batches, self.num_stages)
+            self.schedule_kind = self._compute_order = order
         if order.stages != self.num_stages or order.micro_batches != micro_batches:
             raise ValueError(f"stage {self.stage_id}: the compute order is written for {order.stages} ranks and "
                              f"{order.micro_batches} micro-batches, but this pipeline has {self.num_stages} stages "

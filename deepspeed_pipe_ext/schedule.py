@@ -263,6 +263,36 @@ class ComputeOrder:
         return cls(_C.compute_order(kind, micro_batches, stages), micro_batches)
 
     @classmethod
+    def from_pipe_schedule(cls, schedule_class, micro_batches, stages):
+        """The compute passes of a DeepSpeed-style schedule: a subclass of
+        DeepSpeed's PipeSchedule (or ours), constructed for every stage,
+        whose instructions (DeepSpeed's classes, or ours for split backward
+        passes) are read in order. Each stage's k-th ForwardPass is
+        micro-batch k (micro-batches enter a pipeline in order); a backward
+        acts on the micro-batch whose forward used its buffer. Where the
+        schedule puts its transfers does not matter: the runtime places them."""
+        rows = []
+        for stage_id in range(stages):
+            schedule = schedule_class(micro_batches=micro_batches, stages=stages, stage_id=stage_id)
+            row, micro_batch_of, forwards = [], {}, 0
+            for step, commands in enumerate(schedule):
+                for cmd in commands:
+                    if isinstance(cmd, _ds.ForwardPass):
+                        micro_batch_of[cmd.buffer_id] = forwards
+                        row.append(f"{stage_id}F{forwards}")
+                        forwards += 1
+                    elif isinstance(cmd, (_ds.BackwardPass, BackwardInput, BackwardWeight)):
+                        if cmd.buffer_id not in micro_batch_of:
+                            raise ValueError(f"{schedule_class.__name__}, stage {stage_id}, step {step}: {cmd!r} "
+                                             f"uses buffer {cmd.buffer_id}, which no ForwardPass filled")
+                        letter = "B" if isinstance(cmd, _ds.BackwardPass) else \
+                            "I" if isinstance(cmd, BackwardInput) else "W"
+                        mb = micro_batch_of[cmd.buffer_id] if letter == "I" else micro_batch_of.pop(cmd.buffer_id)
+                        row.append(f"{stage_id}{letter}{mb}")
+            rows.append(row)
+        return cls(rows, micro_batches)
+
+    @classmethod
     def from_csv(cls, text, micro_batches=None):
         """Rows of comma-separated tokens, one row per rank (empty cells skipped)."""
         return cls(list(csv.reader(io.StringIO(text))), micro_batches)

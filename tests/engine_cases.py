@@ -533,3 +533,45 @@ def set_schedule_cases(rank, world_size):
         except Exception as err:
             out[name] = f"{type(err).__name__}: {err}"
     return out
+
+
+class GPipeInDeepSpeedInstructions(deepspeed.runtime.pipe.schedule.PipeSchedule):
+    """A user's schedule written as DeepSpeed's tutorial describes: a
+    PipeSchedule subclass yielding DeepSpeed's instructions (every forward,
+    then every backward)."""
+
+    def steps(self):
+        from deepspeed.runtime.pipe import schedule as ds
+        for mb in range(self.micro_batches):
+            cmds = [ds.LoadMicroBatch(mb)] if self.is_first_stage or self.is_last_stage else []
+            if not self.is_first_stage:
+                cmds.append(ds.RecvActivation(mb))
+            cmds.append(ds.ForwardPass(mb))
+            if not self.is_last_stage:
+                cmds.append(ds.SendActivation(mb))
+            yield cmds
+        for mb in range(self.micro_batches):
+            cmds = [] if self.is_last_stage else [ds.RecvGrad(mb)]
+            cmds.append(ds.BackwardPass(mb))
+            if not self.is_first_stage:
+                cmds.append(ds.SendGrad(mb))
+            yield cmds
+        yield [ds.ReduceTiedGrads(), ds.ReduceGrads(), ds.OptimizerStep()]
+
+    def num_pipe_buffers(self):
+        return self.micro_batches
+
+
+def train_with_a_pipe_schedule_class(rank, world_size, num_stages, steps=20, micro_batches=4, seed=3):
+    """DeepSpeed's engine (its 1F1B) against ours running
+    GPipeInDeepSpeedInstructions through engine.set_schedule; and our compute passes."""
+    from deepspeed import initialize as ds_initialize
+
+    def ours_with_schedule(**kwargs):
+        made = ds_initialize(**kwargs)
+        made[0].set_schedule(GPipeInDeepSpeedInstructions)
+        return made
+
+    theirs = _train(DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize, num_stages, steps, micro_batches, seed)
+    ours = _train(dpe.PipelineModule, dpe.LayerSpec, ours_with_schedule, num_stages, steps, micro_batches, seed)
+    return theirs[:3], ours[:3], ours[4]

@@ -258,3 +258,9 @@ def test_set_schedule_runs_a_compute_order_and_refuses_one_that_does_not_fit():
         assert "written for 2 ranks and 3 micro-batches" in out["wrong_size"], out
         assert "cannot run" in out["unknown"], out
         assert out["deadlock"].startswith("ScheduleError"), out
+
+
+def test_a_pipe_schedule_subclass_written_with_deepspeed_instructions_runs_and_matches_deepspeed():
+    results = run_ranks(engine_cases.train_with_a_pipe_schedule_class, 2, 2, timeout=400)
+    check_parity([r[:2] for r in results])
+    assert [r[2] for r in results] == ["FFFFBBBB"] * 2, [r[2] for r in results]

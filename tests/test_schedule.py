@@ -313,3 +313,27 @@ def test_cli_exports_a_compute_order_and_draws_one_read_from_a_file(capsys, tmp_
     with pytest.raises(SystemExit):
         cli_main(["--order", str(bad)])
     assert "stage 1, step 0, RecvActivation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 5])
+@pytest.mark.parametrize("micro_batches", [1, 2, 4, 7])
+def test_a_pipe_schedule_class_gives_the_compute_order_of_its_instructions(stages, micro_batches):
+    """DeepSpeed's own TrainSchedule read as a compute order is our 1f1b's;
+    our ZeroBubbleH1Schedule (split backward instructions) is zb-h1's."""
+    assert ours.ComputeOrder.from_pipe_schedule(ds.TrainSchedule, micro_batches, stages) == \
+        ours.ComputeOrder.builtin("1f1b", micro_batches, stages)
+    assert ours.ComputeOrder.from_pipe_schedule(ours.ZeroBubbleH1Schedule, micro_batches, stages) == \
+        ours.ComputeOrder.builtin("zb-h1", micro_batches, stages)
+
+
+def test_a_pipe_schedule_class_whose_backward_has_no_forward_is_refused():
+    class BackwardFirst(ds.PipeSchedule):
+        def steps(self):
+            yield [ds.BackwardPass(0)]
+            yield [ds.ForwardPass(0)]
+
+        def num_pipe_buffers(self):
+            return 1
+
+    with pytest.raises(ValueError, match="BackwardFirst, stage 0, step 0: .* uses buffer 0, which no ForwardPass"):
+        ours.ComputeOrder.from_pipe_schedule(BackwardFirst, 1, 1)
