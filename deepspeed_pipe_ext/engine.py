@@ -188,14 +188,14 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
             raise RuntimeError('train_batch() requires gradients enabled. Use eval_batch() instead.')
         if data_iter is not None:
             self.set_dataiterator(data_iter)
-        self._require_data()
         self.module.train()
         self.total_loss = None
         self.total_additional_losses = None
         self._compute_loss = True
         start = time.perf_counter()
         self._train_batches += 1
-        with self._batch_guard():
+        with self._batch_guard():  # a stage without data fails there, and every other rank stops at once
+            self._require_data()
             self._run(self.schedule_kind, self.micro_batches, _TRAIN_TAGS)
             with torch.no_grad():
                 self.agg_train_loss = self._aggregate_total_loss()
@@ -227,11 +227,11 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         self._compute_loss = compute_loss
         train_iterator = self.data_iterator
         self.set_dataiterator(data_iter)
-        self._require_data()
         micro_batches = self.micro_batches if num_micro_batches is None else num_micro_batches
         self.total_loss = None
         eval_output = None
         with self._batch_guard():
+            self._require_data()
             with torch.no_grad():
                 self._run("inference", micro_batches, _EVAL_TAGS)
             if self.is_last_stage():
@@ -348,7 +348,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         # A stage that trains something (or passes gradients on) must send outputs that carry gradients.
         self._needs_grad_outputs = (self.module.training and torch.is_grad_enabled() and not self.is_last_stage()
                                     and (self.stage_id > 0 or any(p.requires_grad for p in self.module.parameters())))
-        self._stage_forward = self.module.forward if self._only_engine_hooks() else self.module
+        # A bound method either way: an nn.Module assigned here would become a child module of the engine.
+        self._stage_forward = self.module.forward if self._only_engine_hooks() else self.module.__call__
         self.fwd_outputs = []
         peers = (self.prev_stage if self.prev_stage >= 0 else -1,
                  self.next_stage if self.next_stage < self.num_stages else -1)

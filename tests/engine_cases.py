@@ -247,11 +247,6 @@ def engine_errors(rank, world_size):
             out[name] = None
         except Exception as err:
             out[name] = f"{type(err).__name__}: {err}"
-    out["no_data"] = None
-    try:
-        engine.train_batch()
-    except Exception as err:
-        out["no_data"] = f"{type(err).__name__}: {err}"
     # set_batch_fn post-processes every loaded batch (here: doubles the targets).
     seen = []
     engine.set_batch_fn(lambda batch: (seen.append(1), (batch[0], batch[1] * 2))[1])
@@ -264,6 +259,8 @@ def engine_errors(rank, world_size):
     engine.train_batch(data_iter=iter(batches(0, 2)))
     handle.remove()
     out["user_hook_calls"] = len(hook_calls)
+    engine.train_batch(data_iter=iter(batches(0, 2)))  # the hook gone: the direct path again
+    out["engine_children"] = ",".join(name for name, _ in engine.named_children())
     from deepspeed_pipe_ext import schedule
     out["timeline"] = ",".join(f"{schedule.OP_NAMES[code]}:{mb}" for _, _, code, mb, _ in engine.last_timeline)
     out["buffer_usage"] = dict(engine.last_buffer_usage)
@@ -275,6 +272,14 @@ def engine_errors(rank, world_size):
     with contextlib.redirect_stdout(captured):
         printing.train_batch(data_iter=iter(batches(0, 2)))
     out["progress"] = captured.getvalue()
+    # Without data: every rank fails at once (here both lack it), and the engine then refuses.
+    no_data = attempt(base)
+    for name in ("no_data", "after_no_data"):
+        out[name] = None
+        try:
+            no_data.train_batch()
+        except Exception as err:
+            out[name] = f"{type(err).__name__}: {err}"
     return {k: (v if isinstance(v, (str, int, dict)) or v is None else "engine") for k, v in out.items()}
 
 

@@ -195,3 +195,22 @@ def killed(rank, world_size, victim, p2p_timeout, seed, stamp_path):
     with open(stamp_path) as f:
         killed_at = float(f.read())
     return {"error": error, "seconds": raised_at - killed_at}
+
+
+def missing_data(rank, world_size, p2p_timeout=30):
+    """S = world_size stages; only the first stage is given no data: every
+    rank's error and how long it took."""
+    torch.manual_seed(5)
+    net = dpe.PipelineModule(layers=[nn.Linear(8, 8) for _ in range(world_size)] + [nn.Linear(8, 4)],
+                             num_stages=world_size, loss_fn=nn.MSELoss(), partition_method="uniform")
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,
+              "steps_per_print": 10**9, "pipeline": {"p2p_timeout": p2p_timeout}}
+    engine, _, _, _ = dpe_engine.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                            optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    start = time.monotonic()
+    try:
+        engine.train_batch(data_iter=None if rank == 0 else iter(data(1)))
+        error = None
+    except BaseException as err:
+        error = _error(err)
+    return {"error": error, "seconds": time.monotonic() - start}

@@ -137,9 +137,11 @@ def test_bad_configurations_and_calls():
     for name in ("forward", "backward", "step"):
         assert out[name] == "PipelineError: Only train_batch() is accessible in pipeline mode."
     assert "stage 0 needs data: pass data_iter" in out["no_data"]
+    assert "an earlier batch failed here" in out["after_no_data"], out["after_no_data"]
     # Only the first and last stages load data: with 2 stages each loads every micro-batch once.
     assert [r["batch_fn_calls"] for r in per_rank] == [2, 2]
     assert [r["user_hook_calls"] for r in per_rank] == [2, 2]
+    assert [r["engine_children"] for r in per_rank] == ["module"] * 2  # the stage's forward is not a child module
     # The executor's measured compute passes follow DeepSpeed's 1F1B order for 2 micro-batches.
     assert per_rank[0]["timeline"] == "ForwardPass:0,ForwardPass:1,BackwardPass:0,BackwardPass:1"
     assert per_rank[1]["timeline"] == "ForwardPass:0,BackwardPass:0,ForwardPass:1,BackwardPass:1"

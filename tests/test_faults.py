@@ -89,3 +89,15 @@ def test_a_killed_rank_fails_every_survivor_within_the_timeout(world_size, victi
         # Killing global rank 0 also takes the rendezvous store it hosts.
         assert any(s in text for s in ("closed the connection", "Connection closed by peer", "Connection reset",
                                        "rendezvous store", "stopped because the batch failed on")), (rank, text)
+
+
+def test_a_stage_without_data_stops_every_rank_at_once():
+    """Three stages; the first is given no data iterator: it says so, and the
+    middle and last stages, already waiting for its activations, stop at once
+    instead of after p2p_timeout (30 s)."""
+    results = run_ranks(fault_cases.missing_data, 3, timeout=120)
+    assert "stage 0 needs data: pass data_iter" in results[0]["error"][1], results[0]
+    for rank in (1, 2):
+        name, message, _ = results[rank]["error"]
+        assert name == "RemoteFailure" and "stage 0 needs data" in message, results[rank]
+    assert max(r["seconds"] for r in results) < 5, [r["seconds"] for r in results]
