@@ -196,6 +196,10 @@ def _worker(rank, world_size, port, queue, device, body):
     """A spawned rank: joins a gloo group on the one GPU, runs body(rank, world_size), reports."""
     global DEVICE
     DEVICE = device
+    import faulthandler
+    faulthandler.enable(all_threads=True)  # a crash shows every thread's Python stack
+    from deepspeed_pipe_ext._native import _C
+    _C.print_native_stack_on_crash()  # ... after the native one
     try:
         dry_run_patches()
         join(rank, world_size, port, "gloo")
@@ -364,7 +368,6 @@ FAULT_CASES = {"forward": (0, 0), "loss": (1, 0), "load": (0, 0)}  # case: the v
 def _fault_worker(case, rank, world_size, port, out_dir, queue, device):
     def body(rank, world_size):
         import faulthandler
-        faulthandler.enable(all_threads=True)  # a crash shows every thread's stack
         faulthandler.dump_traceback_later(45, exit=True)  # a hang shows every thread's stack, then ends the rank
         _tests_on_path()
         import fault_cases

@@ -12,6 +12,7 @@
 #include "core/simulator.h"
 #include "core/topology.h"
 #include "runtime/checkpoint.h"
+#include "runtime/crash_stack.h"
 #include "runtime/executor.h"
 #include "runtime/p2p.h"
 #include "runtime/split_backward.h"
@@ -216,6 +217,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_part_weight", &dpe::core::max_part_weight, py::arg("weights"), py::arg("parts"));
   m.def("check_weights", &dpe::core::check_weights, py::arg("weights"));
   m.def("prime_factors", &dpe::core::prime_factors, py::arg("n"));
+
+  m.def("print_native_stack_on_crash", &dpe::runtime::print_native_stack_on_crash,
+        "Debugging aid: on a fatal signal (a segmentation fault, an abort) print the native stack to stderr, then "
+        "run the handler installed before (call faulthandler.enable() first for the Python stacks too).");
 
   py::register_exception<core::ScheduleError>(m, "ScheduleError", PyExc_RuntimeError);
 
