@@ -435,18 +435,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   };
   py::class_<StageProgram>(m, "StageProgram")
       .def(py::init([](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id,
-                       bool dynamic_shapes) {
-             const auto spec = make_spec(kind, micro_batches, stages, 1);
+                       bool dynamic_shapes, int64_t chunks) {
+             const auto spec = make_spec(kind, micro_batches, stages, chunks);
              core::validate_stage(spec, stage_id);
              py::gil_scoped_release release;
              std::vector<int64_t> buffers;
              auto all = core::generate_all_steps(spec, &buffers);
-             auto plans = core::plan_transfers(all, micro_batches, 1, buffers, core::TransferOrder::PairOrder,
-                                               dynamic_shapes);
+             std::vector<core::TransferPlan> plans;
+             try {
+               plans = core::plan_transfers(all, micro_batches, chunks, buffers, core::TransferOrder::PairOrder,
+                                            dynamic_shapes);
+             } catch (const std::logic_error& err) {
+               // Some interleaved configurations cannot be put in an order both sides of a pair agree on yet.
+               throw std::invalid_argument(
+                   "schedule '" + kind + "' with " + std::to_string(stages) + " stages, " + std::to_string(chunks) +
+                   " model chunks per rank and " + std::to_string(micro_batches) + " micro-batches" +
+                   (dynamic_shapes ? " and dynamic shapes" : "") + " has no transfer order both sides of every "
+                   "pair of ranks agree on (" + err.what() + "): use a number of micro-batches that is a multiple "
+                   "of the stages" + (dynamic_shapes ? ", or fixed shapes between stages" : ""));
+             }
              return StageProgram{std::move(all[stage_id]), buffers[stage_id], std::move(plans[stage_id])};
            }),
            py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"),
-           py::arg("dynamic_shapes") = false)
+           py::arg("dynamic_shapes") = false, py::arg("chunks") = 1)
       .def_static(
           "from_compute_order",
           [](const std::vector<std::vector<std::string>>& rows, int64_t micro_batches, int64_t stage_id,
@@ -489,7 +500,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "run_stage",
       [](dpe::runtime::P2P* p2p, const StageProgram& program, int64_t stages, int64_t stage_id, int prev_peer,
          int next_peer, int tag_base, py::object callbacks, bool release_sent_outputs,
-         const dpe::runtime::TensorParallelSplit* split, bool split_activations, bool split_grads) {
+         const dpe::runtime::TensorParallelSplit* split, bool split_activations, bool split_grads, int64_t chunks) {
         // The callbacks object's methods, by name; the optional ones may be missing or None.
         auto required = [&callbacks](const char* name) {
           py::object fn = py::getattr(callbacks, name, py::none());
@@ -506,8 +517,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         const bool last_stage = stage_id == stages - 1;
         py::function load = required("load"), reduce_tied_grads = required("reduce_tied_grads"),
                      reduce_grads = required("reduce_grads"), optimizer_step = required("optimizer_step");
-        // The last stage computes the loss; the others pass outputs on.
-        py::function forward = required(last_stage ? "forward_loss" : "forward");
+        // The last (virtual) stage computes the loss; the others pass outputs on.
+        std::optional<py::function> forward, forward_loss;
+        if (!last_stage || chunks > 1) forward = required("forward");
+        if (last_stage) forward_loss = required("forward_loss");
         std::optional<py::function> before_backward = optional("before_backward"),
                                     after_backward = optional("after_backward"),
                                     loss_to_differentiate = optional("loss_to_differentiate"),
@@ -525,15 +538,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return dpe::runtime::LoadedMicroBatch{
               activation_from_python(pair[0], "the loaded micro-batch's inputs"), hold(pair[1])};
         };
-        if (last_stage) {
-          cb.forward_loss = [&](const dpe::runtime::Activation& inputs, const dpe::runtime::Held& labels) {
+        if (forward_loss) {
+          cb.forward_loss = [&fn = *forward_loss](const dpe::runtime::Activation& inputs,
+                                                  const dpe::runtime::Held& labels) {
             py::gil_scoped_acquire gil;
-            return hold(forward(activation_to_python(inputs), held(labels)));
+            return hold(fn(activation_to_python(inputs), held(labels)));
           };
-        } else {
-          cb.forward = [&](const dpe::runtime::Activation& inputs) {
+        }
+        if (forward) {
+          cb.forward = [&fn = *forward](const dpe::runtime::Activation& inputs, int64_t chunk) {
             py::gil_scoped_acquire gil;
-            return activation_from_python(forward(activation_to_python(inputs)), "a stage's output");
+            return activation_from_python(fn(activation_to_python(inputs), chunk), "a stage's output");
           };
         }
         auto plain = [](py::function& fn) {
@@ -563,7 +578,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           };
         }
         dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base, release_sent_outputs,
-                                        python_wrapper_references());
+                                        python_wrapper_references(), chunks);
         executor.split_transfers(split, split_activations, split_grads);
         try {
           py::gil_scoped_release release;
@@ -588,14 +603,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Runs one stage's program (a StageProgram) for a whole batch, calling back into Python only for "
       "loading, forward (+ loss), the loss backward, reductions and the optimizer step. The executor holds "
       "each micro-batch's inputs, labels, outputs and loss and passes them to the methods of `callbacks`: "
-      "load() -> (inputs, labels); on stages other than the last forward(inputs) -> outputs; on the last "
+      "load() -> (inputs, labels); on stages other than the last forward(inputs, chunk) -> outputs; on the last "
       "forward_loss(inputs, labels) -> the loss (None: nothing to keep for a backward) and "
       "backward_loss(loss); reduce_tied_grads(), reduce_grads(), optimizer_step(); and if present (not None) "
       "loss_to_differentiate(loss) -> tensor, before_backward(), after_backward(). Returns the measured "
       "timeline and the activation buffers' usage.",
       py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("prev_peer"),
       py::arg("next_peer"), py::arg("tag_base"), py::arg("callbacks"), py::arg("release_sent_outputs") = true,
-      py::arg("split") = nullptr, py::arg("split_activations") = false, py::arg("split_grads") = false);
+      py::arg("split") = nullptr, py::arg("split_activations") = false, py::arg("split_grads") = false,
+      py::arg("chunks") = 1);
 
   py::class_<dpe::runtime::TensorParallelSplit>(m, "TensorParallelSplit",
                                                 "DeepSpeed's pipe_partitioned / grad_partitioned: the first tensor "

@@ -50,13 +50,24 @@ SPLIT_BACKWARD_SCHEDULES = frozenset({"zb-h1"})
 _TRAIN_TAGS, _EVAL_TAGS = 0, 2  # separate p2p channels: eval tensors differ (no grad, other shapes)
 
 
-def _check_supported(config):
+def _check_supported(config, module):
     """Clear errors for configurations this engine cannot run (yet)."""
     stage = config.zero_optimization_stage
     if stage >= ZeroStageEnum.gradients:
         raise ValueError(f"ZeRO stage {int(stage)} partitions gradients, which pipeline parallelism cannot use: "
                          "set zero_optimization.stage to 0 or 1")
     kind = config.pipeline.get("schedule", "1f1b")
+    chunks = getattr(module, "virtual_stages", 1)
+    if chunks > 1 and kind != "interleaved-1f1b":
+        raise ValueError(f"the PipelineModule has {chunks} virtual stages (model chunks) per rank, which only the "
+                         f"interleaved-1f1b schedule runs, not {kind!r}: set \"pipeline\": {{\"schedule\": "
+                         "\"interleaved-1f1b\"}, or build the module without virtual_stages")
+    if kind == "interleaved-1f1b" and chunks == 1:
+        raise ValueError("schedule 'interleaved-1f1b' needs several model chunks per rank: build the PipelineModule "
+                         "with virtual_stages=2 (or more), or choose one of "
+                         f"{sorted(RUNNABLE_SCHEDULES)}")
+    if kind == "interleaved-1f1b":
+        return
     if kind not in RUNNABLE_SCHEDULES and load_schedule(kind) is None:
         raise ValueError(f"schedule {kind!r} cannot run on the pipeline runtime yet: choose one of "
                          f"{sorted(RUNNABLE_SCHEDULES)} or the path of a compute-order CSV file (the others can be "
@@ -85,10 +96,11 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         if not isinstance(super_kwargs.get("model"), DSPipelineModule):
             raise TypeError("PipelineEngine needs a PipelineModule (deepspeed_pipe_ext's or DeepSpeed's)")
         if super_kwargs.get("config_class") is not None:
-            _check_supported(super_kwargs["config_class"])
+            _check_supported(super_kwargs["config_class"], super_kwargs["model"])
         super().__init__(*super_args, **super_kwargs)
         config = _deepspeed_compat.engine_config(self)
-        _check_supported(config)
+        _check_supported(config, self.module)
+        self._chunks = getattr(self.module, "virtual_stages", 1)  # model chunks (virtual stages) per rank
         pipeline = config.pipeline
         self.schedule_kind = pipeline.get("schedule", "1f1b")
         self._compute_order = load_schedule(self.schedule_kind)  # a hand-written schedule, or None
@@ -359,7 +371,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                 self.p2p, self._program(kind, micro_batches), self.num_stages, self.stage_id, peers[0], peers[1],
                 tag_base, self._executor_callbacks(), release_sent_outputs=self.deallocate_outputs,
                 split=self._tp_split, split_activations=self.is_pipe_partitioned,
-                split_grads=self.is_grad_partitioned)
+                split_grads=self.is_grad_partitioned, chunks=self._chunks)
 
     def _plain_engine_path(self):
         """True when DeepSpeedEngine's forward and backward wrappers would add
@@ -417,6 +429,9 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         (its compute passes, built for this pipeline's stages and
         micro-batches). Every rank must set the same one; it is proven by the
         simulator before its first step."""
+        if self._chunks > 1:
+            raise ValueError(f"stage {self.stage_id}: this module has {self._chunks} model chunks per rank, which only "
+                             "the interleaved-1f1b schedule runs; set_schedule takes one-chunk schedules")
         order = load_schedule(schedule)
         is_class = isinstance(schedule, type) and issubclass(schedule, _ds_schedule.PipeSchedule)
         if order is None and not is_class and schedule not in RUNNABLE_SCHEDULES:
@@ -442,7 +457,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         key = (kind, micro_batches)
         if key not in self._programs:  # dynamic shapes as the P2P channels were built
             self._programs[key] = _C.StageProgram(kind, micro_batches, self.num_stages, self.stage_id,
-                                                  dynamic_shapes=self._dynamic_shapes)
+                                                  dynamic_shapes=self._dynamic_shapes, chunks=self._chunks)
         return self._programs[key]
 
     def _custom_program(self, order, micro_batches):
@@ -467,12 +482,17 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         return (self.module.activation_checkpoint_interval > 0
                 and self.module.activation_checkpoint_func is not checkpointing.non_reentrant_checkpoint)
 
-    def _stage_outputs(self, inputs):
+    def _stage_outputs(self, inputs, chunk=None):
+        if chunk is None:  # the loss stage: the module's last chunk
+            chunk = self._chunks - 1
+        if self._chunks > 1:  # virtual stages: one model chunk at a time
+            return self._stage_forward(inputs, chunk=chunk) if self._plain_path else super().forward(inputs,
+                                                                                                  chunk=chunk)
         return self._stage_forward(inputs) if self._plain_path else super().forward(inputs)
 
-    def _forward(self, inputs):
-        """Stages other than the last: the outputs to send on."""
-        outputs = self._stage_outputs(inputs)
+    def _forward(self, inputs, chunk=0):
+        """Stages other than the last (or chunks other than the last): the outputs to send on."""
+        outputs = self._stage_outputs(inputs, chunk)
         self._check_stage_output(outputs)
         return outputs
 

@@ -4,6 +4,7 @@ The classes subclass DeepSpeed's, so `deepspeed.initialize` and code written
 against `deepspeed.pipe` accept them; the partitioning is solved in C++ and the
 process groups come from the C++ topology.
 """
+import glob
 import math
 import os
 import re
@@ -104,7 +105,9 @@ class PipelineModule(ds_module.PipelineModule):
                  dynamic_shape=False,
                  *,
                  profile_inputs=None,
-                 profile_repeats=3):
+                 profile_repeats=3,
+                 virtual_stages=1,
+                 virtual_layout="interleaved"):
         # DeepSpeed's __init__ is not called: everything it sets is set here,
         # with our topology, grid and partition solver.
         nn.Module.__init__(self)
@@ -124,6 +127,13 @@ class PipelineModule(ds_module.PipelineModule):
         self.base_seed = base_seed
         self.profile_inputs = profile_inputs
         self.profile_repeats = profile_repeats
+        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
+            raise ValueError(f"virtual_stages must be a positive int (model chunks per rank), got {virtual_stages!r}")
+        if virtual_layout != "interleaved":
+            raise ValueError(f"virtual_layout {virtual_layout!r} is not supported yet: use 'interleaved' (rank r "
+                             "holds parts r, r + stages, ...)")
+        self.virtual_stages = virtual_stages
+        self.virtual_layout = virtual_layout
 
         self.world_group = dist.group.WORLD
         self.global_rank = dist.get_rank()
@@ -194,7 +204,8 @@ class PipelineModule(ds_module.PipelineModule):
                          "'type:REGEX', 'parameters-minmax', 'profile', or a list of num_stages + 1 layer boundaries")
 
     def _partition_layers(self, method='uniform'):
-        num_stages = self.num_stages
+        # With virtual stages the layers go into stages x virtual_stages parts; rank r holds parts r, r + stages, ...
+        num_stages = self.num_stages * getattr(self, "virtual_stages", 1)
         if isinstance(method, (list, tuple)):
             self.partition_weights = None
             self.parts = self._check_explicit_boundaries(method)
@@ -210,15 +221,47 @@ class PipelineModule(ds_module.PipelineModule):
                 self.partition_weights = weights
                 self.parts = solve(weights, num_stages)
         self.partition_method = method
-        for stage in range(num_stages):
-            if self.parts[stage] == self.parts[stage + 1]:
-                raise ValueError(f"stage {stage} gets no layers ({self._num_layers} layers into {num_stages} stages, "
-                                 f"boundaries {self.parts}): use fewer stages or more layers")
-        self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+        for part in range(num_stages):
+            if self.parts[part] == self.parts[part + 1]:
+                raise ValueError(f"{self._part_name(part)} gets no layers ({self._num_layers} layers into "
+                                 f"{num_stages} parts, boundaries {self.parts}): use fewer stages or more layers")
+        # This rank's layers, chunk by chunk: [start, stop) in the whole pipeline's numbering.
+        self._chunk_bounds = [(self.parts[c * self.num_stages + self.stage_id],
+                               self.parts[c * self.num_stages + self.stage_id + 1])
+                              for c in range(getattr(self, "virtual_stages", 1))]
+        self._set_bounds(start=self._chunk_bounds[0][0], stop=self._chunk_bounds[-1][1])
+
+    def _part_name(self, part):
+        if getattr(self, "virtual_stages", 1) == 1:
+            return f"stage {part}"
+        return f"part {part} (stage {part % self.num_stages}, chunk {part // self.num_stages})"
+
+    def stage_owner(self, layer_idx):
+        """The stage (rank along the pipe axis) that builds layer `layer_idx`."""
+        if not 0 <= layer_idx < self._num_layers:
+            raise ValueError(f"layer {layer_idx} is outside the {self._num_layers} layers")
+        for part in range(len(self.parts) - 1):
+            if self.parts[part] <= layer_idx < self.parts[part + 1]:
+                return part % self.num_stages
+        raise RuntimeError(f"layer {layer_idx} is in no part of {self.parts}")
+
+    def ckpt_layer_path(self, ckpt_dir, local_layer_idx):
+        """DeepSpeed's file for a layer of this rank, by its number in the whole pipeline."""
+        path = os.path.join(ckpt_dir, f"layer_{self._layer_index[local_layer_idx]:02d}")
+        rank_repr = self._grid._topo.get_rank_repr(rank=self.global_rank)
+        return path + (f"-{rank_repr}" if rank_repr != "" else "") + "-model_states.pt"
+
+    def ckpt_layer_path_list(self, ckpt_dir, local_layer_idx):
+        return sorted(glob.glob(os.path.join(ckpt_dir, f"layer_{self._layer_index[local_layer_idx]:02d}-"
+                                             "*model_states.pt")))
+
+    def global_layer_index(self, local_idx):
+        """The number in the whole pipeline of this rank's `local_idx`-th layer."""
+        return self._layer_index[local_idx]
 
     def _check_explicit_boundaries(self, bounds):
         bounds = list(bounds)
-        n, s = self._num_layers, self.num_stages
+        n, s = self._num_layers, self.num_stages * getattr(self, "virtual_stages", 1)
         if len(bounds) != s + 1 or any(isinstance(b, bool) or not isinstance(b, int) for b in bounds):
             raise ValueError(f"explicit partition must be {s + 1} ints (one boundary per stage plus the end), "
                              f"got {bounds!r}")
@@ -275,25 +318,35 @@ class PipelineModule(ds_module.PipelineModule):
         return self.layer_costs
 
     def describe_partition(self):
-        """A text table of the partition: each stage's layers and weight, and the bottleneck."""
+        """A text table of the partition: each stage's layers (each chunk's, with
+        virtual stages) and weight, and the bottleneck."""
         weights = self.partition_weights
-        lines = [f"partition_method={self.partition_method!r} stages={self.num_stages} layers={self._num_layers}"]
-        totals = []
-        for stage in range(self.num_stages):
-            start, stop = self.parts[stage], self.parts[stage + 1]
+        chunks = self.virtual_stages
+        virtual = f" virtual_stages={chunks}" if chunks > 1 else ""
+        lines = [f"partition_method={self.partition_method!r} stages={self.num_stages}{virtual} "
+                 f"layers={self._num_layers}"]
+        totals = [0.0] * self.num_stages if weights is not None else None
+        for part in range(self.num_stages * chunks):
+            start, stop = self.parts[part], self.parts[part + 1]
             total = sum(weights[start:stop]) if weights is not None else None
-            totals.append(total)
+            if totals is not None:
+                totals[part % self.num_stages] += total
             names = ", ".join(f"{i}:{_layer_name(self._layer_specs[i]) or type(self._layer_specs[i]).__name__}"
                               for i in range(start, stop))
             weight = "" if total is None else f" weight={total:g}"
-            lines.append(f"  stage {stage}: layers [{start}, {stop}){weight}  {names}")
-        if weights is not None and any(t > 0 for t in totals):
+            label = f"stage {part}" if chunks == 1 else f"stage {part % self.num_stages} chunk {part // self.num_stages}"
+            lines.append(f"  {label}: layers [{start}, {stop}){weight}  {names}")
+        if totals is not None and any(t > 0 for t in totals):
             worst = max(range(self.num_stages), key=lambda s: totals[s])
             mean = sum(totals) / self.num_stages
             lines.append(f"  bottleneck: stage {worst} ({totals[worst] / mean:.3f}x the mean stage)")
         return "\n".join(lines)
 
-    def forward(self, forward_input):
+    def forward(self, forward_input, chunk=None):
+        """This stage's layers on `forward_input`; with virtual stages, those
+        of model chunk `chunk` (this rank's part chunk * stages + stage)."""
+        if self.virtual_stages > 1 or chunk not in (None, 0):
+            return self._chunk_forward(forward_input, chunk)
         # DeepSpeed's forward sets self.curr_layer (an nn.Module __setattr__)
         # for every layer; without per-layer seeds or checkpointing nothing
         # reads it, so run the layers directly (same arithmetic).
@@ -322,6 +375,28 @@ class PipelineModule(ds_module.PipelineModule):
             x = checkpoint(run_group, *x) if checkpointable else run_group(*x)
         return x
 
+    def _chunk_forward(self, forward_input, chunk):
+        if chunk is None or not 0 <= chunk < self.virtual_stages:
+            raise ValueError(f"stage {self.stage_id}: chunk {chunk!r} is not one of this rank's "
+                             f"{self.virtual_stages} model chunks (0..{self.virtual_stages - 1})")
+        begin, end = self._chunk_funcs[chunk]
+        self.micro_offset += 1
+        micro_offset = self.micro_offset + 1
+        interval = self.activation_checkpoint_interval
+        checkpoint = self._checkpoint_function() if interval > 0 else None
+        if interval > 0 and checkpoint is None:
+            raise ValueError("virtual stages checkpoint activations with deepspeed_pipe_ext's or DeepSpeed's "
+                             "checkpoint functions only; another activation_checkpoint_func is not supported")
+        x = forward_input
+        for start in range(begin, end, interval or (end - begin)):
+            stop = min(start + (interval or (end - begin)), end)
+            run_group = self._group_forward(start, stop, micro_offset)
+            if checkpoint is not None and self._is_checkpointable(self.forward_funcs[start:stop]):
+                x = checkpoint(run_group, *(x if isinstance(x, tuple) else (x, )))
+            else:
+                x = run_group(*(x if isinstance(x, tuple) else (x, )))
+        return x
+
     def _checkpoint_function(self):
         """Our C++ checkpoint in place of DeepSpeed's two (same rules for which
         groups qualify); None for any other function."""
@@ -341,7 +416,8 @@ class PipelineModule(ds_module.PipelineModule):
         def run_group(*inputs):
             x = inputs[0] if len(inputs) == 1 else inputs
             for idx, layer in enumerate(self.forward_funcs[start:end]):
-                self.curr_layer = idx + self._local_start  # as DeepSpeed numbers it (not idx + start)
+                # DeepSpeed numbers it idx + _local_start (not idx + start); with virtual stages: the layer's number
+                self.curr_layer = idx + self._local_start if self.virtual_stages == 1 else self._layer_index[start + idx]
                 if self.seed_layers:
                     seed = self.base_seed * micro_offset + self.curr_layer
                     (self.seed_fn or ds_utils.set_random_seed)(seed)
@@ -351,8 +427,14 @@ class PipelineModule(ds_module.PipelineModule):
 
     # ------------------------------------------------------------------ building
     def _build(self):
-        for local_idx, layer in enumerate(self._layer_specs[self._local_start:self._local_stop]):
-            layer_idx = local_idx + self._local_start
+        self._layer_index = [i for start, stop in self._chunk_bounds for i in range(start, stop)]
+        # Each chunk's slice of forward_funcs.
+        self._chunk_funcs, begin = [], 0
+        for start, stop in self._chunk_bounds:
+            self._chunk_funcs.append((begin, begin + stop - start))
+            begin += stop - start
+        for layer_idx in self._layer_index:
+            layer = self._layer_specs[layer_idx]
             if self.seed_layers:
                 if self.seed_fn:
                     self.seed_fn(self.base_seed + layer_idx)

@@ -580,3 +580,44 @@ def train_with_a_pipe_schedule_class(rank, world_size, num_stages, steps=20, mic
     theirs = _train(DSPipelineModule, deepspeed.pipe.LayerSpec, ds_initialize, num_stages, steps, micro_batches, seed)
     ours = _train(dpe.PipelineModule, dpe.LayerSpec, ours_with_schedule, num_stages, steps, micro_batches, seed)
     return theirs[:3], ours[:3], ours[4]
+
+
+def deep_mlp_specs(spec, depth=8):
+    layers = [spec(nn.Linear, 8, 8)]
+    for _ in range(depth - 2):
+        layers += [spec(nn.Linear, 8, 8), nn.Tanh()]
+    return layers + [spec(nn.Linear, 8, 4)]
+
+
+def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batches=4, seed=3, extra_config=None):
+    """DeepSpeed's engine (1F1B over num_stages stages) against ours with
+    `chunks` model chunks per rank under interleaved-1f1b; per-layer seeds
+    make the two layouts start from the same weights. Returns each engine's
+    losses, eval loss and this rank's weights (by layer number), and our
+    engine's compute passes."""
+    from deepspeed import initialize as ds_initialize
+    out = []
+    for kind in ("deepspeed", "ours"):
+        torch.manual_seed(seed)
+        if kind == "deepspeed":
+            net = DSPipelineModule(layers=deep_mlp_specs(deepspeed.pipe.LayerSpec), num_stages=num_stages,
+                                   loss_fn=nn.MSELoss(), seed_layers=True, partition_method="uniform")
+            pipeline = {}
+        else:
+            net = dpe.PipelineModule(layers=deep_mlp_specs(dpe.LayerSpec), num_stages=num_stages,
+                                     virtual_stages=chunks, loss_fn=nn.MSELoss(), seed_layers=True,
+                                     partition_method="uniform")
+            pipeline = {"schedule": "interleaved-1f1b"}
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
+                  "steps_per_print": 10**9, "pipeline": pipeline, **(extra_config or {})}
+        engine, _, _, _ = ds_initialize(model=net, config=config, model_parameters=net.parameters(),
+                                        optimizer=torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
+        data = batches(100 + engine.grid.data_parallel_id, micro_batches)
+        losses = [engine.train_batch(data_iter=iter(data)).item() for _ in range(steps)]
+        evals = engine.eval_batch(iter(batches(7, micro_batches))).item()
+        weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        letters = {1: "F", 2: "B"}
+        passes = [f"{letters[code]}{mb}.{chunk}" for _, _, code, mb, chunk in getattr(engine, "last_timeline", [])]
+        out.append({"losses": losses, "eval": evals, "weights": weights, "passes": passes,
+                    "partition": net.describe_partition() if kind == "ours" else None})
+    return out

@@ -304,6 +304,17 @@ std::vector<ComputeOrder> interleaved_orders(const ScheduleSpec& s) {
   return listed;
 }
 
+// Inference over virtual stages: every rank runs the interleaved schedule's
+// forwards in its order (rounds of `stages` micro-batches, chunk by chunk).
+std::vector<ComputeOrder> interleaved_inference_orders(const ScheduleSpec& s) {
+  const int64_t M = s.micro_batches, S = s.stages, V = s.chunks;
+  ComputeOrder order;
+  for (int64_t round_start = 0; round_start < M; round_start += S)
+    for (int64_t c = 0; c < V; ++c)
+      for (int64_t mb = round_start; mb < std::min(M, round_start + S); ++mb) order.push_back({Compute::F, mb, c});
+  return std::vector<ComputeOrder>(S, order);
+}
+
 std::vector<ComputeOrder> zero_bubble_h1_orders(const ScheduleSpec& s) {
   std::vector<RankPlan> plans(s.stages);
   for (int64_t i = 0; i < s.stages; ++i) {
@@ -321,7 +332,7 @@ std::vector<ComputeOrder> zero_bubble_h1_orders(const ScheduleSpec& s) {
 // loads/receives before and its sends after. Buffers are allocated when a
 // micro-batch's input arrives and freed after its last backward op, lowest
 // free id first; `peak` returns the most buffers live at once.
-Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, int64_t* peak) {
+Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, int64_t* peak, bool train = true) {
   const int64_t S = s.stages, V = s.chunks, last_virtual = S * V - 1;
   std::map<std::pair<int64_t, int64_t>, int64_t> buffer_of;  // (mb, chunk) -> buffer
   std::vector<bool> in_use;
@@ -359,6 +370,10 @@ Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, 
       if (vs > 0) cmds.push_back(buffered(Op::RecvActivation, buf, op.micro_batch, op.chunk));
       cmds.push_back(buffered(Op::ForwardPass, buf, op.micro_batch, op.chunk));
       if (vs < last_virtual) cmds.push_back(buffered(Op::SendActivation, buf, op.micro_batch, op.chunk));
+      if (!train) {  // no backward: the buffer is free once its output is sent
+        in_use[buf] = false;
+        buffer_of.erase(key);
+      }
     } else if (op.what == Compute::W) {
       const int64_t buf = buffer_for(op);
       cmds.push_back(buffered(Op::BackwardWeight, buf, op.micro_batch, op.chunk));
@@ -378,15 +393,19 @@ Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, 
     steps.push_back(std::move(cmds));
   }
   if (steps.empty()) steps.emplace_back();
-  steps.back().push_back(plain(Op::ReduceTiedGrads));
-  steps.back().push_back(plain(Op::ReduceGrads));
-  steps.back().push_back(plain(Op::OptimizerStep));
+  if (train) {
+    steps.back().push_back(plain(Op::ReduceTiedGrads));
+    steps.back().push_back(plain(Op::ReduceGrads));
+    steps.back().push_back(plain(Op::OptimizerStep));
+  }
   if (peak) *peak = most;
   return steps;
 }
 
 std::vector<ComputeOrder> compute_orders(const ScheduleSpec& s) {
   switch (s.kind) {
+    case ScheduleKind::Inference:
+      return interleaved_inference_orders(s);
     case ScheduleKind::GPipe:
       return std::vector<ComputeOrder>(s.stages, gpipe_order(s));
     case ScheduleKind::Interleaved1F1B:
@@ -398,8 +417,13 @@ std::vector<ComputeOrder> compute_orders(const ScheduleSpec& s) {
   }
 }
 
-bool is_compute_order_kind(ScheduleKind k) {
-  return k == ScheduleKind::GPipe || k == ScheduleKind::Interleaved1F1B || k == ScheduleKind::ZeroBubbleH1;
+bool is_compute_order_kind(const ScheduleSpec& s) {
+  return s.kind == ScheduleKind::GPipe || s.kind == ScheduleKind::Interleaved1F1B ||
+         s.kind == ScheduleKind::ZeroBubbleH1 || (s.kind == ScheduleKind::Inference && s.chunks > 1);
+}
+
+Steps lower_for(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, int64_t* peak) {
+  return lower(s, stage_id, order, peak, /*train=*/s.kind != ScheduleKind::Inference);
 }
 
 }  // namespace
@@ -450,9 +474,10 @@ void validate(const ScheduleSpec& s) {
   }
   if (s.stages < 1) throw std::invalid_argument("stages must be >= 1, got " + std::to_string(s.stages));
   if (s.chunks < 1) throw std::invalid_argument("chunks must be >= 1, got " + std::to_string(s.chunks));
-  if (s.chunks > 1 && s.kind != ScheduleKind::Interleaved1F1B) {
+  if (s.chunks > 1 && s.kind != ScheduleKind::Interleaved1F1B && s.kind != ScheduleKind::Inference) {
     throw std::invalid_argument(std::string("chunks=") + std::to_string(s.chunks) + " needs the interleaved-1f1b "
-                                "schedule; '" + schedule_kind_name(s.kind) + "' runs one model chunk per stage");
+                                "schedule (or inference); '" + schedule_kind_name(s.kind) +
+                                "' runs one model chunk per stage");
   }
 }
 
@@ -466,7 +491,7 @@ void validate_stage(const ScheduleSpec& s, int64_t stage_id) {
 
 Steps generate_steps(const ScheduleSpec& s, int64_t stage_id, int64_t* num_buffers) {
   validate_stage(s, stage_id);
-  if (is_compute_order_kind(s.kind)) return lower(s, stage_id, compute_orders(s)[stage_id], num_buffers);
+  if (is_compute_order_kind(s)) return lower_for(s, stage_id, compute_orders(s)[stage_id], num_buffers);
   if (num_buffers) *num_buffers = num_pipe_buffers(s, stage_id);
   switch (s.kind) {
     case ScheduleKind::Train1F1B:
@@ -484,10 +509,10 @@ std::vector<Steps> generate_all_steps(const ScheduleSpec& s, std::vector<int64_t
   all.reserve(s.stages);
   if (num_buffers) num_buffers->assign(s.stages, 0);
   // Compute-order schedules are built for the whole pipeline at once: build them once.
-  const auto orders = is_compute_order_kind(s.kind) ? compute_orders(s) : std::vector<ComputeOrder>{};
+  const auto orders = is_compute_order_kind(s) ? compute_orders(s) : std::vector<ComputeOrder>{};
   for (int64_t i = 0; i < s.stages; ++i) {
     int64_t* buffers = num_buffers ? &(*num_buffers)[i] : nullptr;
-    all.push_back(orders.empty() ? generate_steps(s, i, buffers) : lower(s, i, orders[i], buffers));
+    all.push_back(orders.empty() ? generate_steps(s, i, buffers) : lower_for(s, i, orders[i], buffers));
   }
   return all;
 }
@@ -497,10 +522,11 @@ int64_t num_pipe_buffers(const ScheduleSpec& s, int64_t stage_id) {
   switch (s.kind) {
     case ScheduleKind::Train1F1B:
       return ds_train_buffers(s, stage_id);
-    case ScheduleKind::Inference:
-      return 2;
     case ScheduleKind::DataParallel:
       return 1;
+    case ScheduleKind::Inference:
+      if (s.chunks == 1) return 2;
+      [[fallthrough]];
     default: {  // the peak of live buffers of the lowered stream
       int64_t peak = 0;
       generate_steps(s, stage_id, &peak);

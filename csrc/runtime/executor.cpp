@@ -64,10 +64,11 @@ Activation as_stage_inputs(const Activation& received) {
 }  // namespace
 
 Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base,
-                   bool release_sent_outputs, int64_t wrapper_references)
+                   bool release_sent_outputs, int64_t wrapper_references, int64_t chunks)
     : p2p_(p2p),
       stage_id_(stage_id),
       num_stages_(num_stages),
+      chunks_(chunks),
       prev_peer_(prev_peer),
       next_peer_(next_peer),
       activation_tag_(tag_base),
@@ -75,6 +76,26 @@ Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer
       release_sent_outputs_(release_sent_outputs),
       wrapper_references_(wrapper_references) {
   TORCH_CHECK(num_stages == 1 || p2p != nullptr, "a pipeline of ", num_stages, " stages needs p2p");
+  TORCH_CHECK(chunks >= 1 && (chunks == 1 || num_stages >= 2), "virtual stages (", chunks,
+              " model chunks per rank) need at least 2 pipeline stages, got ", num_stages);
+}
+
+int Executor::peer_of(const core::Instruction& in) const {
+  if (chunks_ == 1) {
+    return in.op == core::Op::RecvActivation || in.op == core::Op::SendGrad ? prev_peer_ : next_peer_;
+  }
+  return core::transfer_peer(in, stage_id_, num_stages_);  // stage ids are the ranks of the pipe group
+}
+
+int Executor::tag_of(const core::Instruction& in) const {
+  // Sender and receiver agree on the receiving chunk: a message crossing from
+  // the last rank to the first goes to the next chunk, a gradient crossing
+  // back to the previous one.
+  int64_t receiver_chunk = in.chunk;
+  if (in.op == core::Op::SendActivation && stage_id_ == num_stages_ - 1) receiver_chunk += 1;
+  if (in.op == core::Op::SendGrad && stage_id_ == 0) receiver_chunk -= 1;
+  const bool activation = in.op == core::Op::SendActivation || in.op == core::Op::RecvActivation;
+  return static_cast<int>((activation ? activation_tag_ : grad_tag_) + 4 * receiver_chunk);
 }
 
 std::string Executor::where(const core::Instruction& in) const { return core::describe_step(step_, in); }
@@ -151,8 +172,7 @@ void Executor::take_action(const core::TransferAction& action) {
   const int64_t saved_step = step_;
   step_ = step;  // errors name the instruction the action belongs to
   if (action.kind == core::TransferAction::Kind::PostRecv) {
-    const bool posted = in.op == core::Op::RecvActivation ? p2p_->post_recv(prev_peer_, activation_tag_)
-                                                          : p2p_->post_recv(next_peer_, grad_tag_);
+    const bool posted = p2p_->post_recv(peer_of(in), tag_of(in));
     TORCH_CHECK(posted, "stage ", stage_id_, ", ", where(in),
                 ": the transfer plan posts this receive ahead, but its shapes are not known yet");
   } else {
@@ -175,9 +195,7 @@ void Executor::send(const core::Instruction& in, Activation value, bool delayed)
     captured_sends_[position_] = std::move(value);
     return;
   }
-  const bool activation = in.op == core::Op::SendActivation;
-  p2p_->send(value, activation ? next_peer_ : prev_peer_, activation ? activation_tag_ : grad_tag_,
-             lazily(step_, in));
+  p2p_->send(value, peer_of(in), tag_of(in), lazily(step_, in));
 }
 
 void Executor::account_buffers() {
@@ -237,12 +255,12 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
   switch (in.op) {
     case Op::LoadMicroBatch: {
       LoadedMicroBatch loaded = cb.load();
-      if (stage_id_ == 0) inputs_[b] = std::move(loaded.inputs);
-      if (stage_id_ == num_stages_ - 1) labels_[b] = std::move(loaded.labels);
+      if (first_virtual(in)) inputs_[b] = std::move(loaded.inputs);
+      if (last_virtual(in)) labels_[b] = std::move(loaded.labels);
       break;
     }
     case Op::RecvActivation: {
-      Activation received = p2p_->recv(prev_peer_, activation_tag_, lazily(step_, in));
+      Activation received = p2p_->recv(peer_of(in), tag_of(in), lazily(step_, in));
       if (split_activations_) received = split_->gather(received, where(in));
       inputs_[b] = as_stage_inputs(received);
       break;
@@ -251,11 +269,11 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       // Forward on clones so the buffer's leaves receive the input gradient.
       Activation x{{}, inputs_[b].is_tuple};
       for (const auto& t : inputs_[b].tensors) x.tensors.push_back(t.clone());
-      if (stage_id_ == num_stages_ - 1) {
+      if (last_virtual(in)) {
         losses_[b] = cb.forward_loss(x, labels_[b]);
         labels_[b].reset();
       } else {
-        outputs_[b] = cb.forward(x);
+        outputs_[b] = cb.forward(x, in.chunk);
       }
       break;
     }
@@ -264,7 +282,7 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       if (release_sent_outputs_) release_sent_outputs(b);
       break;
     case Op::RecvGrad: {
-      Activation grads = p2p_->recv(next_peer_, grad_tag_, lazily(step_, in));
+      Activation grads = p2p_->recv(peer_of(in), tag_of(in), lazily(step_, in));
       if (split_grads_) grads = split_->gather(grads, where(in));
       std::vector<at::Tensor> outs, grad_tensors;
       for (const auto& t : outputs_[b].tensors) {
@@ -278,7 +296,7 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       break;
     }
     case Op::BackwardPass:
-      if (stage_id_ == num_stages_ - 1) {
+      if (last_virtual(in)) {
         cb.backward_loss(losses_[b]);
         losses_[b].reset();
       } else {
@@ -296,7 +314,7 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
                   ": split backward passes cannot run the bf16 optimizer's gradient bookkeeping; use the 1f1b "
                   "schedule with bf16");
       std::vector<at::Tensor> outs, grads;
-      if (stage_id_ == num_stages_ - 1) {
+      if (last_virtual(in)) {
         TORCH_CHECK(cb.loss_to_differentiate, "stage ", stage_id_, ", ", where(in),
                     ": a split backward on the last stage needs the loss_to_differentiate callback");
         at::Tensor loss = cb.loss_to_differentiate(losses_[b]);
@@ -311,7 +329,7 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       }
       // The first stage sends no gradient back, so all of its backward waits for W.
       std::vector<at::Tensor> stage_inputs;
-      if (stage_id_ > 0) {
+      if (!first_virtual(in)) {
         for (const auto& t : inputs_[b].tensors) {
           if (t.requires_grad()) stage_inputs.push_back(t);
         }

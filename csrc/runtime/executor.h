@@ -39,9 +39,10 @@ struct LoadedMicroBatch {
 struct StageCallbacks {
   // Loads the next micro-batch.
   std::function<LoadedMicroBatch()> load;
-  // Stages other than the last: runs the stage's layers on `inputs`.
-  std::function<Activation(const Activation& inputs)> forward;
-  // The last stage: runs its layers and the loss on (inputs, labels);
+  // Stages other than the last (virtual stages, with several model chunks
+  // per rank): runs chunk `chunk`'s layers on `inputs`.
+  std::function<Activation(const Activation& inputs, int64_t chunk)> forward;
+  // The last (virtual) stage: runs its layers and the loss on (inputs, labels);
   // returns the loss (kept for the backward while training).
   std::function<Held(const Activation& inputs, const Held& labels)> forward_loss;
   // The last stage: backward of a micro-batch's loss.
@@ -87,8 +88,11 @@ class Executor {
   // it. `wrapper_references`: the references a tensor's Python object holds
   // once Python code let go of it (1 where the object keeps its tensor alive,
   // as torch's PyObject preservation does in recent releases; 0 before).
+  // With chunks > 1 (virtual stages: chunk c of rank r is virtual stage
+  // c * num_stages + r), the peers wrap around (rank num_stages - 1 sends to
+  // rank 0's next chunk) and each chunk's transfers have tags of their own.
   Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base = 0,
-           bool release_sent_outputs = true, int64_t wrapper_references = 0);
+           bool release_sent_outputs = true, int64_t wrapper_references = 0, int64_t chunks = 1);
   // 3D parallelism: activations (and/or gradients) travel split across the
   // stage's tensor-parallel ranks (DeepSpeed's pipe_partitioned and
   // grad_partitioned); `split` must outlive run().
@@ -123,11 +127,17 @@ class Executor {
   // The floating-point outputs of `buffer` that require grad, paired with their received gradients.
   void backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs, std::vector<at::Tensor>* grads) const;
   std::string where(const core::Instruction& in) const;
+  int64_t virtual_stage(const core::Instruction& in) const { return in.chunk * num_stages_ + stage_id_; }
+  bool first_virtual(const core::Instruction& in) const { return virtual_stage(in) == 0; }
+  bool last_virtual(const core::Instruction& in) const { return virtual_stage(in) == num_stages_ * chunks_ - 1; }
+  // The rank (in p2p's group) and tag of a transfer instruction.
+  int peer_of(const core::Instruction& in) const;
+  int tag_of(const core::Instruction& in) const;
 
   P2P* p2p_;
   const TensorParallelSplit* split_ = nullptr;
   bool split_activations_ = false, split_grads_ = false;
-  int64_t stage_id_, num_stages_;
+  int64_t stage_id_, num_stages_, chunks_;
   int prev_peer_, next_peer_;
   int activation_tag_, grad_tag_;
   bool release_sent_outputs_;
