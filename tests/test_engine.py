@@ -136,7 +136,8 @@ def test_bad_configurations_and_calls():
     assert "train_batch_size" in out["batch_size"]
     for name in ("forward", "backward", "step"):
         assert out[name] == "PipelineError: Only train_batch() is accessible in pipeline mode."
-    assert "stage 0 needs data: pass data_iter" in out["no_data"]
+    # Its own error, or (when the other rank, which lacks data too, was quicker) the other's, naming it.
+    assert "needs data: pass data_iter" in out["no_data"], out["no_data"]
     assert "an earlier batch failed here" in out["after_no_data"], out["after_no_data"]
     # Only the first and last stages load data: with 2 stages each loads every micro-batch once.
     assert [r["batch_fn_calls"] for r in per_rank] == [2, 2]
