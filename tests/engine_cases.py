@@ -163,23 +163,28 @@ def tied_specs(spec, tied):
             spec(nn.Linear, 8, 8), tied("shared", nn.Linear, 8, 8, bias=False)]
 
 
-def train_model_both(rank, world_size, model, num_stages, steps=20, micro_batches=4, extra_config=None):
+def train_model_both(rank, world_size, model, num_stages, steps=20, micro_batches=4, extra_config=None,
+                     module_kwargs=None, ours_module_kwargs=None):
     """`model`: 'transformer' (tuple activations with bool and int tensors) or
     'tied' (a weight shared by the first and last stage). `extra_config` goes
-    to both engines (DeepSpeed's ignores a "pipeline": {"schedule"})."""
+    to both engines (DeepSpeed's ignores a "pipeline": {"schedule"}),
+    `module_kwargs` to both modules, `ours_module_kwargs` to ours only."""
     from deepspeed import initialize as ds_initialize
     results = []
     for module_cls, spec, tied, make in (
         (DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.pipe.TiedLayerSpec, ds_initialize),
         (dpe.PipelineModule, dpe.LayerSpec, dpe.TiedLayerSpec, dpe_engine.initialize)):
         torch.manual_seed(11)
+        kwargs = dict(module_kwargs or {})
+        if module_cls is dpe.PipelineModule:
+            kwargs.update(ours_module_kwargs or {})
         if model == "transformer":
             net = module_cls(layers=transformer_specs(spec), num_stages=num_stages, loss_fn=nn.CrossEntropyLoss(),
-                             partition_method="uniform")
+                             partition_method="uniform", **kwargs)
             data_for = lambda seed, n: token_batches(seed, n)
         else:
             net = module_cls(layers=tied_specs(spec, tied), num_stages=num_stages, loss_fn=nn.MSELoss(),
-                             partition_method="uniform")
+                             partition_method="uniform", **kwargs)
             data_for = lambda seed, n: [(x[:, :8], y.repeat(1, 2)) for x, y in batches(seed, n)]
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
                   "steps_per_print": 10**9, **(extra_config or {})}

@@ -28,3 +28,25 @@ def test_interleaved_1f1b_matches_deepspeed(world_size, num_stages, chunks):
     assert theirs.keys() == ours.keys()
     for key in theirs:
         assert torch.allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-7), key
+
+
+@pytest.mark.parametrize("model,checkpointing", [("transformer", False), ("transformer", True), ("tied", False)])
+def test_interleaved_1f1b_with_tuple_activations_tied_weights_and_checkpointing(model, checkpointing):
+    """(hidden, bool mask, int positions) between chunks; a weight tied
+    between the first rank's first chunk and the last rank's last chunk;
+    activation checkpointing inside the chunks. S=2, two chunks per rank."""
+    both = {"seed_layers": True}
+    if checkpointing:
+        both.update(activation_checkpoint_interval=1, checkpointable_layers=["MaskedBlock"])
+    results = run_ranks(engine_cases.train_model_both, 2, model, 2, 20, 4,
+                        {"pipeline": {"schedule": "interleaved-1f1b"}}, both, {"virtual_stages": 2}, timeout=400)
+    weights = [{}, {}]
+    for rank, (theirs, ours) in enumerate(results):
+        for which, (losses, w, evals) in enumerate((theirs, ours)):
+            weights[which].update(w)
+        assert torch.allclose(torch.tensor(ours[0]), torch.tensor(theirs[0]), rtol=1e-6, atol=1e-7), rank
+        assert abs(ours[2][0].item() - theirs[2][0].item()) <= 1e-6 * abs(theirs[2][0].item()), rank
+    assert results[0][1][0][-1] < results[0][1][0][0]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.allclose(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7), key
