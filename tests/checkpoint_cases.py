@@ -30,7 +30,7 @@ def sequential_layers():
     return nn.Sequential(shared, nn.Tanh(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), shared)
 
 
-def build(kind, num_stages, seed=3, extra_config=None, frozen_layer=None):
+def build(kind, num_stages, seed=3, extra_config=None, frozen_layer=None, virtual_stages=1):
     """An engine from deepspeed.initialize: DeepSpeed's module and engine
     ('deepspeed') or ours ('ours'), SGD with momentum and a WarmupLR schedule."""
     if kind == "deepspeed":
@@ -38,8 +38,11 @@ def build(kind, num_stages, seed=3, extra_config=None, frozen_layer=None):
     else:
         module_cls, spec, tied = dpe.PipelineModule, dpe.LayerSpec, dpe.TiedLayerSpec
     torch.manual_seed(seed)
+    virtual = {} if virtual_stages == 1 else {"virtual_stages": virtual_stages}
     net = module_cls(layers=layer_specs(spec, tied), num_stages=num_stages, loss_fn=nn.MSELoss(),
-                     partition_method="uniform")
+                     partition_method="uniform", **virtual)
+    if virtual_stages > 1:
+        extra_config = {"pipeline": {"schedule": "interleaved-1f1b"}, **(extra_config or {})}
     if frozen_layer is not None and str(frozen_layer) in net._modules:
         net._modules[str(frozen_layer)].requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=net, config={**CONFIG, **(extra_config or {})},
@@ -193,4 +196,31 @@ def reshape_parallel_write_frozen(rank, world_size, root):
     strict = _attempt(lambda: fresh.load_checkpoint(os.path.join(root, "frozen")))
     fresh.load_checkpoint(os.path.join(root, "frozen"), load_module_strict=False)
     out["frozen"] = {"strict": strict, "saved": weights(frozen), "fresh": fresh_weights, "loaded": weights(fresh)}
+    return out
+
+
+def virtual_stage_checkpoints(rank, world_size, root):
+    """Two chunks per rank: save and resume (bitwise); that checkpoint's
+    weights into one chunk per rank and into DeepSpeed's engine, and
+    DeepSpeed's back into two chunks per rank (the eval loss equal each time)."""
+    out = {}
+    v2 = build("ours", 2, virtual_stages=2)
+    out["first"] = train(v2, 0, SAVED_STEPS)
+    v2.save_checkpoint(os.path.join(root, "v2"))
+    out["eval_v2"] = evaluate(v2)[0]
+    out["continued"] = train(v2, SAVED_STEPS, MORE_STEPS)
+    with open(os.path.join(root, "v2", "latest")) as f:
+        out["files"] = sorted(os.listdir(os.path.join(root, "v2", f.read().strip())))
+    resumed = build("ours", 2, seed=99, virtual_stages=2)
+    resumed.load_checkpoint(os.path.join(root, "v2"))
+    out["resumed"] = train(resumed, SAVED_STEPS, MORE_STEPS)
+    for kind in ("ours", "deepspeed"):  # one chunk per rank: the weights (their optimizer state is laid out per chunk)
+        engine = build(kind, 2, seed=99)
+        engine.load_checkpoint(os.path.join(root, "v2"), load_module_only=True)
+        out[f"eval_{kind}_from_v2"] = evaluate(engine)[0]
+        if kind == "deepspeed":
+            engine.save_checkpoint(os.path.join(root, "deepspeed"))
+    back = build("ours", 2, seed=99, virtual_stages=2)
+    back.load_checkpoint(os.path.join(root, "deepspeed"), load_module_only=True)
+    out["eval_v2_from_deepspeed"] = evaluate(back)[0]
     return out
