@@ -326,8 +326,11 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         raise PipelineError("Only train_batch() is accessible in pipeline mode.")
 
     def _backward_prologue_per_tensor(self, grad):
-        # Only the loss stage scales for gradient accumulation.
-        if self.is_last_stage():
+        # DeepSpeedEngine.forward hooks every output to scale its gradient for
+        # gradient accumulation. Only the loss's own backward scales: not the
+        # executor's backward of other stages, nor of the last rank's other
+        # model chunks (virtual stages), whose incoming gradients are scaled.
+        if getattr(self, "_loss_backward_running", False):
             return super()._backward_prologue_per_tensor(grad)
         return grad
 
@@ -547,8 +550,12 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     def _backward_loss(self, loss):
         if self._plain_path:
             (loss / self.gradient_accumulation_steps()).backward()
-        else:
+            return
+        self._loss_backward_running = True
+        try:
             super().backward(loss)
+        finally:
+            self._loss_backward_running = False
 
     def _loss_to_differentiate(self, loss):
         """Split backward (zero-bubble schedules) on the loss stage: the executor

@@ -617,12 +617,44 @@ def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batc
                   "steps_per_print": 10**9, "pipeline": pipeline, **(extra_config or {})}
         engine, _, _, _ = ds_initialize(model=net, config=config, model_parameters=net.parameters(),
                                         optimizer=torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
-        data = batches(100 + engine.grid.data_parallel_id, micro_batches)
+        dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
+        cast = lambda data: [(x.to(dtype), y.to(dtype)) for x, y in data]
+        data = cast(batches(100 + engine.grid.data_parallel_id, micro_batches))
         losses = [engine.train_batch(data_iter=iter(data)).item() for _ in range(steps)]
-        evals = engine.eval_batch(iter(batches(7, micro_batches))).item()
-        weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        evals = engine.eval_batch(iter(cast(batches(7, micro_batches)))).item()
+        weights = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
         letters = {1: "F", 2: "B"}
         passes = [f"{letters[code]}{mb}.{chunk}" for _, _, code, mb, chunk in getattr(engine, "last_timeline", [])]
         out.append({"losses": losses, "eval": evals, "weights": weights, "passes": passes,
                     "partition": net.describe_partition() if kind == "ours" else None})
+    return out
+
+
+def virtual_stage_mismatches(rank, world_size):
+    """What each mismatch between virtual stages and the schedule says."""
+    from deepspeed import initialize as ds_initialize
+    out = {}
+
+    def attempt(name, make):
+        try:
+            make()
+            out[name] = None
+        except Exception as err:
+            out[name] = f"{type(err).__name__}: {err}"
+
+    def engine(chunks, schedule):
+        net = dpe.PipelineModule(layers=deep_mlp_specs(dpe.LayerSpec), num_stages=2, virtual_stages=chunks,
+                                 loss_fn=nn.MSELoss())
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
+                  "steps_per_print": 10**9, "pipeline": {"schedule": schedule}}
+        return ds_initialize(model=net, config=config, model_parameters=net.parameters(),
+                             optimizer=torch.optim.SGD(net.parameters(), lr=0.1))[0]
+
+    attempt("chunks_with_1f1b", lambda: engine(2, "1f1b"))
+    attempt("interleaved_without_chunks", lambda: engine(1, "interleaved-1f1b"))
+    attempt("v_layout", lambda: dpe.PipelineModule(layers=deep_mlp_specs(dpe.LayerSpec), num_stages=2,
+                                                   virtual_stages=2, virtual_layout="v"))
+    ok = engine(2, "interleaved-1f1b")
+    attempt("set_schedule", lambda: ok.set_schedule("gpipe"))
+    out["partition"] = ok.module.describe_partition()
     return out

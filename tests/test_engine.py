@@ -260,7 +260,7 @@ def test_set_schedule_runs_a_compute_order_and_refuses_one_that_does_not_fit():
         assert out["losses_equal"], out
         assert "written for 2 ranks and 3 micro-batches" in out["wrong_size"], out
         assert "cannot run" in out["unknown"], out
-        assert out["deadlock"].startswith("ScheduleError"), out
+        assert "ScheduleError" in out["deadlock"], out  # its own, or the quicker rank's (the same check)
 
 
 def test_a_pipe_schedule_subclass_written_with_deepspeed_instructions_runs_and_matches_deepspeed():

@@ -63,3 +63,23 @@ def test_checkpoints_move_between_virtual_stages_one_chunk_and_deepspeed(tmp_pat
     files = results[0]["files"]
     assert {f"layer_{i:02d}-model_states.pt" for i in (0, 2, 4, 5)} <= set(files), files
     assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= set(files), files
+
+
+@pytest.mark.parametrize("extra", [{"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True},
+                                   {"bf16": {"enabled": True}}])
+def test_interleaved_1f1b_with_zero_stage_1_and_bf16_matches_deepspeed(extra):
+    results = run_ranks(engine_cases.train_interleaved, 2, 2, 2, 6, 4, 3, extra, timeout=400)
+    tolerance = 1e-2 if "bf16" in extra else 1e-6
+    for rank, (theirs, ours) in enumerate(results):
+        assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=tolerance,
+                              atol=tolerance / 10), (rank, ours["losses"], theirs["losses"])
+
+
+def test_a_schedule_that_does_not_fit_the_module_is_refused_with_the_fix():
+    errors = run_ranks(engine_cases.virtual_stage_mismatches, 2, timeout=200)
+    for out in errors:
+        assert "only the interleaved-1f1b schedule runs, not '1f1b'" in out["chunks_with_1f1b"], out
+        assert "build the PipelineModule with virtual_stages=2" in out["interleaved_without_chunks"], out
+        assert "virtual_layout 'v' is not supported yet" in out["v_layout"], out
+        assert "only the interleaved-1f1b schedule runs; set_schedule" in out["set_schedule"], out
+        assert "stage 0 chunk 1: layers" in out["partition"] or "stage 1 chunk 1: layers" in out["partition"], out
