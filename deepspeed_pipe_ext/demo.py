@@ -9,6 +9,7 @@ PipelineEngine for it: the schedule (1F1B by default; gpipe or zb-h1 with
 c10d from C++.
 
     python -m deepspeed_pipe_ext.demo [--steps 60] [--stages 2] [--schedule zb-h1]
+    python -m deepspeed_pipe_ext.demo --schedule interleaved-1f1b --virtual-stages 2
 
 3D parallelism: a character-level GPT on the standard library's source, its
 attention and MLP split over tensor-parallel ranks (PP=2 x TP=2, 4 processes),
@@ -38,7 +39,8 @@ def launch(args):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.stages * args.tensor_parallel}",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "deepspeed_pipe_ext.demo",
            "--worker", f"--steps={args.steps}", f"--stages={args.stages}", f"--timeline={args.timeline}",
-           f"--schedule={args.schedule}", f"--model={args.model}", f"--tensor-parallel={args.tensor_parallel}"]
+           f"--schedule={args.schedule}", f"--model={args.model}", f"--tensor-parallel={args.tensor_parallel}",
+           f"--virtual-stages={args.virtual_stages}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.call(cmd, env=env)
 
@@ -73,7 +75,7 @@ def worker(args):
         layers += [dpe.LayerSpec(nn.Linear, hidden, hidden), nn.GELU()]
     layers += [dpe.LayerSpec(nn.Linear, hidden, 10)]
     net = dpe.PipelineModule(layers=layers, num_stages=args.stages, loss_fn=nn.CrossEntropyLoss(),
-                             partition_method="parameters-minmax")
+                             partition_method="parameters-minmax", virtual_stages=args.virtual_stages)
     if rank == 0:
         print(net.describe_partition(), flush=True)
 
@@ -164,7 +166,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="training steps (default: 60 for mlp, 600 for gpt)")
     parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--schedule", default="1f1b", help="1f1b (default), gpipe or zb-h1")
+    parser.add_argument("--schedule", default="1f1b", help="1f1b (default), gpipe, zb-h1, or interleaved-1f1b "
+                        "(with --virtual-stages)")
+    parser.add_argument("--virtual-stages", type=int, default=1,
+                        help="model chunks per rank (mlp; with --schedule interleaved-1f1b)")
     parser.add_argument("--timeline", default="out/demo_timeline.png",
                         help="where to draw the last step's measured timeline (needs matplotlib); the same "
                         "timeline, all ranks merged, goes beside it as a Chrome/Perfetto trace (.json)")
@@ -177,6 +182,10 @@ def main():
     args = parser.parse_args()
     if args.steps is None:
         args.steps = 600 if args.model == "gpt" else 60
+    if (args.virtual_stages > 1) != (args.schedule == "interleaved-1f1b"):
+        parser.error("--schedule interleaved-1f1b and --virtual-stages 2 (or more) go together")
+    if args.virtual_stages > 1 and args.model != "mlp":
+        parser.error("--virtual-stages is for the mlp model")
     if args.tensor_parallel > 1 and args.model != "gpt":
         parser.error("--tensor-parallel needs --model gpt (the digits classifier has no tensor-parallel layers)")
     if args.worker:

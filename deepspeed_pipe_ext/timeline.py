@@ -75,7 +75,8 @@ def write_chrome_trace(stage_timelines, path):
     for stage, ops in enumerate(stage_timelines):
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": stage, "args": {"name": f"stage {stage}"}})
         for start, end, code, mb, chunk in ops:
-            name = f"pipe stage {stage} {_TRACE_NAMES[_schedule.OP_NAMES[code]]} mb {mb}"
+            name = f"pipe stage {stage} {_TRACE_NAMES[_schedule.OP_NAMES[code]]} mb {mb}" + \
+                (f" chunk {chunk}" if chunk else "")
             events.append({"name": name, "ph": "X", "pid": 0, "tid": stage, "ts": (start - t0) * 1e6,
                            "dur": (end - start) * 1e6, "args": {"micro_batch": mb, "chunk": chunk}})
     with open(path, "w") as f:

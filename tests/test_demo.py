@@ -15,10 +15,10 @@ def run(cmd):
     return [float(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("step ")]
 
 
-def run_demo(tmp_path, schedule):
+def run_demo(tmp_path, schedule, *extra):
     picture = tmp_path / f"timeline-{schedule}.png"
     losses = run([sys.executable, "-m", "deepspeed_pipe_ext.demo", "--steps", "10", "--schedule", schedule,
-                  "--timeline", str(picture)])
+                  "--timeline", str(picture), *extra])
     assert picture.stat().st_size > 10_000
     # The same timeline as a Chrome/Perfetto trace: both stages' passes, named as torch.profiler shows them.
     import json
@@ -35,6 +35,12 @@ def test_demo_trains_and_draws_its_timeline(tmp_path):
     assert len(losses) == 2 and losses[1] < losses[0]  # steps 1 and 10
     # The zero-bubble schedule splits the backward; the training is the same.
     assert run_demo(tmp_path, "zb-h1") == losses
+    # Two model chunks per rank (other layers per rank, so other initial weights): it trains too.
+    interleaved = run_demo(tmp_path, "interleaved-1f1b", "--virtual-stages", "2")
+    assert len(interleaved) == 2 and interleaved[1] < interleaved[0]
+    import json
+    names = {e["name"] for e in json.loads((tmp_path / "timeline-interleaved-1f1b.json").read_text())["traceEvents"]}
+    assert "pipe stage 0 forward mb 0 chunk 1" in names and "pipe stage 1 backward mb 0" in names
 
 
 def test_deepspeed_launcher_runs_the_demo_workers(tmp_path):

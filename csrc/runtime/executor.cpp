@@ -31,6 +31,7 @@ std::string profiler_label(int64_t stage, const core::Instruction& in) {
       "recv activation", "send grad", "recv grad", "reduce tied grads", "reduce grads",  "optimizer step"};
   std::string label = "pipe stage " + std::to_string(stage) + " " + names[static_cast<int>(in.op)];
   if (in.micro_batch >= 0) label += " mb " + std::to_string(in.micro_batch);
+  if (in.chunk > 0) label += " chunk " + std::to_string(in.chunk);  // virtual stages
   return label;
 }
 
