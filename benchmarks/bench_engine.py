@@ -12,7 +12,8 @@ measured alone: what a runtime without any overhead of its own would take.
 Ours also runs with the gpipe schedule (all forwards, then all backwards), which
 keeps a stage from waiting for the other's reply after every micro-batch, and
 with zb-h1 (backward split into B and W, W filling the bubbles), against the
-simulator's zb-h1 prediction from B and W measured alone.
+simulator's zb-h1 prediction from B and W measured alone, and with
+interleaved-1f1b (two model chunks per rank), against its prediction.
 
     .venv/bin/python benchmarks/bench_engine.py [--repeats 15]
 """
@@ -47,6 +48,9 @@ def measure(rank, world_size, case, repeats):
                                     micro_batch, micro_batches, pipeline={"schedule": "gpipe"}),
         "ours, zb-h1": build_engine(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, model(dpe.LayerSpec),
                                     micro_batch, micro_batches, pipeline={"schedule": "zb-h1"}),
+        "ours, interleaved-1f1b": build_engine(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize,
+                                               model(dpe.LayerSpec), micro_batch, micro_batches,
+                                               pipeline={"schedule": "interleaved-1f1b"}, virtual_stages=2),
     }
     times, _ = alternate({name: (lambda e=e: e.train_batch(data_iter=data())) for name, e in engines.items()},
                          repeats, warmup=2)
@@ -79,6 +83,10 @@ def measure(rank, world_size, case, repeats):
                                             backward_weight=0.0)["makespan"]
     result["predicted zb-h1"] = schedule.simulate("zb-h1", micro_batches, 2, forward=f, backward_input=b_input,
                                                   backward_weight=b_weight)["makespan"]
+    # Two chunks per rank, each half of the stage measured above.
+    result["predicted interleaved-1f1b"] = schedule.simulate("interleaved-1f1b", micro_batches, 2, chunks=2,
+                                                             forward=f, backward_input=b,
+                                                             backward_weight=0.0)["makespan"]
     return result
 
 
@@ -97,6 +105,11 @@ def main():
         print(f"  {case:9s} ours with the zb-h1 schedule {zb * 1000:9.2f} ms   speed-up {ds / zb:5.2f}x   "
               f"zb-h1 prediction {zb_predicted * 1000:9.2f} ms (ours / prediction {zb / zb_predicted:.3f}); "
               f"zb-h1 / 1f1b: ours {zb / ours:.3f}, predicted {zb_predicted / result['predicted']:.3f}", flush=True)
+        il, il_predicted = result["ours, interleaved-1f1b"], result["predicted interleaved-1f1b"]
+        print(f"  {case:9s} ours with interleaved-1f1b (2 chunks per rank) {il * 1000:9.2f} ms   speed-up "
+              f"{ds / il:5.2f}x   prediction {il_predicted * 1000:9.2f} ms (ours / prediction "
+              f"{il / il_predicted:.3f}); interleaved / 1f1b: ours {il / ours:.3f}, predicted "
+              f"{il_predicted / result['predicted']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

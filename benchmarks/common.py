@@ -24,11 +24,12 @@ def pin_to_one_core(rank):
     torch.set_num_threads(1)
 
 
-def build_engine(module_cls, spec, make, layers, micro_batch, micro_batches, pipeline=None, lr=1e-4):
+def build_engine(module_cls, spec, make, layers, micro_batch, micro_batches, pipeline=None, lr=1e-4, **module_kwargs):
     """A 2-stage engine over `layers` (made with `spec`), MSE loss, SGD."""
     import torch
     torch.manual_seed(0)
-    net = module_cls(layers=layers, num_stages=2, loss_fn=torch.nn.MSELoss(), partition_method="uniform")
+    net = module_cls(layers=layers, num_stages=2, loss_fn=torch.nn.MSELoss(), partition_method="uniform",
+                     **module_kwargs)
     config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro_batches,
               "steps_per_print": 10**9}
     if pipeline:

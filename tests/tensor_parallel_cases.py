@@ -45,7 +45,8 @@ def mlp_layers(spec, hidden, ffn):
             spec(nn.Linear, hidden, 3)]
 
 
-def build(kind, world_size, hidden=4, micro_batch=3, micro_batches=3, pipeline=None, extra_config=None, seed=7):
+def build(kind, world_size, hidden=4, micro_batch=3, micro_batches=3, pipeline=None, extra_config=None, seed=7,
+          module_kwargs=None):
     """DeepSpeed's module and engine ('deepspeed') or ours ('ours') on
     PP=2 x TP=2 (x DP=2 with 8 ranks), through deepspeed.initialize."""
     from deepspeed import initialize as ds_initialize
@@ -54,7 +55,7 @@ def build(kind, world_size, hidden=4, micro_batch=3, micro_batches=3, pipeline=N
     torch.manual_seed(seed)
     topology = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=world_size // 4)
     net = module_cls(layers=mlp_layers(spec, hidden, 8), topology=topology, loss_fn=nn.MSELoss(),
-                     partition_method="uniform")
+                     partition_method="uniform", **(module_kwargs or {}))
     TensorParallel.group = net.mpu().get_slice_parallel_group()
     for layer in net.forward_funcs:
         if isinstance(layer, TensorParallelMLP):
@@ -326,3 +327,22 @@ def topology_larger_than_the_job(rank, world_size):
     except Exception as err:
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def train_virtual(rank, world_size, steps=6, extra_config=None, pipeline=None):
+    """PP=2 x TP=2: DeepSpeed's engine (1F1B) against ours with two model
+    chunks per rank (interleaved-1f1b, split transfers on); per-layer seeds
+    give both layouts the same weights. Losses, eval loss, this rank's weights."""
+    out = []
+    for kind, module_kwargs, pipeline in (("deepspeed", {"seed_layers": True}, None),
+                                          ("ours", {"seed_layers": True, "virtual_stages": 2},
+                                           {"schedule": "interleaved-1f1b", **(pipeline or {})})):
+        if kind == "deepspeed" and pipeline:
+            pipeline = {k: v for k, v in pipeline.items() if k != "schedule"}
+        engine, net = build(kind, world_size, pipeline=pipeline, module_kwargs=module_kwargs,
+                            extra_config=extra_config)
+        data = batches(engine, 0)
+        losses = [engine.train_batch(data_iter=iter(data)).item() for _ in range(steps)]
+        out.append({"losses": losses, "eval": engine.eval_batch(iter(data)).item(),
+                    "weights": {k: v.detach().clone() for k, v in net.state_dict().items()}})
+    return out
