@@ -274,8 +274,67 @@ static void test_schedule_errors() {
   CHECK(throws_invalid([] { parse_schedule_kind("nope"); }));
 }
 
+// Compute orders: every built-in order round-trips through its text form and
+// lowers back to the built-in streams; malformed tokens and orders are refused;
+// random tokens never crash the parser (run under ASan/UBSan).
+static void test_compute_orders() {
+  for (ScheduleKind kind : {ScheduleKind::GPipe, ScheduleKind::ZeroBubbleH1}) {
+    for (int64_t stages = 1; stages <= 6; ++stages) {
+      for (int64_t mbs = 1; mbs <= 9; ++mbs) {
+        const ScheduleSpec spec{kind, mbs, stages, 1};
+        std::vector<int64_t> buffers, lowered_buffers;
+        const auto streams = generate_all_steps(spec, &buffers);
+        auto orders = compute_orders_of(streams);
+        for (int64_t r = 0; r < stages; ++r)
+          for (auto& op : orders[r]) op = parse_action(format_action(op, stages, r), stages, r);
+        const auto lowered = lower_compute_orders(orders, mbs, &lowered_buffers);
+        CHECK(lowered == streams);
+        CHECK(lowered_buffers == buffers);
+      }
+    }
+  }
+  CHECK(format_action(ComputeOp{Compute::BInput, 3, 1}, 4, 2) == "6I3");
+  const ComputeOp parsed = parse_action("6W12", 4, 2);
+  CHECK(parsed.what == Compute::W && parsed.micro_batch == 12 && parsed.chunk == 1);
+  for (const char* bad : {"", "F0", "0F", "0X1", "0F1x", "1F0", "0F-1", "99999999999F0", "0F99999999999"}) {
+    CHECK(throws_invalid([bad] { parse_action(bad, 2, 0); }));
+  }
+  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::B, 0, 0}}}, 1); }));          // no forward
+  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::F, 0, 0}, ComputeOp{Compute::F, 0, 0}}}, 1); }));
+  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::F, 2, 0}}}, 2); }));          // micro-batch 2 of 2
+  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::F, 0, 1}}}, 1); }));          // a second chunk
+  std::mt19937 rng(7);
+  const std::string alphabet = "0123456789FBIWX-";
+  for (int i = 0; i < 2000; ++i) {
+    std::string token(rng() % 8, ' ');
+    for (auto& c : token) c = alphabet[rng() % alphabet.size()];
+    try {
+      parse_action(token, 3, static_cast<int64_t>(rng() % 3));
+    } catch (const std::invalid_argument&) {
+    }
+  }
+  // Inference over virtual stages: forwards only, no optimizer step, each buffer freed after its send.
+  for (int64_t stages = 2; stages <= 4; ++stages) {
+    for (int64_t mbs = 1; mbs <= 8; ++mbs) {
+      const ScheduleSpec spec{ScheduleKind::Inference, mbs, stages, 2};
+      for (int64_t r = 0; r < stages; ++r) {
+        int64_t forwards = 0;
+        for (const auto& step : generate_steps(spec, r)) {
+          for (const auto& in : step) {
+            CHECK(in.op != Op::OptimizerStep && in.op != Op::BackwardPass);
+            forwards += in.op == Op::ForwardPass;
+          }
+        }
+        CHECK(forwards == 2 * mbs);
+        CHECK(num_pipe_buffers(spec, r) == 1);
+      }
+    }
+  }
+}
+
 int main() {
   test_partition();
+  test_compute_orders();
   test_topology();
   test_schedules_property();
   test_schedule_errors();
