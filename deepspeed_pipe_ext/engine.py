@@ -103,7 +103,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         self._chunks = getattr(self.module, "virtual_stages", 1)  # model chunks (virtual stages) per rank
         pipeline = config.pipeline
         self.schedule_kind = pipeline.get("schedule", "1f1b")
-        self._compute_order = load_schedule(self.schedule_kind)  # a hand-written schedule, or None
+        # A hand-written schedule (a ComputeOrder, or the path of its CSV file) runs as its ComputeOrder.
+        self.schedule_kind = load_schedule(self.schedule_kind) or self.schedule_kind
         self._schedule_class = None  # a PipeSchedule subclass given to set_schedule
         # The engine schedules the gradient all-reduce itself.
         self.enable_backward_allreduce = False
@@ -414,8 +415,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                 and not any(global_hooks))
 
     def _splits_backward(self):
-        if self._compute_order is not None:
-            return self._compute_order.splits_backward
+        if isinstance(self.schedule_kind, ComputeOrder):
+            return self.schedule_kind.splits_backward
         return self.schedule_kind in SPLIT_BACKWARD_SCHEDULES
 
     def _refuse_split_backward_blockers(self):
@@ -443,20 +444,19 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                              "subclass of DeepSpeed's PipeSchedule")
         if is_class:
             order = ComputeOrder.from_pipe_schedule(schedule, self.micro_batches, self.num_stages)
-        previous = (self.schedule_kind, self._compute_order, self._schedule_class)
-        self.schedule_kind, self._compute_order = (schedule if order is None else order), order
+        previous = (self.schedule_kind, self._schedule_class)
+        self.schedule_kind = schedule if order is None else order
         self._schedule_class = schedule if is_class else None  # rebuilt if the micro-batch count changes
         try:
             self._refuse_split_backward_blockers()
         except ValueError:
-            self.schedule_kind, self._compute_order, self._schedule_class = previous
+            self.schedule_kind, self._schedule_class = previous
             raise
 
     def _program(self, kind, micro_batches):
         """This stage's instruction stream, generated once per configuration."""
-        order = self._compute_order if kind is self.schedule_kind else None
-        if order is not None:
-            return self._custom_program(order, micro_batches)
+        if isinstance(kind, ComputeOrder):
+            return self._custom_program(kind, micro_batches)
         key = (kind, micro_batches)
         if key not in self._programs:  # dynamic shapes as the P2P channels were built
             self._programs[key] = _C.StageProgram(kind, micro_batches, self.num_stages, self.stage_id,
@@ -466,13 +466,13 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     def _custom_program(self, order, micro_batches):
         if self._schedule_class is not None and order.micro_batches != micro_batches:
             order = ComputeOrder.from_pipe_schedule(self._schedule_class, micro_batches, self.num_stages)
-            self.schedule_kind = self._compute_order = order
+            self.schedule_kind = order
         if order.stages != self.num_stages or order.micro_batches != micro_batches:
             raise ValueError(f"stage {self.stage_id}: the compute order is written for {order.stages} ranks and "
                              f"{order.micro_batches} micro-batches, but this pipeline has {self.num_stages} stages "
                              f"and {micro_batches} micro-batches per batch (gradient_accumulation_steps): write one "
                              "row per stage and every micro-batch's passes")
-        key = (id(order), micro_batches)
+        key = (tuple(map(tuple, order.rows)), micro_batches)  # by content: an id can be reused
         if key not in self._programs:
             self._programs[key] = _C.StageProgram.from_compute_order(order.rows, micro_batches, self.stage_id,
                                                                      dynamic_shapes=self._dynamic_shapes)

@@ -4,7 +4,6 @@ The classes subclass DeepSpeed's, so `deepspeed.initialize` and code written
 against `deepspeed.pipe` accept them; the partitioning is solved in C++ and the
 process groups come from the C++ topology.
 """
-import glob
 import math
 import os
 import re
@@ -245,15 +244,15 @@ class PipelineModule(ds_module.PipelineModule):
                 return part % self.num_stages
         raise RuntimeError(f"layer {layer_idx} is in no part of {self.parts}")
 
+    # DeepSpeed names a layer's file by _local_start + its index among this
+    # rank's layers; with virtual stages those are not contiguous, so hand it
+    # the offset that gives the layer's number in the whole pipeline.
     def ckpt_layer_path(self, ckpt_dir, local_layer_idx):
         """DeepSpeed's file for a layer of this rank, by its number in the whole pipeline."""
-        path = os.path.join(ckpt_dir, f"layer_{self._layer_index[local_layer_idx]:02d}")
-        rank_repr = self._grid._topo.get_rank_repr(rank=self.global_rank)
-        return path + (f"-{rank_repr}" if rank_repr != "" else "") + "-model_states.pt"
+        return super().ckpt_layer_path(ckpt_dir, self._layer_index[local_layer_idx] - self._local_start)
 
     def ckpt_layer_path_list(self, ckpt_dir, local_layer_idx):
-        return sorted(glob.glob(os.path.join(ckpt_dir, f"layer_{self._layer_index[local_layer_idx]:02d}-"
-                                             "*model_states.pt")))
+        return super().ckpt_layer_path_list(ckpt_dir, self._layer_index[local_layer_idx] - self._local_start)
 
     def global_layer_index(self, local_idx):
         """The number in the whole pipeline of this rank's `local_idx`-th layer."""

@@ -97,9 +97,12 @@ def _stateful_layers(module):
     return [(i, layer) for i, layer in enumerate(module.forward_funcs) if hasattr(layer, "load_state_dict")]
 
 
-def _first_layer(module):
-    """The index of this stage's first layer in the whole pipeline."""
-    return _deepspeed_compat.module_layers(module)[1]
+def _layer_number(module, local_idx):
+    """The number in the whole pipeline of this rank's `local_idx`-th layer
+    (ours may hold several non-contiguous chunks; DeepSpeed's holds one run)."""
+    if hasattr(module, "global_layer_index"):
+        return module.global_layer_index(local_idx)
+    return _deepspeed_compat.module_layers(module)[1] + local_idx
 
 
 def layer_file(module, tag_dir, local_idx):
@@ -109,7 +112,7 @@ def layer_file(module, tag_dir, local_idx):
     path = module.ckpt_layer_path(tag_dir, local_idx)
     if os.path.isfile(path):
         return path
-    layer_idx = _first_layer(module) + local_idx
+    layer_idx = _layer_number(module, local_idx)
     others = module.ckpt_layer_path_list(tag_dir, local_idx)
     if others:
         raise CheckpointError(f"{_where(module)}: layer {layer_idx} has no file {os.path.basename(path)} but "
@@ -153,7 +156,7 @@ def check_stage_layers(module, tag_dir, strict=True):
     """Every layer file this stage will read exists, opens and fits its layer."""
     for local_idx, layer in _stateful_layers(module):
         path = layer_file(module, tag_dir, local_idx)
-        layer_idx = _first_layer(module) + local_idx
+        layer_idx = _layer_number(module, local_idx)
         state = peek_file(path, f"{_where(module)}: layer {layer_idx}")
         check_layer_state(state, layer, path, _where(module), layer_idx, strict)
 
@@ -188,7 +191,7 @@ def load_module_layers(engine, checkpoint, strict=True, custom_load_fn=None):
     module, tag_dir = engine.module, _deepspeed_compat.checkpoint_tag_dir(engine)
     for local_idx, layer in _stateful_layers(module):
         path = layer_file(module, tag_dir, local_idx)
-        layer_idx = _first_layer(module) + local_idx
+        layer_idx = _layer_number(module, local_idx)
         state = read_file(path, f"{_where(module)}: layer {layer_idx}",
                           lambda p: engine.checkpoint_engine.load(p, map_location="cpu"))
         check_layer_state(state, layer, path, _where(module), layer_idx, strict)

@@ -594,7 +594,8 @@ def deep_mlp_specs(spec, depth=8):
     return layers + [spec(nn.Linear, 8, 4)]
 
 
-def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batches=4, seed=3, extra_config=None):
+def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batches=4, seed=3, extra_config=None,
+                      record=False):
     """DeepSpeed's engine (1F1B over num_stages stages) against ours with
     `chunks` model chunks per rank under interleaved-1f1b; per-layer seeds
     make the two layouts start from the same weights. Returns each engine's
@@ -617,6 +618,9 @@ def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batc
                   "steps_per_print": 10**9, "pipeline": pipeline, **(extra_config or {})}
         engine, _, _, _ = ds_initialize(model=net, config=config, model_parameters=net.parameters(),
                                         optimizer=torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
+        if record and kind == "ours":  # every transfer on one tag: gloo matches in issue order, as NCCL does
+            engine.p2p.set_single_tag(True)
+            engine.p2p.set_recording(True)
         dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
         cast = lambda data: [(x.to(dtype), y.to(dtype)) for x, y in data]
         data = cast(batches(100 + engine.grid.data_parallel_id, micro_batches))
@@ -626,7 +630,9 @@ def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batc
         letters = {1: "F", 2: "B"}
         passes = [f"{letters[code]}{mb}.{chunk}" for _, _, code, mb, chunk in getattr(engine, "last_timeline", [])]
         out.append({"losses": losses, "eval": evals, "weights": weights, "passes": passes,
-                    "partition": net.describe_partition() if kind == "ours" else None})
+                    "partition": net.describe_partition() if kind == "ours" else None,
+                    "trace": list(engine.p2p.trace) if record and kind == "ours" else None,
+                    "pipe": (engine.grid.data_parallel_id, engine.stage_id)})
     return out
 
 
