@@ -272,7 +272,7 @@ CommCheck check_nccl_order(const std::vector<CommTrace>& traces, bool one_stream
   return result;
 }
 
-int32_t transfer_peer(const Instruction& in, int64_t stage_id, int64_t stages) {
+int32_t transfer_peer(const Instruction& in, int64_t stage_id, int64_t stages, ChunkLayout layout) {
   int64_t delta;
   switch (in.op) {
     case Op::RecvActivation:
@@ -281,7 +281,16 @@ int32_t transfer_peer(const Instruction& in, int64_t stage_id, int64_t stages) {
     case Op::RecvGrad: delta = +1; break;
     default: return -1;
   }
-  return static_cast<int32_t>(((stage_id + delta) % stages + stages) % stages);
+  if (layout == ChunkLayout::Interleaved) {  // wraps from the last rank to the first
+    return static_cast<int32_t>(((stage_id + delta) % stages + stages) % stages);
+  }
+  const int64_t peer_vs = virtual_stage_of(stage_id, in.chunk, stages, layout) + delta;
+  return peer_vs < 0 ? -1 : static_cast<int32_t>(rank_of_virtual(peer_vs, stages, layout));
+}
+
+bool is_p2p_transfer(const Instruction& in, int64_t stage_id, int64_t stages, ChunkLayout layout) {
+  const int32_t peer = transfer_peer(in, stage_id, stages, layout);
+  return peer >= 0 && peer != stage_id;
 }
 
 namespace {
@@ -294,14 +303,14 @@ bool is_recv(Op op) { return op == Op::RecvActivation || op == Op::RecvGrad; }
 // A channel: one kind of transfer with one peer and chunk.
 using ChannelKey = std::tuple<Op, int32_t, int32_t>;
 
-ChannelKey channel_of(const Instruction& in, int64_t stage_id, int64_t stages) {
-  return {in.op, transfer_peer(in, stage_id, stages), in.chunk};
+ChannelKey channel_of(const Instruction& in, int64_t stage_id, int64_t stages, ChunkLayout layout) {
+  return {in.op, transfer_peer(in, stage_id, stages, layout), in.chunk};
 }
 
 // Program order with receives posted ahead of compute (and, for
 // AsSoonAsChannelFree, of sends to the same peer).
 TransferPlan plan_in_program_order(const Steps& steps, int64_t stage_id, int64_t stages, TransferOrder order,
-                                   bool dynamic_shapes) {
+                                   bool dynamic_shapes, ChunkLayout layout) {
   const auto flat = flatten(steps);
   const int32_t n = static_cast<int32_t>(flat.size());
   TransferPlan plan;
@@ -312,10 +321,10 @@ TransferPlan plan_in_program_order(const Steps& steps, int64_t stage_id, int64_t
   std::map<int32_t, int32_t> last_transfer_with;  // peer -> flat index of the last transfer seen
   for (int32_t i = 0; i < n; ++i) {
     const Instruction& in = flat[i].instr;
-    if (!is_transfer(in.op)) continue;
-    const int32_t peer = transfer_peer(in, stage_id, stages);
+    if (!is_p2p_transfer(in, stage_id, stages, layout)) continue;
+    const int32_t peer = transfer_peer(in, stage_id, stages, layout);
     if (is_recv(in.op)) {
-      const ChannelKey key = channel_of(in, stage_id, stages);
+      const ChannelKey key = channel_of(in, stage_id, stages, layout);
       if (auto prev = previous_recv.find(key); prev != previous_recv.end()) {
         int32_t after = prev->second;
         if (order == TransferOrder::ProgramOrder) {
@@ -336,7 +345,7 @@ TransferPlan plan_in_program_order(const Steps& steps, int64_t stage_id, int64_t
 // PairOrder for one stage, given the global place of every message it sends
 // or receives (`message_seq`, per flat instruction).
 TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t stages,
-                                const std::vector<int64_t>& message_seq, bool dynamic_shapes) {
+                                const std::vector<int64_t>& message_seq, bool dynamic_shapes, ChunkLayout layout) {
   const auto flat = flatten(steps);
   const int32_t n = static_cast<int32_t>(flat.size());
   TransferPlan plan;
@@ -345,7 +354,9 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
   // Per peer: this stage's transfers with it, in the pair's agreed order.
   std::map<int32_t, std::vector<int32_t>> pair_order;
   for (int32_t i = 0; i < n; ++i) {
-    if (is_transfer(flat[i].instr.op)) pair_order[transfer_peer(flat[i].instr, stage_id, stages)].push_back(i);
+    if (is_p2p_transfer(flat[i].instr, stage_id, stages, layout)) {
+      pair_order[transfer_peer(flat[i].instr, stage_id, stages, layout)].push_back(i);
+    }
   }
   for (auto& [peer, items] : pair_order) {
     std::stable_sort(items.begin(), items.end(),
@@ -360,11 +371,11 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
     return next[peer] < items.size() ? items[next[peer]] : -1;
   };
   auto postable = [&](int32_t r) {
-    return !dynamic_shapes && shapes_known[channel_of(flat[r].instr, stage_id, stages)];
+    return !dynamic_shapes && shapes_known[channel_of(flat[r].instr, stage_id, stages, layout)];
   };
   auto post = [&](int32_t at, int32_t r, int32_t peer) {
     plan.before[at].push_back({TransferAction::Kind::PostRecv, r});
-    ++posted[channel_of(flat[r].instr, stage_id, stages)];
+    ++posted[channel_of(flat[r].instr, stage_id, stages, layout)];
     ++next[peer];
   };
   // Before instruction `at`: issue captured sends whose turn it is, post
@@ -381,7 +392,7 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
             ++next[peer];
             moved = true;
           }
-        } else if (h > at && postable(h) && posted[channel_of(flat[h].instr, stage_id, stages)] == 0) {
+        } else if (h > at && postable(h) && posted[channel_of(flat[h].instr, stage_id, stages, layout)] == 0) {
           post(at, h, peer);
           moved = true;
         }
@@ -391,9 +402,9 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
   for (int32_t i = 0; i < n; ++i) {
     settle(i);
     const Instruction& in = flat[i].instr;
-    if (!is_transfer(in.op)) continue;
-    const int32_t peer = transfer_peer(in, stage_id, stages);
-    const ChannelKey key = channel_of(in, stage_id, stages);
+    if (!is_p2p_transfer(in, stage_id, stages, layout)) continue;
+    const int32_t peer = transfer_peer(in, stage_id, stages, layout);
+    const ChannelKey key = channel_of(in, stage_id, stages, layout);
     if (is_recv(in.op)) {
       if (posted[key] > 0) {  // posted earlier (the plan posts each channel in order)
         --posted[key];
@@ -441,25 +452,26 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
 
 std::vector<TransferPlan> plan_transfers(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
                                          const std::vector<int64_t>& num_buffers, TransferOrder order,
-                                         bool dynamic_shapes) {
+                                         bool dynamic_shapes, ChunkLayout layout) {
   const int64_t stages = static_cast<int64_t>(streams.size());
   std::vector<TransferPlan> plans;
   plans.reserve(streams.size());
   if (order != TransferOrder::PairOrder) {
-    for (int64_t s = 0; s < stages; ++s) plans.push_back(plan_in_program_order(streams[s], s, stages, order, dynamic_shapes));
+    for (int64_t s = 0; s < stages; ++s) plans.push_back(plan_in_program_order(streams[s], s, stages, order, dynamic_shapes, layout));
     return plans;
   }
   // One global order of messages: the order a simulation sends them in. It
   // keeps every stage's own order, and a message is received after it is sent.
-  const SimulationResult sim = simulate(streams, micro_batches, chunks, num_buffers, OpCosts{});
+  const SimulationResult sim = simulate(streams, micro_batches, chunks, num_buffers, OpCosts{}, layout);
   // A receive's message is the k-th send of its kind from its peer to it.
   std::map<std::tuple<int64_t, int64_t, Op>, std::vector<int64_t>> sent;  // (from, to, recv op) -> seq in order
   for (int64_t s = 0; s < stages; ++s) {
     const auto flat = flatten(streams[s]);
     for (size_t i = 0; i < flat.size(); ++i) {
       const Op op = flat[i].instr.op;
-      if (op == Op::SendActivation || op == Op::SendGrad) {
-        sent[{s, transfer_peer(flat[i].instr, s, stages), op == Op::SendActivation ? Op::RecvActivation : Op::RecvGrad}]
+      if ((op == Op::SendActivation || op == Op::SendGrad) && is_p2p_transfer(flat[i].instr, s, stages, layout)) {
+        sent[{s, transfer_peer(flat[i].instr, s, stages, layout),
+              op == Op::SendActivation ? Op::RecvActivation : Op::RecvGrad}]
             .push_back(sim.sequence[s][i]);
       }
     }
@@ -470,15 +482,15 @@ std::vector<TransferPlan> plan_transfers(const std::vector<Steps>& streams, int6
     std::map<std::pair<int64_t, Op>, size_t> received;
     for (size_t i = 0; i < flat.size(); ++i) {
       const Op op = flat[i].instr.op;
-      if (!is_transfer(op)) continue;
+      if (!is_p2p_transfer(flat[i].instr, s, stages, layout)) continue;
       if (!is_recv(op)) {
         seq[i] = sim.sequence[s][i];
         continue;
       }
-      const int64_t peer = transfer_peer(flat[i].instr, s, stages);
+      const int64_t peer = transfer_peer(flat[i].instr, s, stages, layout);
       seq[i] = sent[{peer, s, op}].at(received[{peer, op}]++);
     }
-    plans.push_back(plan_in_pair_order(streams[s], s, stages, seq, dynamic_shapes));
+    plans.push_back(plan_in_pair_order(streams[s], s, stages, seq, dynamic_shapes, layout));
   }
   return plans;
 }
@@ -486,11 +498,11 @@ std::vector<TransferPlan> plan_transfers(const std::vector<Steps>& streams, int6
 std::vector<TransferPlan> plan_transfers(const ScheduleSpec& spec, TransferOrder order, bool dynamic_shapes) {
   std::vector<int64_t> buffers;
   const auto streams = generate_all_steps(spec, &buffers);
-  return plan_transfers(streams, spec.micro_batches, spec.chunks, buffers, order, dynamic_shapes);
+  return plan_transfers(streams, spec.micro_batches, spec.chunks, buffers, order, dynamic_shapes, spec.layout);
 }
 
 CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_id, int64_t stages,
-                   bool dynamic_shapes) {
+                   bool dynamic_shapes, ChunkLayout layout) {
   const auto flat = flatten(steps);
   const int32_t n = static_cast<int32_t>(flat.size());
   CommTrace trace;
@@ -498,7 +510,7 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
   // A message is its sender's virtual stage, kind, micro-batch and part (meta or data).
   auto message_of = [&](int32_t i, bool meta) {
     const Instruction& in = flat[i].instr;
-    const int64_t v = static_cast<int64_t>(in.chunk) * stages + stage_id;
+    const int64_t v = virtual_stage_of(stage_id, in.chunk, stages, layout);
     const bool grad = in.op == Op::SendGrad || in.op == Op::RecvGrad;
     const int64_t sender = in.op == Op::RecvActivation ? v - 1 : in.op == Op::RecvGrad ? v + 1 : v;
     return ((static_cast<int64_t>(in.micro_batch) * 4096 + sender) * 2 + (grad ? 1 : 0)) * 2 + (meta ? 1 : 0);
@@ -514,7 +526,7 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
   std::map<ChannelKey, std::deque<int32_t>> posted;      // channel -> posted data receives
   std::map<ChannelKey, std::vector<int32_t>> in_flight;  // send channel -> operations not yet waited for
   auto send = [&](int32_t i) {
-    const ChannelKey key = channel_of(flat[i].instr, stage_id, stages);
+    const ChannelKey key = channel_of(flat[i].instr, stage_id, stages, layout);
     const int32_t peer = std::get<1>(key);
     for (int32_t op : in_flight[key]) wait(op);
     in_flight[key].clear();
@@ -529,15 +541,15 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
       if (a.kind == TransferAction::Kind::IssueSend) {
         send(a.instruction);
       } else {
-        const ChannelKey key = channel_of(flat[a.instruction].instr, stage_id, stages);
+        const ChannelKey key = channel_of(flat[a.instruction].instr, stage_id, stages, layout);
         posted[key].push_back(
             issue(CommKind::Recv, std::get<1>(key), -1, label_of(a.instruction), message_of(a.instruction, false)));
       }
     }
     if (p == n) break;
     const Instruction& in = flat[p].instr;
-    if (!is_transfer(in.op)) continue;
-    const ChannelKey key = channel_of(in, stage_id, stages);
+    if (!is_p2p_transfer(in, stage_id, stages, layout)) continue;
+    const ChannelKey key = channel_of(in, stage_id, stages, layout);
     if (!is_recv(in.op)) {
       if (!plan.delayed[p]) send(p);
       continue;
@@ -565,11 +577,13 @@ CommCheck check_schedule_transfers(const ScheduleSpec& spec, TransferOrder order
                                    bool one_stream_per_rank) {
   std::vector<int64_t> buffers;
   const auto streams = generate_all_steps(spec, &buffers);
-  const auto plans = plan_transfers(streams, spec.micro_batches, spec.chunks, buffers, order, dynamic_shapes);
+  const auto plans =
+      plan_transfers(streams, spec.micro_batches, spec.chunks, buffers, order, dynamic_shapes, spec.layout);
   std::vector<CommTrace> traces;
   traces.reserve(streams.size());
   for (size_t s = 0; s < streams.size(); ++s) {
-    traces.push_back(trace_of(streams[s], plans[s], static_cast<int64_t>(s), spec.stages, dynamic_shapes));
+    traces.push_back(
+        trace_of(streams[s], plans[s], static_cast<int64_t>(s), spec.stages, dynamic_shapes, spec.layout));
   }
   return check_nccl_order(traces, one_stream_per_rank);
 }

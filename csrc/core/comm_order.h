@@ -100,16 +100,22 @@ struct TransferPlan {
 };
 
 // The peer stage of a transfer instruction in a pipeline of `stages` stages
-// (with chunks, virtual stage chunk*stages+stage sends to the next virtual
-// stage, wrapping to stage 0); -1 for other instructions.
-int32_t transfer_peer(const Instruction& in, int64_t stage_id, int64_t stages);
+// (with chunks, a virtual stage sends to the next virtual stage, on the rank
+// `layout` puts it); -1 for other instructions. The stage itself where the
+// two chunks are on one rank (the turn of the V): such a hand-over is done in
+// memory, never through p2p, and no plan or trace has it.
+int32_t transfer_peer(const Instruction& in, int64_t stage_id, int64_t stages,
+                      ChunkLayout layout = ChunkLayout::Interleaved);
+// A transfer instruction whose peer is another rank.
+bool is_p2p_transfer(const Instruction& in, int64_t stage_id, int64_t stages,
+                     ChunkLayout layout = ChunkLayout::Interleaved);
 
 // Plans every stage's transfers. `streams` are every stage's steps (from
 // generate_all_steps, with its buffer counts). With dynamic shapes every
 // transfer carries its meta and nothing is posted ahead.
 std::vector<TransferPlan> plan_transfers(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
                                          const std::vector<int64_t>& num_buffers, TransferOrder order,
-                                         bool dynamic_shapes = false);
+                                         bool dynamic_shapes = false, ChunkLayout layout = ChunkLayout::Interleaved);
 std::vector<TransferPlan> plan_transfers(const ScheduleSpec& spec, TransferOrder order, bool dynamic_shapes = false);
 
 // The p2p trace the executor issues for a stage following `plan`: one tensor
@@ -121,7 +127,7 @@ std::vector<TransferPlan> plan_transfers(const ScheduleSpec& spec, TransferOrder
 // operation carries the identity of its message, so the checker also proves
 // that every receive gets the message it expects.
 CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_id, int64_t stages,
-                   bool dynamic_shapes = false);
+                   bool dynamic_shapes = false, ChunkLayout layout = ChunkLayout::Interleaved);
 
 // Plans every stage of `spec` and checks the traces together.
 CommCheck check_schedule_transfers(const ScheduleSpec& spec, TransferOrder order, bool dynamic_shapes = false,

@@ -25,6 +25,7 @@ constexpr KindName kKindNames[] = {
     {ScheduleKind::GPipe, "gpipe"},
     {ScheduleKind::Interleaved1F1B, "interleaved-1f1b"},
     {ScheduleKind::ZeroBubbleH1, "zb-h1"},
+    {ScheduleKind::ZeroBubbleV, "zb-v"},
 };
 
 Instruction buffered(Op op, int64_t buffer, int64_t micro_batch, int64_t chunk = 0) {
@@ -147,6 +148,10 @@ ComputeOrder gpipe_order(const ScheduleSpec& s) {
 // receives are matched in order (the simulator checks this).
 struct RankPlan {
   std::vector<std::pair<int64_t, int64_t>> forwards, backwards;  // (micro_batch, chunk) in order
+  // Instead of the sequences above: each chunk's passes in micro-batch order,
+  // the deepest ready chunk first (the V layout, where the rank decides at run
+  // time which of its two chunks has work).
+  bool deepest_ready_chunk = false;
   int64_t max_in_flight = 1;
   int64_t max_deferred_w = 0;
 };
@@ -155,15 +160,36 @@ std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector
   const int64_t M = s.micro_batches, S = s.stages, V = s.chunks, VS = S * V;
   constexpr int64_t kNever = INT64_MAX / 4;
   auto idx = [M](int64_t vs, int64_t mb) { return vs * M + mb; };
+  auto vs_of = [&](int64_t rank, int64_t chunk) { return virtual_stage_of(rank, chunk, S, s.layout); };
   std::vector<int64_t> act_ready(VS * M, kNever), grad_ready(VS * M, kNever);
   for (int64_t mb = 0; mb < M; ++mb) act_ready[idx(0, mb)] = 0;
   std::vector<ComputeOrder> orders(S);
   std::vector<size_t> next_f(S, 0), next_b(S, 0);
+  std::vector<std::vector<int64_t>> chunk_f(S, std::vector<int64_t>(V, 0)), chunk_b(S, std::vector<int64_t>(V, 0));
   std::vector<int64_t> busy_until(S, 0);
   std::vector<std::deque<std::pair<int64_t, int64_t>>> pending_w(S);
   const int64_t b_cost = split ? 1 : 2;
   int64_t remaining = S * M * V * (split ? 3 : 2);
   const int64_t time_limit = 8 * (M * V + S) * 3 + 16;
+  // The next forward (or backward) of rank i whose input (gradient) has
+  // arrived by t, as (micro_batch, chunk); (-1, -1) when none.
+  auto next_ready = [&](int64_t i, int64_t t, bool forward) -> std::pair<int64_t, int64_t> {
+    const RankPlan& plan = plans[i];
+    const auto& ready = forward ? act_ready : grad_ready;
+    if (!plan.deepest_ready_chunk) {
+      const auto& seq = forward ? plan.forwards : plan.backwards;
+      const size_t n = forward ? next_f[i] : next_b[i];
+      if (n < seq.size() && ready[idx(vs_of(i, seq[n].second), seq[n].first)] <= t) return seq[n];
+      return {-1, -1};
+    }
+    const auto& next = forward ? chunk_f[i] : chunk_b[i];
+    std::pair<int64_t, int64_t> best{-1, -1};
+    for (int64_t c = 0; c < V; ++c) {
+      if (next[c] >= M || ready[idx(vs_of(i, c), next[c])] > t) continue;
+      if (best.second < 0 || vs_of(i, c) > vs_of(i, best.second)) best = {next[c], c};
+    }
+    return best;
+  };
   for (int64_t t = 0; remaining > 0; ++t) {
     if (t > time_limit) {
       throw std::invalid_argument(std::string("no ") + schedule_kind_name(s.kind) + " schedule exists for micro_batches=" +
@@ -181,27 +207,25 @@ std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector
         busy_until[i] = t + 1;
       };
       bool ran = false;
-      if (next_b[i] < plan.backwards.size()) {
-        const auto [mb, c] = plan.backwards[next_b[i]];
-        const int64_t vs = c * S + i;
-        if (grad_ready[idx(vs, mb)] <= t) {
-          ++next_b[i];
-          orders[i].push_back({split ? Compute::BInput : Compute::B, mb, c});
-          busy_until[i] = t + b_cost;
-          if (vs > 0) grad_ready[idx(vs - 1, mb)] = t + b_cost;
-          if (split) pending_w[i].push_back({mb, c});
-          ran = true;
-        }
+      if (const auto [mb, c] = next_ready(i, t, /*forward=*/false); c >= 0) {
+        const int64_t vs = vs_of(i, c);
+        ++next_b[i];
+        ++chunk_b[i][c];
+        orders[i].push_back({split ? Compute::BInput : Compute::B, mb, c});
+        busy_until[i] = t + b_cost;
+        if (vs > 0) grad_ready[idx(vs - 1, mb)] = t + b_cost;
+        if (split) pending_w[i].push_back({mb, c});
+        ran = true;
       }
       if (!ran && static_cast<int64_t>(pending_w[i].size()) > plan.max_deferred_w) {
         run_w();
         ran = true;
       }
-      if (!ran && next_f[i] < plan.forwards.size() && in_flight < plan.max_in_flight) {
-        const auto [mb, c] = plan.forwards[next_f[i]];
-        const int64_t vs = c * S + i;
-        if (act_ready[idx(vs, mb)] <= t) {
+      if (!ran && in_flight < plan.max_in_flight) {
+        if (const auto [mb, c] = next_ready(i, t, /*forward=*/true); c >= 0) {
+          const int64_t vs = vs_of(i, c);
           ++next_f[i];
+          ++chunk_f[i][c];
           orders[i].push_back({Compute::F, mb, c});
           busy_until[i] = t + 1;
           if (vs + 1 < VS) {
@@ -240,7 +264,7 @@ int64_t unit_cost_makespan(const ScheduleSpec& s, const std::vector<ComputeOrder
     for (int64_t i = 0; i < S; ++i) {
       while (pc[i] < orders[i].size()) {
         const ComputeOp& op = orders[i][pc[i]];
-        const int64_t vs = op.chunk * S + i;
+        const int64_t vs = virtual_stage_of(i, op.chunk, S, s.layout);
         int64_t ready = 0, cost = 1;
         if (op.what == Compute::F) {
           ready = vs == 0 ? 0 : act_done[idx(vs - 1, op.micro_batch)];
@@ -328,6 +352,33 @@ std::vector<ComputeOrder> zero_bubble_h1_orders(const ScheduleSpec& s) {
   return list_schedule(s, plans, /*split=*/true);
 }
 
+// ZB-V (Qi et al., ICLR 2024): two chunks per rank in the V layout (rank i
+// holds virtual stages i and 2 * stages - 1 - i) with the backward split into
+// B and W. Each rank runs whichever chunk has work, the deeper one first
+// (forwards toward the loss, gradients back from it), keeps at most
+// 2 * stages chunk activations between F and B (1F1B's first stage: stages
+// whole-stage activations), and defers W's into the gaps. Under unit costs
+// each rank idles stages - 1 passes in all, against ZB-H1's
+// (stages - 1) * (F + B - W) of whole stages.
+std::vector<ComputeOrder> zero_bubble_v_orders(const ScheduleSpec& s) {
+  RankPlan plan;
+  plan.deepest_ready_chunk = true;
+  plan.max_in_flight = 2 * s.stages;
+  plan.max_deferred_w = 2 * s.stages - 1;
+  return list_schedule(s, std::vector<RankPlan>(s.stages, plan), /*split=*/true);
+}
+
+// Inference over the V layout: the forwards of ZB-V's orders, in their order
+// (dropping passes only drops dependencies, so what ran in training runs here).
+std::vector<ComputeOrder> v_inference_orders(const ScheduleSpec& s) {
+  std::vector<ComputeOrder> orders = zero_bubble_v_orders(s);
+  for (auto& order : orders) {
+    order.erase(std::remove_if(order.begin(), order.end(), [](const ComputeOp& op) { return op.what != Compute::F; }),
+                order.end());
+  }
+  return orders;
+}
+
 // Turns a compute order into steps: each compute op becomes one step with its
 // loads/receives before and its sends after. Buffers are allocated when a
 // micro-batch's input arrives and freed after its last backward op, lowest
@@ -345,20 +396,20 @@ Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, 
     auto found = buffer_of.find({op.micro_batch, op.chunk});
     if (found == buffer_of.end()) {
       throw std::invalid_argument("rank " + std::to_string(stage_id) + ", action " + std::to_string(steps.size()) +
-                                  " (" + format_action(op, S, stage_id) + "): a backward pass of micro-batch " +
+                                  " (" + format_action(op, S, stage_id, s.layout) + "): a backward pass of micro-batch " +
                                   std::to_string(op.micro_batch) + " without its forward before it (or after its "
                                   "backward already finished); every micro-batch runs F, then B (or I, then W)");
     }
     return found->second;
   };
   for (const ComputeOp& op : order) {
-    const int64_t vs = op.chunk * S + stage_id;
+    const int64_t vs = virtual_stage_of(stage_id, op.chunk, S, s.layout);
     const auto key = std::make_pair(op.micro_batch, op.chunk);
     Step cmds;
     if (op.what == Compute::F) {
       if (!forwarded.insert(key).second) {
         throw std::invalid_argument("rank " + std::to_string(stage_id) + ", action " + std::to_string(steps.size()) +
-                                    " (" + format_action(op, S, stage_id) + "): micro-batch " +
+                                    " (" + format_action(op, S, stage_id, s.layout) + "): micro-batch " +
                                     std::to_string(op.micro_batch) + " runs its forward twice");
       }
       int64_t buf = std::find(in_use.begin(), in_use.end(), false) - in_use.begin();
@@ -405,13 +456,15 @@ Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, 
 std::vector<ComputeOrder> compute_orders(const ScheduleSpec& s) {
   switch (s.kind) {
     case ScheduleKind::Inference:
-      return interleaved_inference_orders(s);
+      return s.layout == ChunkLayout::V ? v_inference_orders(s) : interleaved_inference_orders(s);
     case ScheduleKind::GPipe:
       return std::vector<ComputeOrder>(s.stages, gpipe_order(s));
     case ScheduleKind::Interleaved1F1B:
       return interleaved_orders(s);
     case ScheduleKind::ZeroBubbleH1:
       return zero_bubble_h1_orders(s);
+    case ScheduleKind::ZeroBubbleV:
+      return zero_bubble_v_orders(s);
     default:
       throw std::logic_error("compute_orders: not a compute-order schedule");
   }
@@ -419,7 +472,8 @@ std::vector<ComputeOrder> compute_orders(const ScheduleSpec& s) {
 
 bool is_compute_order_kind(const ScheduleSpec& s) {
   return s.kind == ScheduleKind::GPipe || s.kind == ScheduleKind::Interleaved1F1B ||
-         s.kind == ScheduleKind::ZeroBubbleH1 || (s.kind == ScheduleKind::Inference && s.chunks > 1);
+         s.kind == ScheduleKind::ZeroBubbleH1 || s.kind == ScheduleKind::ZeroBubbleV ||
+         (s.kind == ScheduleKind::Inference && s.chunks > 1);
 }
 
 Steps lower_for(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, int64_t* peak) {
@@ -429,6 +483,32 @@ Steps lower_for(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& ord
 }  // namespace
 
 const char* op_name(Op op) { return kOpNames[static_cast<int>(op)]; }
+
+ChunkLayout parse_chunk_layout(const std::string& name) {
+  if (name == "interleaved") return ChunkLayout::Interleaved;
+  if (name == "v") return ChunkLayout::V;
+  throw std::invalid_argument("unknown virtual stage layout '" + name + "': choose 'interleaved' (rank r holds "
+                              "virtual stages r, r + stages, ...) or 'v' (rank r holds r and 2 * stages - 1 - r)");
+}
+
+const char* chunk_layout_name(ChunkLayout layout) { return layout == ChunkLayout::V ? "v" : "interleaved"; }
+
+int64_t virtual_stage_of(int64_t rank, int64_t chunk, int64_t stages, ChunkLayout layout) {
+  const bool upward = layout == ChunkLayout::V && chunk % 2 == 1;
+  return chunk * stages + (upward ? stages - 1 - rank : rank);
+}
+
+int64_t chunk_of_virtual(int64_t virtual_stage, int64_t stages) { return virtual_stage / stages; }
+
+int64_t rank_of_virtual(int64_t virtual_stage, int64_t stages, ChunkLayout layout) {
+  const int64_t offset = virtual_stage % stages;
+  const bool upward = layout == ChunkLayout::V && chunk_of_virtual(virtual_stage, stages) % 2 == 1;
+  return upward ? stages - 1 - offset : offset;
+}
+
+ChunkLayout layout_of(ScheduleKind kind) {
+  return kind == ScheduleKind::ZeroBubbleV ? ChunkLayout::V : ChunkLayout::Interleaved;
+}
 
 std::vector<Located> flatten(const Steps& steps) {
   std::vector<Located> flat;
@@ -474,9 +554,22 @@ void validate(const ScheduleSpec& s) {
   }
   if (s.stages < 1) throw std::invalid_argument("stages must be >= 1, got " + std::to_string(s.stages));
   if (s.chunks < 1) throw std::invalid_argument("chunks must be >= 1, got " + std::to_string(s.chunks));
+  if (s.kind == ScheduleKind::ZeroBubbleV) {
+    if (s.chunks != 2 || s.layout != ChunkLayout::V) {
+      throw std::invalid_argument("zb-v runs two model chunks per rank in the 'v' layout (virtual_stages=2, "
+                                  "virtual_layout='v'), got chunks=" + std::to_string(s.chunks) + " in the '" +
+                                  chunk_layout_name(s.layout) + "' layout");
+    }
+    if (s.stages < 2) throw std::invalid_argument("zb-v needs at least 2 stages, got " + std::to_string(s.stages));
+    return;
+  }
+  if (s.layout == ChunkLayout::V && s.kind != ScheduleKind::Inference) {
+    throw std::invalid_argument(std::string("the 'v' layout of virtual stages runs the zb-v schedule; '") +
+                                schedule_kind_name(s.kind) + "' needs the 'interleaved' layout");
+  }
   if (s.chunks > 1 && s.kind != ScheduleKind::Interleaved1F1B && s.kind != ScheduleKind::Inference) {
     throw std::invalid_argument(std::string("chunks=") + std::to_string(s.chunks) + " needs the interleaved-1f1b "
-                                "schedule (or inference); '" + schedule_kind_name(s.kind) +
+                                "or zb-v schedule (or inference); '" + schedule_kind_name(s.kind) +
                                 "' runs one model chunk per stage");
   }
 }
@@ -554,24 +647,30 @@ std::vector<ComputeOrder> compute_orders_of(const std::vector<Steps>& streams) {
 }
 
 std::vector<Steps> lower_compute_orders(const std::vector<ComputeOrder>& orders, int64_t micro_batches,
-                                        std::vector<int64_t>* num_buffers) {
+                                        std::vector<int64_t>* num_buffers, int64_t chunks, ChunkLayout layout) {
   ScheduleSpec spec;
+  spec.kind = ScheduleKind::Inference;  // validated as a plain spec of `chunks`; lowered for training below
   spec.micro_batches = micro_batches;
   spec.stages = static_cast<int64_t>(orders.size());
+  spec.chunks = chunks;
+  spec.layout = layout;
   validate(spec);
   for (size_t i = 0; i < orders.size(); ++i) {
     for (size_t k = 0; k < orders[i].size(); ++k) {
       const ComputeOp& op = orders[i][k];
-      if (op.chunk != 0) {
-        throw std::invalid_argument("rank " + std::to_string(i) + ", action " + std::to_string(k) + " (" +
-                                    format_action(op, spec.stages, static_cast<int64_t>(i)) +
-                                    "): several model chunks per rank (virtual stages) cannot run yet; use stage "
-                                    "indices 0.." + std::to_string(spec.stages - 1) + ", one per rank");
+      if (op.chunk < 0 || op.chunk >= chunks) {
+        throw std::invalid_argument(
+            "rank " + std::to_string(i) + ", action " + std::to_string(k) + " (" +
+            format_action(op, spec.stages, static_cast<int64_t>(i), layout) + "): names model chunk " +
+            std::to_string(op.chunk) + " of rank " + std::to_string(i) + ", but the module has " +
+            std::to_string(chunks) + " per rank; use stage indices 0.." + std::to_string(spec.stages * chunks - 1) +
+            (chunks == 1 ? " (one per rank; build the PipelineModule with virtual_stages for more)" : ""));
       }
       if (op.micro_batch < 0 || op.micro_batch >= micro_batches) {
         throw std::invalid_argument("rank " + std::to_string(i) + ", action " + std::to_string(k) + " (" +
-                                    format_action(op, spec.stages, static_cast<int64_t>(i)) + "): micro-batch " +
-                                    std::to_string(op.micro_batch) + " outside 0.." + std::to_string(micro_batches - 1));
+                                    format_action(op, spec.stages, static_cast<int64_t>(i), layout) +
+                                    "): micro-batch " + std::to_string(op.micro_batch) + " outside 0.." +
+                                    std::to_string(micro_batches - 1));
       }
     }
   }
@@ -583,13 +682,13 @@ std::vector<Steps> lower_compute_orders(const std::vector<ComputeOrder>& orders,
   return all;
 }
 
-std::string format_action(const ComputeOp& op, int64_t stages, int64_t rank) {
+std::string format_action(const ComputeOp& op, int64_t stages, int64_t rank, ChunkLayout layout) {
   static constexpr char kLetters[] = {'F', 'B', 'I', 'W'};
-  return std::to_string(op.chunk * stages + rank) + kLetters[static_cast<int>(op.what)] +
+  return std::to_string(virtual_stage_of(rank, op.chunk, stages, layout)) + kLetters[static_cast<int>(op.what)] +
          std::to_string(op.micro_batch);
 }
 
-ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank) {
+ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank, ChunkLayout layout) {
   auto bad = [&](const std::string& why) {
     return std::invalid_argument("rank " + std::to_string(rank) + ": action '" + token + "' " + why);
   };
@@ -611,11 +710,13 @@ ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank) {
   }
   if (i > 9) throw bad("has a stage index that is too large");
   const int64_t stage = std::stoll(token.substr(0, i)), micro_batch = std::stoll(digits);
-  if (stage % stages != rank) {
+  if (rank_of_virtual(stage, stages, layout) != rank) {
     throw bad("names stage " + std::to_string(stage) + ", which does not run on rank " + std::to_string(rank) +
-              " of " + std::to_string(stages) + " (stage s runs on rank s mod " + std::to_string(stages) + ")");
+              " of " + std::to_string(stages) + " (it runs on rank " +
+              std::to_string(rank_of_virtual(stage, stages, layout)) + " in the '" + chunk_layout_name(layout) +
+              "' layout)");
   }
-  return ComputeOp{static_cast<Compute>(what), micro_batch, stage / stages};
+  return ComputeOp{static_cast<Compute>(what), micro_batch, chunk_of_virtual(stage, stages)};
 }
 
 }  // namespace dpe::core

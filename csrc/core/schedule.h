@@ -33,7 +33,7 @@ struct Instruction {
   Op op;
   int32_t buffer_id = -1;    // -1 for instructions without a buffer
   int32_t micro_batch = -1;  // which micro-batch the instruction acts on (-1: none)
-  int32_t chunk = 0;         // model chunk (virtual stage = chunk * stages + stage_id)
+  int32_t chunk = 0;         // model chunk of the rank (its virtual stage: see ChunkLayout)
   bool operator==(const Instruction& o) const {
     return op == o.op && buffer_id == o.buffer_id && micro_batch == o.micro_batch && chunk == o.chunk;
   }
@@ -59,7 +59,24 @@ enum class ScheduleKind : uint8_t {
   GPipe,           // all forwards, then all backwards
   Interleaved1F1B, // Megatron's virtual pipeline stages, `chunks` per rank
   ZeroBubbleH1,    // ZB-H1: backward split into B and W, W fills the bubbles
+  ZeroBubbleV,     // ZB-V: two chunks per rank in a V, split backward
 };
+
+// Where a rank's model chunks sit in the pipeline of stages * chunks virtual
+// stages. Interleaved (Megatron): chunk c of rank r is virtual stage
+// c * stages + r. V (zigzag): even chunks run down the ranks, odd ones back up,
+// so chunk c of rank r is c * stages + r for even c and
+// c * stages + stages - 1 - r for odd c; with two chunks, rank r holds virtual
+// stages r and 2 * stages - 1 - r, and the last rank hands its activation from
+// one chunk to the next in memory.
+enum class ChunkLayout : uint8_t { Interleaved, V };
+ChunkLayout parse_chunk_layout(const std::string& name);  // "interleaved" | "v"; throws otherwise
+const char* chunk_layout_name(ChunkLayout layout);
+int64_t virtual_stage_of(int64_t rank, int64_t chunk, int64_t stages, ChunkLayout layout);
+int64_t rank_of_virtual(int64_t virtual_stage, int64_t stages, ChunkLayout layout);
+int64_t chunk_of_virtual(int64_t virtual_stage, int64_t stages);
+// The layout a schedule kind runs on (V for zb-v, else interleaved).
+ChunkLayout layout_of(ScheduleKind kind);
 
 ScheduleKind parse_schedule_kind(const std::string& name);  // throws, listing the names
 const char* schedule_kind_name(ScheduleKind kind);
@@ -69,7 +86,8 @@ struct ScheduleSpec {
   ScheduleKind kind = ScheduleKind::Train1F1B;
   int64_t micro_batches = 1;
   int64_t stages = 1;
-  int64_t chunks = 1;  // model chunks per rank; > 1 only for Interleaved1F1B
+  int64_t chunks = 1;  // model chunks per rank; > 1 for Interleaved1F1B, ZeroBubbleV (2) and Inference
+  ChunkLayout layout = ChunkLayout::Interleaved;  // V for ZeroBubbleV (and its inference)
 };
 
 // Throws std::invalid_argument with a message naming the bad field.
@@ -96,18 +114,22 @@ using ComputeOrder = std::vector<ComputeOp>;
 
 // The compute passes of each stage's stream, in order.
 std::vector<ComputeOrder> compute_orders_of(const std::vector<Steps>& streams);
-// Every rank's steps for its compute order (one rank per order, one model
-// chunk each); throws std::invalid_argument naming the rank and action it
-// cannot lower. Whether the result runs is the simulator's to prove.
+// Every rank's steps for its compute order (one rank per order, `chunks`
+// model chunks each, placed by `layout`); throws std::invalid_argument naming
+// the rank and action it cannot lower. Whether the result runs is the
+// simulator's to prove.
 std::vector<Steps> lower_compute_orders(const std::vector<ComputeOrder>& orders, int64_t micro_batches,
-                                        std::vector<int64_t>* num_buffers = nullptr);
+                                        std::vector<int64_t>* num_buffers = nullptr, int64_t chunks = 1,
+                                        ChunkLayout layout = ChunkLayout::Interleaved);
 // The text form of one action, as torch.distributed.pipelining writes it:
-// stage index (chunk * stages + rank), a letter (F forward, B full backward,
-// I input backward, W weight backward), the micro-batch: "0F3", "1I0".
-std::string format_action(const ComputeOp& op, int64_t stages, int64_t rank);
+// the virtual stage index, a letter (F forward, B full backward, I input
+// backward, W weight backward), the micro-batch: "0F3", "1I0".
+std::string format_action(const ComputeOp& op, int64_t stages, int64_t rank,
+                          ChunkLayout layout = ChunkLayout::Interleaved);
 // Parses one action of `rank`'s row; throws std::invalid_argument naming the
 // rank, the token and what is wrong with it.
-ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank);
+ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank,
+                       ChunkLayout layout = ChunkLayout::Interleaved);
 
 // Activation buffers the stage needs (DeepSpeed's num_pipe_buffers() for the
 // DeepSpeed-named schedules; the peak of live buffers for the others).

@@ -28,8 +28,8 @@ std::string describe(const Instruction& in) {
 class Simulator {
  public:
   Simulator(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
-            const std::vector<int64_t>& num_buffers, const OpCosts& costs)
-      : S_(static_cast<int64_t>(streams.size())), M_(micro_batches), V_(chunks), costs_(costs) {
+            const std::vector<int64_t>& num_buffers, const OpCosts& costs, ChunkLayout layout)
+      : S_(static_cast<int64_t>(streams.size())), M_(micro_batches), V_(chunks), costs_(costs), layout_(layout) {
     if (S_ < 1) throw ScheduleError("no stage streams to simulate");
     if (static_cast<int64_t>(num_buffers.size()) != S_) {
       throw ScheduleError("num_buffers has " + std::to_string(num_buffers.size()) + " entries for " +
@@ -103,7 +103,12 @@ class Simulator {
   int64_t executed_ = 0;  // instructions executed so far, all stages together
 
   int64_t key(const Instruction& in) const { return static_cast<int64_t>(in.micro_batch) * V_ + in.chunk; }
-  int64_t virtual_stage(int64_t stage, int64_t chunk) const { return chunk * S_ + stage; }
+  int64_t virtual_stage(int64_t stage, int64_t chunk) const { return virtual_stage_of(stage, chunk, S_, layout_); }
+  int64_t rank_of(int64_t vs) const { return rank_of_virtual(vs, S_, layout_); }
+  // When a message sent now from stage src to dst arrives.
+  double arrival(int64_t src, int64_t dst) const {
+    return stages_[src].time + (src == dst ? 0.0 : costs_.send_latency);
+  }
 
   [[noreturn]] void fail(int64_t stage, int64_t step, const Instruction& in, const std::string& what) const {
     throw ScheduleError("stage " + std::to_string(stage) + ", step " + std::to_string(step) + ", " + describe(in) +
@@ -176,7 +181,7 @@ class Simulator {
   // the instruction expects; false when none has been sent yet.
   bool receive(int64_t i, const Located& at, Channel kind, int64_t src_vs) {
     const Instruction& in = at.instr;
-    const int64_t src = src_vs % S_, src_chunk = src_vs / S_;
+    const int64_t src = rank_of(src_vs), src_chunk = chunk_of_virtual(src_vs, S_);
     auto& q = channel(src, i, kind);
     if (q.empty()) return false;
     const Message msg = q.front();
@@ -228,8 +233,8 @@ class Simulator {
         use_buffer(i, at);
         if (!st.fwd_done[k]) fail(i, at.step, in, "sends an activation before computing it");
         if (vs == last_vs) fail(i, at.step, in, "the last stage has no next stage to send to");
-        const int64_t dst = (vs + 1) % S_;
-        channel(i, dst, Channel::Activation).push_back({in.micro_batch, in.chunk, st.time + costs_.send_latency});
+        const int64_t dst = rank_of(vs + 1);
+        channel(i, dst, Channel::Activation).push_back({in.micro_batch, in.chunk, arrival(i, dst)});
         break;
       }
       case Op::RecvGrad: {
@@ -265,8 +270,8 @@ class Simulator {
         use_buffer(i, at);
         if (!st.b_done[k]) fail(i, at.step, in, "sends a gradient before the backward pass computed it");
         if (vs == 0) fail(i, at.step, in, "the first stage has no previous stage to send gradients to");
-        const int64_t dst = (vs - 1) % S_;
-        channel(i, dst, Channel::Grad).push_back({in.micro_batch, in.chunk, st.time + costs_.send_latency});
+        const int64_t dst = rank_of(vs - 1);
+        channel(i, dst, Channel::Grad).push_back({in.micro_batch, in.chunk, arrival(i, dst)});
         break;
       }
       case Op::ReduceTiedGrads:
@@ -335,6 +340,7 @@ class Simulator {
 
   const int64_t S_, M_, V_;
   const OpCosts costs_;
+  const ChunkLayout layout_;
   bool training_ = false;
   std::vector<StageState> stages_;
   std::map<std::tuple<int64_t, int64_t, int>, std::deque<Message>> channels_;
@@ -350,18 +356,18 @@ double SimulationResult::bubble_fraction() const {
 }
 
 SimulationResult simulate(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
-                          const std::vector<int64_t>& num_buffers, const OpCosts& costs) {
+                          const std::vector<int64_t>& num_buffers, const OpCosts& costs, ChunkLayout layout) {
   if (micro_batches < 1 || chunks < 1) throw std::invalid_argument("micro_batches and chunks must be >= 1");
   if (costs.forward < 0 || costs.backward_input < 0 || costs.backward_weight < 0 || costs.send_latency < 0) {
     throw std::invalid_argument("costs must be >= 0");
   }
-  return Simulator(streams, micro_batches, chunks, num_buffers, costs).run();
+  return Simulator(streams, micro_batches, chunks, num_buffers, costs, layout).run();
 }
 
 SimulationResult simulate(const ScheduleSpec& spec, const OpCosts& costs) {
   std::vector<int64_t> buffers;
   const std::vector<Steps> streams = generate_all_steps(spec, &buffers);
-  return simulate(streams, spec.micro_batches, spec.chunks, buffers, costs);
+  return simulate(streams, spec.micro_batches, spec.chunks, buffers, costs, spec.layout);
 }
 
 }  // namespace dpe::core

@@ -50,10 +50,13 @@ struct SimulationResult {
   double bubble_fraction() const;          // the largest idle fraction of any stage
 };
 
-// Simulates the given streams (one per stage). num_buffers[i] is stage i's
-// buffer count. Throws ScheduleError when the schedule is invalid.
+// Simulates the given streams (one per stage), whose chunks sit in `layout`.
+// num_buffers[i] is stage i's buffer count. A hand-over between two chunks of
+// one rank (the turn of the V) arrives at once. Throws ScheduleError when the
+// schedule is invalid.
 SimulationResult simulate(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
-                          const std::vector<int64_t>& num_buffers, const OpCosts& costs);
+                          const std::vector<int64_t>& num_buffers, const OpCosts& costs,
+                          ChunkLayout layout = ChunkLayout::Interleaved);
 
 // Generates every stage's stream for `spec` and simulates it.
 SimulationResult simulate(const ScheduleSpec& spec, const OpCosts& costs);
