@@ -23,12 +23,19 @@ namespace core = dpe::core;
 
 namespace {
 
-core::ScheduleSpec make_spec(const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks) {
+// `layout` "" is the schedule's own (v for zb-v, else interleaved).
+core::ChunkLayout layout_for(const std::string& layout, core::ScheduleKind kind) {
+  return layout.empty() ? core::layout_of(kind) : core::parse_chunk_layout(layout);
+}
+
+core::ScheduleSpec make_spec(const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks,
+                             const std::string& layout = "") {
   core::ScheduleSpec spec;
   spec.kind = core::parse_schedule_kind(kind);
   spec.micro_batches = micro_batches;
   spec.stages = stages;
   spec.chunks = chunks;
+  spec.layout = layout_for(layout, spec.kind);
   core::validate(spec);
   return spec;
 }
@@ -78,12 +85,13 @@ py::dict result_to_python(const core::SimulationResult& r) {
 }
 
 // Rows of action tokens ("0F3"), one row per rank, as compute orders.
-std::vector<core::ComputeOrder> orders_from_python(const std::vector<std::vector<std::string>>& rows) {
+std::vector<core::ComputeOrder> orders_from_python(const std::vector<std::vector<std::string>>& rows,
+                                                   core::ChunkLayout layout) {
   const int64_t stages = static_cast<int64_t>(rows.size());
   if (stages < 1) throw std::invalid_argument("a compute order needs one row of actions per rank; got none");
   std::vector<core::ComputeOrder> orders(stages);
   for (int64_t r = 0; r < stages; ++r)
-    for (const auto& token : rows[r]) orders[r].push_back(core::parse_action(token, stages, r));
+    for (const auto& token : rows[r]) orders[r].push_back(core::parse_action(token, stages, r, layout));
   return orders;
 }
 
@@ -230,9 +238,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SCHEDULE_KINDS") = core::schedule_kind_names();
 
   m.def(
+      "virtual_stage_of",
+      [](int64_t rank, int64_t chunk, int64_t stages, const std::string& layout) {
+        return core::virtual_stage_of(rank, chunk, stages, core::parse_chunk_layout(layout));
+      },
+      py::arg("rank"), py::arg("chunk"), py::arg("stages"), py::arg("layout"),
+      "The virtual stage (part of the model) of chunk `chunk` of rank `rank` in `layout`.");
+  m.def(
+      "place_of_virtual",
+      [](int64_t virtual_stage, int64_t stages, const std::string& layout) {
+        return py::make_tuple(core::rank_of_virtual(virtual_stage, stages, core::parse_chunk_layout(layout)),
+                              core::chunk_of_virtual(virtual_stage, stages));
+      },
+      py::arg("virtual_stage"), py::arg("stages"), py::arg("layout"),
+      "(rank, chunk) holding virtual stage `virtual_stage` in `layout`.");
+  m.def(
       "schedule_steps",
-      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id, int64_t chunks) {
-        const auto spec = make_spec(kind, micro_batches, stages, chunks);
+      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id, int64_t chunks,
+         const std::string& layout) {
+        const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
         core::Steps steps;
         {
           py::gil_scoped_release release;
@@ -240,11 +264,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         return steps_to_python(steps);
       },
-      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"), py::arg("chunks") = 1);
+      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"), py::arg("chunks") = 1,
+      py::arg("layout") = "");
   m.def(
       "schedule_all_steps",
-      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks) {
-        const auto spec = make_spec(kind, micro_batches, stages, chunks);
+      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks, const std::string& layout) {
+        const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
         std::vector<core::Steps> all;
         {
           py::gil_scoped_release release;
@@ -254,30 +279,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (const auto& steps : all) out.append(steps_to_python(steps));
         return out;
       },
-      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks") = 1);
+      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks") = 1, py::arg("layout") = "");
   m.def(
       "count_all_instructions",
-      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks) {
+      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks, const std::string& layout) {
         // Generation alone, nothing crosses into Python: what the C++ executor pays.
-        const auto spec = make_spec(kind, micro_batches, stages, chunks);
+        const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
         py::gil_scoped_release release;
         int64_t count = 0;
         for (const auto& steps : core::generate_all_steps(spec))
           for (const auto& step : steps) count += static_cast<int64_t>(step.size());
         return count;
       },
-      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks") = 1);
+      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks") = 1, py::arg("layout") = "");
   m.def(
       "num_pipe_buffers",
-      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id, int64_t chunks) {
-        return core::num_pipe_buffers(make_spec(kind, micro_batches, stages, chunks), stage_id);
+      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id, int64_t chunks,
+         const std::string& layout) {
+        return core::num_pipe_buffers(make_spec(kind, micro_batches, stages, chunks, layout), stage_id);
       },
-      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"), py::arg("chunks") = 1);
+      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"), py::arg("chunks") = 1,
+      py::arg("layout") = "");
   m.def(
       "simulate",
       [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks, double forward,
-         double backward_input, double backward_weight, double send_latency) {
-        const auto spec = make_spec(kind, micro_batches, stages, chunks);
+         double backward_input, double backward_weight, double send_latency, const std::string& layout) {
+        const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
         const auto costs = make_costs(forward, backward_input, backward_weight, send_latency);
         core::SimulationResult r;
         {
@@ -287,62 +314,71 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return result_to_python(r);
       },
       py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks") = 1, py::arg("forward") = 1.0,
-      py::arg("backward_input") = 1.0, py::arg("backward_weight") = 1.0, py::arg("send_latency") = 0.0);
+      py::arg("backward_input") = 1.0, py::arg("backward_weight") = 1.0, py::arg("send_latency") = 0.0,
+      py::arg("layout") = "");
   m.def(
       "simulate_streams",
       [](const std::vector<std::vector<std::vector<std::tuple<int, int, int, int>>>>& streams, int64_t micro_batches,
          int64_t chunks, const std::vector<int64_t>& num_buffers, double forward, double backward_input,
-         double backward_weight, double send_latency) {
+         double backward_weight, double send_latency, const std::string& layout) {
         std::vector<core::Steps> converted;
         for (const auto& s : streams) converted.push_back(steps_from_python(s));
         return result_to_python(core::simulate(converted, micro_batches, chunks, num_buffers,
-                                               make_costs(forward, backward_input, backward_weight, send_latency)));
+                                               make_costs(forward, backward_input, backward_weight, send_latency),
+                                               core::parse_chunk_layout(layout)));
       },
       py::arg("streams"), py::arg("micro_batches"), py::arg("chunks"), py::arg("num_buffers"),
       py::arg("forward") = 1.0, py::arg("backward_input") = 1.0, py::arg("backward_weight") = 1.0,
-      py::arg("send_latency") = 0.0);
+      py::arg("send_latency") = 0.0, py::arg("layout") = "interleaved");
 
   m.def(
       "compute_order",
-      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks) {
-        const auto spec = make_spec(kind, micro_batches, stages, chunks);
+      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks, const std::string& layout) {
+        const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
         std::vector<std::vector<std::string>> rows;
         const auto orders = core::compute_orders_of(core::generate_all_steps(spec));
         for (size_t r = 0; r < orders.size(); ++r) {
           rows.emplace_back();
-          for (const auto& op : orders[r]) rows.back().push_back(core::format_action(op, stages, r));
+          for (const auto& op : orders[r]) rows.back().push_back(core::format_action(op, stages, r, spec.layout));
         }
         return rows;
       },
-      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks") = 1,
+      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks") = 1, py::arg("layout") = "",
       "A schedule's compute passes per rank, as action tokens (\"0F3\").");
   m.def(
       "lower_compute_order",
-      [](const std::vector<std::vector<std::string>>& rows, int64_t micro_batches) {
+      [](const std::vector<std::vector<std::string>>& rows, int64_t micro_batches, int64_t chunks,
+         const std::string& layout) {
         std::vector<int64_t> buffers;
-        const auto all = core::lower_compute_orders(orders_from_python(rows), micro_batches, &buffers);
+        const auto placed = core::parse_chunk_layout(layout);
+        const auto all = core::lower_compute_orders(orders_from_python(rows, placed), micro_batches, &buffers, chunks,
+                                                    placed);
         py::list streams;
         for (const auto& steps : all) streams.append(steps_to_python(steps));
         return py::make_tuple(streams, buffers);
       },
-      py::arg("rows"), py::arg("micro_batches"),
+      py::arg("rows"), py::arg("micro_batches"), py::arg("chunks") = 1, py::arg("layout") = "interleaved",
       "Every rank's instruction stream for rows of action tokens, and its buffer count.");
   m.def(
       "simulate_compute_order",
       [](const std::vector<std::vector<std::string>>& rows, int64_t micro_batches, double forward,
-         double backward_input, double backward_weight, double send_latency) {
+         double backward_input, double backward_weight, double send_latency, int64_t chunks,
+         const std::string& layout) {
         std::vector<int64_t> buffers;
-        const auto all = core::lower_compute_orders(orders_from_python(rows), micro_batches, &buffers);
+        const auto placed = core::parse_chunk_layout(layout);
+        const auto all = core::lower_compute_orders(orders_from_python(rows, placed), micro_batches, &buffers, chunks,
+                                                    placed);
         core::SimulationResult r;
         {
           py::gil_scoped_release release;
-          r = core::simulate(all, micro_batches, 1, buffers,
-                             make_costs(forward, backward_input, backward_weight, send_latency));
+          r = core::simulate(all, micro_batches, chunks, buffers,
+                             make_costs(forward, backward_input, backward_weight, send_latency), placed);
         }
         return result_to_python(r);
       },
       py::arg("rows"), py::arg("micro_batches"), py::arg("forward") = 1.0, py::arg("backward_input") = 1.0,
-      py::arg("backward_weight") = 1.0, py::arg("send_latency") = 0.0);
+      py::arg("backward_weight") = 1.0, py::arg("send_latency") = 0.0, py::arg("chunks") = 1,
+      py::arg("layout") = "interleaved");
 
   m.def(
       "check_nccl_order",
@@ -364,8 +400,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "check_schedule_transfers",
       [](const std::string& kind, int64_t micro_batches, int64_t stages, const std::string& order, bool dynamic_shapes,
-         bool one_stream_per_rank) {
-        const auto spec = make_spec(kind, micro_batches, stages, 1);
+         bool one_stream_per_rank, int64_t chunks) {
+        const auto spec = make_spec(kind, micro_batches, stages, chunks);
         const auto o = parse_transfer_order(order);
         core::CommCheck result;
         {
@@ -377,7 +413,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Plans every stage's transfers as the executor would ('pair'), or in another order, and checks them "
       "under NCCL's rules.",
       py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("order") = "pair",
-      py::arg("dynamic_shapes") = false, py::arg("one_stream_per_rank") = false);
+      py::arg("dynamic_shapes") = false, py::arg("one_stream_per_rank") = false, py::arg("chunks") = 1);
 
   py::class_<dpe::runtime::P2P>(m, "P2P")
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, double timeout_s, std::string self_name,
@@ -436,12 +472,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // Plans every stage's transfers (the pair order both sides of every pair
     // agree on) and keeps stage_id's part; `what` names the schedule in errors.
     static StageProgram make(std::vector<core::Steps> all, std::vector<int64_t> buffers, int64_t micro_batches,
-                             int64_t chunks, int64_t stage_id, bool dynamic_shapes, const std::string& what,
-                             bool check_nccl = false) {
+                             int64_t chunks, core::ChunkLayout layout, int64_t stage_id, bool dynamic_shapes,
+                             const std::string& what, bool check_nccl = false) {
       std::vector<core::TransferPlan> plans;
       try {
         plans = core::plan_transfers(all, micro_batches, chunks, buffers, core::TransferOrder::PairOrder,
-                                     dynamic_shapes);
+                                     dynamic_shapes, layout);
       } catch (const std::logic_error& err) {
         // Some interleaved shapes cannot be put in an order both sides of a pair agree on yet.
         throw std::invalid_argument(
@@ -454,7 +490,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       if (check_nccl) {
         std::vector<core::CommTrace> traces;
         for (size_t s = 0; s < all.size(); ++s)
-          traces.push_back(core::trace_of(all[s], plans[s], static_cast<int64_t>(s), all.size(), dynamic_shapes));
+          traces.push_back(
+              core::trace_of(all[s], plans[s], static_cast<int64_t>(s), all.size(), dynamic_shapes, layout));
         const core::CommCheck check = core::check_nccl_order(traces);
         if (!check.ok) throw std::invalid_argument(what + ": its transfers would hang under NCCL's rules: " + check.report);
       }
@@ -463,38 +500,41 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   };
   py::class_<StageProgram>(m, "StageProgram")
       .def(py::init([](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t stage_id,
-                       bool dynamic_shapes, int64_t chunks) {
-             const auto spec = make_spec(kind, micro_batches, stages, chunks);
+                       bool dynamic_shapes, int64_t chunks, const std::string& layout) {
+             const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
              core::validate_stage(spec, stage_id);
              py::gil_scoped_release release;
              std::vector<int64_t> buffers;
              auto all = core::generate_all_steps(spec, &buffers);
              // Several chunks with dynamic shapes can deadlock under NCCL's ordering (the core tests show
              // which): those are checked here and refused; the rest are proven by the core tests' sweep.
-             return StageProgram::make(std::move(all), std::move(buffers), micro_batches, chunks, stage_id,
-                                       dynamic_shapes, "schedule '" + kind + "'", chunks > 1 && dynamic_shapes);
+             return StageProgram::make(std::move(all), std::move(buffers), micro_batches, chunks, spec.layout,
+                                       stage_id, dynamic_shapes, "schedule '" + kind + "'",
+                                       chunks > 1 && dynamic_shapes);
            }),
            py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"),
-           py::arg("dynamic_shapes") = false, py::arg("chunks") = 1)
+           py::arg("dynamic_shapes") = false, py::arg("chunks") = 1, py::arg("layout") = "")
       .def_static(
           "from_compute_order",
           [](const std::vector<std::vector<std::string>>& rows, int64_t micro_batches, int64_t stage_id,
-             bool dynamic_shapes) {
-            const auto orders = orders_from_python(rows);
+             bool dynamic_shapes, int64_t chunks, const std::string& layout) {
+            const auto placed = core::parse_chunk_layout(layout);
+            const auto orders = orders_from_python(rows, placed);
             if (stage_id < 0 || stage_id >= static_cast<int64_t>(orders.size())) {
               throw std::invalid_argument("stage_id " + std::to_string(stage_id) + " is out of range for a "
                                           "compute order of " + std::to_string(orders.size()) + " ranks");
             }
             py::gil_scoped_release release;
             std::vector<int64_t> buffers;
-            auto all = core::lower_compute_orders(orders, micro_batches, &buffers);
+            auto all = core::lower_compute_orders(orders, micro_batches, &buffers, chunks, placed);
             // Proven before it runs: throws ScheduleError naming the rank, step and instruction that cannot
             // proceed; then its transfers are checked under NCCL's rules too.
-            core::simulate(all, micro_batches, 1, buffers, core::OpCosts{1.0, 1.0, 1.0, 0.0});
-            return StageProgram::make(std::move(all), std::move(buffers), micro_batches, 1, stage_id, dynamic_shapes,
-                                      "the compute order", /*check_nccl=*/true);
+            core::simulate(all, micro_batches, chunks, buffers, core::OpCosts{1.0, 1.0, 1.0, 0.0}, placed);
+            return StageProgram::make(std::move(all), std::move(buffers), micro_batches, chunks, placed, stage_id,
+                                      dynamic_shapes, "the compute order", /*check_nccl=*/true);
           },
           py::arg("rows"), py::arg("micro_batches"), py::arg("stage_id"), py::arg("dynamic_shapes") = false,
+          py::arg("chunks") = 1, py::arg("layout") = "interleaved",
           "A stage's program for a compute order (rows of action tokens, one per rank), proven by the simulator "
           "first.")
       .def_readonly("num_buffers", &StageProgram::num_buffers)
@@ -518,7 +558,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "run_stage",
       [](dpe::runtime::P2P* p2p, const StageProgram& program, int64_t stages, int64_t stage_id, int prev_peer,
          int next_peer, int tag_base, py::object callbacks, bool release_sent_outputs,
-         const dpe::runtime::TensorParallelSplit* split, bool split_activations, bool split_grads, int64_t chunks) {
+         const dpe::runtime::TensorParallelSplit* split, bool split_activations, bool split_grads, int64_t chunks,
+         const std::string& layout) {
+        const core::ChunkLayout placed = core::parse_chunk_layout(layout);
         // The callbacks object's methods, by name; the optional ones may be missing or None.
         auto required = [&callbacks](const char* name) {
           py::object fn = py::getattr(callbacks, name, py::none());
@@ -532,7 +574,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           if (fn.is_none()) return std::nullopt;
           return py::reinterpret_borrow<py::function>(fn);
         };
-        const bool last_stage = stage_id == stages - 1;
+        // The rank holding the last virtual stage (rank 0 in the V layout).
+        const bool last_stage = core::rank_of_virtual(stages * chunks - 1, stages, placed) == stage_id;
         py::function load = required("load"), reduce_tied_grads = required("reduce_tied_grads"),
                      reduce_grads = required("reduce_grads"), optimizer_step = required("optimizer_step");
         // The last (virtual) stage computes the loss; the others pass outputs on.
@@ -596,7 +639,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           };
         }
         dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base, release_sent_outputs,
-                                        python_wrapper_references(), chunks);
+                                        python_wrapper_references(), chunks, placed);
         executor.split_transfers(split, split_activations, split_grads);
         try {
           py::gil_scoped_release release;
@@ -629,7 +672,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("prev_peer"),
       py::arg("next_peer"), py::arg("tag_base"), py::arg("callbacks"), py::arg("release_sent_outputs") = true,
       py::arg("split") = nullptr, py::arg("split_activations") = false, py::arg("split_grads") = false,
-      py::arg("chunks") = 1);
+      py::arg("chunks") = 1, py::arg("layout") = "interleaved");
 
   py::class_<dpe::runtime::TensorParallelSplit>(m, "TensorParallelSplit",
                                                 "DeepSpeed's pipe_partitioned / grad_partitioned: the first tensor "

@@ -75,7 +75,8 @@ def worker(args):
         layers += [dpe.LayerSpec(nn.Linear, hidden, hidden), nn.GELU()]
     layers += [dpe.LayerSpec(nn.Linear, hidden, 10)]
     net = dpe.PipelineModule(layers=layers, num_stages=args.stages, loss_fn=nn.CrossEntropyLoss(),
-                             partition_method="parameters-minmax", virtual_stages=args.virtual_stages)
+                             partition_method="parameters-minmax", virtual_stages=args.virtual_stages,
+                             virtual_layout="v" if args.schedule == "zb-v" else "interleaved")
     if rank == 0:
         print(net.describe_partition(), flush=True)
 
@@ -166,10 +167,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="training steps (default: 60 for mlp, 600 for gpt)")
     parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--schedule", default="1f1b", help="1f1b (default), gpipe, zb-h1, or interleaved-1f1b "
-                        "(with --virtual-stages)")
-    parser.add_argument("--virtual-stages", type=int, default=1,
-                        help="model chunks per rank (mlp; with --schedule interleaved-1f1b)")
+    parser.add_argument("--schedule", default="1f1b", help="1f1b (default), gpipe, zb-h1, interleaved-1f1b "
+                        "(with --virtual-stages), or zb-v (two chunks per rank in a V)")
+    parser.add_argument("--virtual-stages", type=int, default=None,
+                        help="model chunks per rank (mlp; with --schedule interleaved-1f1b; zb-v has 2)")
     parser.add_argument("--timeline", default="out/demo_timeline.png",
                         help="where to draw the last step's measured timeline (needs matplotlib); the same "
                         "timeline, all ranks merged, goes beside it as a Chrome/Perfetto trace (.json)")
@@ -182,7 +183,13 @@ def main():
     args = parser.parse_args()
     if args.steps is None:
         args.steps = 600 if args.model == "gpt" else 60
-    if (args.virtual_stages > 1) != (args.schedule == "interleaved-1f1b"):
+    if args.schedule == "zb-v":
+        if args.virtual_stages not in (None, 2):
+            parser.error("--schedule zb-v runs two model chunks per rank: leave out --virtual-stages or give 2")
+        args.virtual_stages = 2
+    elif args.virtual_stages is None:
+        args.virtual_stages = 1
+    if args.schedule != "zb-v" and (args.virtual_stages > 1) != (args.schedule == "interleaved-1f1b"):
         parser.error("--schedule interleaved-1f1b and --virtual-stages 2 (or more) go together")
     if args.virtual_stages > 1 and args.model != "mlp":
         parser.error("--virtual-stages is for the mlp model")

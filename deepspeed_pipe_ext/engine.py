@@ -41,12 +41,13 @@ from .failures import FailureBoard
 
 __all__ = ["PipelineEngine", "initialize", "run_deepspeed_pipelines_on_this_engine", "engine_class_for"]
 
-# Schedules the executor runs end to end (interleaved needs several model
-# chunks per rank, which PipelineModule lacks so far).
+# Schedules the executor runs end to end with one model chunk per rank.
 RUNNABLE_SCHEDULES = frozenset({"1f1b", "gpipe", "zb-h1"})
+# Schedules over several model chunks per rank, and the module layout each needs.
+VIRTUAL_STAGE_SCHEDULES = {"interleaved-1f1b": "interleaved", "zb-v": "v"}
 # Schedules that split the backward: the loss backward is the executor's, so
 # DeepSpeedEngine's backward wrappers (ZeRO, bf16, autocast...) cannot run.
-SPLIT_BACKWARD_SCHEDULES = frozenset({"zb-h1"})
+SPLIT_BACKWARD_SCHEDULES = frozenset({"zb-h1", "zb-v"})
 _TRAIN_TAGS, _EVAL_TAGS = 0, 2  # separate p2p channels: eval tensors differ (no grad, other shapes)
 
 
@@ -57,21 +58,41 @@ def _check_supported(config, module):
         raise ValueError(f"ZeRO stage {int(stage)} partitions gradients, which pipeline parallelism cannot use: "
                          "set zero_optimization.stage to 0 or 1")
     kind = config.pipeline.get("schedule", "1f1b")
-    chunks = getattr(module, "virtual_stages", 1)
-    if chunks > 1 and kind != "interleaved-1f1b":
-        raise ValueError(f"the PipelineModule has {chunks} virtual stages (model chunks) per rank, which only the "
-                         f"interleaved-1f1b schedule runs, not {kind!r}: set \"pipeline\": {{\"schedule\": "
-                         "\"interleaved-1f1b\"}, or build the module without virtual_stages")
-    if kind == "interleaved-1f1b" and chunks == 1:
-        raise ValueError("schedule 'interleaved-1f1b' needs several model chunks per rank: build the PipelineModule "
-                         "with virtual_stages=2 (or more), or choose one of "
-                         f"{sorted(RUNNABLE_SCHEDULES)}")
-    if kind == "interleaved-1f1b":
+    _check_layout(kind, module)
+    if kind in VIRTUAL_STAGE_SCHEDULES:
         return
     if kind not in RUNNABLE_SCHEDULES and load_schedule(kind) is None:
         raise ValueError(f"schedule {kind!r} cannot run on the pipeline runtime yet: choose one of "
                          f"{sorted(RUNNABLE_SCHEDULES)} or the path of a compute-order CSV file (the others can be "
                          "simulated with deepspeed_pipe_ext.schedule.simulate)")
+
+
+def _check_layout(kind, module):
+    """A built-in schedule must match the module's model chunks per rank and
+    their layout; a compute order must name the module's chunks."""
+    chunks = getattr(module, "virtual_stages", 1)
+    layout = getattr(module, "virtual_layout", "interleaved")
+    built = f"virtual_stages={chunks}" + (f", virtual_layout={layout!r}" if chunks > 1 else "")
+    order = load_schedule(kind)
+    if order is not None:
+        if (order.chunks, order.layout) != (chunks, layout) and order.chunks > 1:
+            raise ValueError(f"the compute order places {order.chunks} model chunks per rank in the {order.layout!r} "
+                             f"layout, but the PipelineModule is built with {built}: build it to match the order")
+        if order.chunks != chunks:
+            raise ValueError(f"the compute order names {order.chunks} model chunk(s) per rank, but the PipelineModule "
+                             f"is built with {built}: write every chunk's passes, or build the module to match")
+        return
+    if kind in VIRTUAL_STAGE_SCHEDULES:
+        needs = VIRTUAL_STAGE_SCHEDULES[kind]
+        wanted = "virtual_stages=2" if kind == "zb-v" else "virtual_stages=2 (or more)"
+        if chunks == 1 or layout != needs or (kind == "zb-v" and chunks != 2):
+            raise ValueError(f"schedule {kind!r} runs a PipelineModule built with {wanted}, virtual_layout={needs!r}; "
+                             f"this one is built with {built}: build it so, or choose a schedule that fits it")
+    elif chunks > 1:
+        fits = [k for k, v in VIRTUAL_STAGE_SCHEDULES.items() if v == layout]
+        raise ValueError(f"the PipelineModule is built with {built}, which the {fits[0]} schedule runs, not "
+                         f"{kind!r}: set \"pipeline\": {{\"schedule\": \"{fits[0]}\"}} (or a compute order for its "
+                         "chunks), or build the module without virtual_stages")
 
 
 def _p2p_timeout(value):
@@ -101,6 +122,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         config = _deepspeed_compat.engine_config(self)
         _check_supported(config, self.module)
         self._chunks = getattr(self.module, "virtual_stages", 1)  # model chunks (virtual stages) per rank
+        self._layout = getattr(self.module, "virtual_layout", "interleaved")  # where the chunks sit
         pipeline = config.pipeline
         self.schedule_kind = pipeline.get("schedule", "1f1b")
         # A hand-written schedule (a ComputeOrder, or the path of its CSV file) runs as its ComputeOrder.
@@ -247,7 +269,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
             self._require_data()
             with torch.no_grad():
                 self._run("inference", micro_batches, _EVAL_TAGS)
-            if self.is_last_stage():
+            if self._is_loss_stage():
                 eval_output = self._reduce_outputs(self.fwd_outputs, reduce=reduce_output, micro_batches=micro_batches)
             if compute_loss and bcast_loss:
                 eval_output = self._bcast_pipe_scalar(eval_output)
@@ -263,6 +285,17 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
 
     def is_last_stage(self):
         return self.stage_id == self.num_stages - 1
+
+    def _loss_stage_id(self):
+        """The stage holding the last virtual stage, where the loss is computed:
+        the last stage, or stage 0 when the module's chunks sit in a V."""
+        module = self.module
+        if getattr(module, "virtual_stages", 1) == 1:
+            return self.num_stages - 1
+        return module.place_of(self.num_stages * module.virtual_stages - 1)[0]
+
+    def _is_loss_stage(self):
+        return self.stage_id == self._loss_stage_id()
 
     def get_pipeline_parallel_rank(self):
         return self.stage_id
@@ -304,7 +337,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
             print(*msg)
 
     def _loss_stage_global_rank(self):
-        return self.grid.stage_to_global(stage_id=self.num_stages - 1)
+        return self.grid.stage_to_global(stage_id=self._loss_stage_id())
 
     def _train_schedule(self):
         """This stage's training instructions as DeepSpeed's schedule objects."""
@@ -362,7 +395,9 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     def _run(self, kind, micro_batches, tag_base):
         self._plain_path = self._plain_engine_path()
         # A stage that trains something (or passes gradients on) must send outputs that carry gradients.
-        self._needs_grad_outputs = (self.module.training and torch.is_grad_enabled() and not self.is_last_stage()
+        # (With several chunks per rank every rank has a chunk that passes its outputs on.)
+        self._needs_grad_outputs = (self.module.training and torch.is_grad_enabled()
+                                    and (self._chunks > 1 or not self._is_loss_stage())
                                     and (self.stage_id > 0 or any(p.requires_grad for p in self.module.parameters())))
         # A bound method either way: an nn.Module assigned here would become a child module of the engine.
         self._stage_forward = self.module.forward if self._only_engine_hooks() else self.module.__call__
@@ -375,7 +410,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                 self.p2p, self._program(kind, micro_batches), self.num_stages, self.stage_id, peers[0], peers[1],
                 tag_base, self._executor_callbacks(), release_sent_outputs=self.deallocate_outputs,
                 split=self._tp_split, split_activations=self.is_pipe_partitioned,
-                split_grads=self.is_grad_partitioned, chunks=self._chunks)
+                split_grads=self.is_grad_partitioned, chunks=self._chunks, layout=self._layout)
 
     def _plain_engine_path(self):
         """True when DeepSpeedEngine's forward and backward wrappers would add
@@ -433,12 +468,15 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         (its compute passes, built for this pipeline's stages and
         micro-batches). Every rank must set the same one; it is proven by the
         simulator before its first step."""
-        if self._chunks > 1:
-            raise ValueError(f"stage {self.stage_id}: this module has {self._chunks} model chunks per rank, which only "
-                             "the interleaved-1f1b schedule runs; set_schedule takes one-chunk schedules")
         order = load_schedule(schedule)
         is_class = isinstance(schedule, type) and issubclass(schedule, _ds_schedule.PipeSchedule)
-        if order is None and not is_class and schedule not in RUNNABLE_SCHEDULES:
+        if is_class and self._chunks > 1:
+            raise ValueError(f"stage {self.stage_id}: this module has {self._chunks} model chunks per rank, and a "
+                             "PipeSchedule subclass runs one; give set_schedule a compute order for its chunks or "
+                             f"one of {sorted(VIRTUAL_STAGE_SCHEDULES)}")
+        if not is_class:
+            _check_layout(order if order is not None else schedule, self.module)
+        if order is None and not is_class and schedule not in RUNNABLE_SCHEDULES | set(VIRTUAL_STAGE_SCHEDULES):
             raise ValueError(f"stage {self.stage_id}: schedule {schedule!r} cannot run: choose one of "
                              f"{sorted(RUNNABLE_SCHEDULES)}, a ComputeOrder or the path of its CSV file, or a "
                              "subclass of DeepSpeed's PipeSchedule")
@@ -460,7 +498,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         key = (kind, micro_batches)
         if key not in self._programs:  # dynamic shapes as the P2P channels were built
             self._programs[key] = _C.StageProgram(kind, micro_batches, self.num_stages, self.stage_id,
-                                                  dynamic_shapes=self._dynamic_shapes, chunks=self._chunks)
+                                                  dynamic_shapes=self._dynamic_shapes, chunks=self._chunks,
+                                                  layout=self._layout)
         return self._programs[key]
 
     def _custom_program(self, order, micro_batches):
@@ -475,7 +514,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         key = (tuple(map(tuple, order.rows)), micro_batches)  # by content: an id can be reused
         if key not in self._programs:
             self._programs[key] = _C.StageProgram.from_compute_order(order.rows, micro_batches, self.stage_id,
-                                                                     dynamic_shapes=self._dynamic_shapes)
+                                                                     dynamic_shapes=self._dynamic_shapes,
+                                                                     chunks=order.chunks, layout=order.layout)
         return self._programs[key]
 
     def _reentrant_activation_checkpointing(self):
@@ -579,7 +619,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         """Around the executor's backward on stages without the loss: the bf16
         optimizer's gradient bookkeeping, which DeepSpeedEngine.backward does
         for the loss stage."""
-        if not self.using_bf16_optimizer or self.is_last_stage():
+        if not self.using_bf16_optimizer or self._is_loss_stage():
             return None, None
         after = None
         if not _deepspeed_compat.engine_config(self).bfloat16_config.immediate_grad_update:

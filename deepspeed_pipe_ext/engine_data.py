@@ -1,6 +1,7 @@
 """How the pipeline engine takes its data, as DeepSpeed's does: each batch a
 pair (inputs, labels) from the data iterator (or made by batch_fn); the first
-stage uses the inputs, the last the labels."""
+stage uses the inputs, the stage with the loss (the last; the first in the V
+layout) the labels."""
 import torch
 from deepspeed.utils import RepeatingLoader
 
@@ -8,14 +9,18 @@ from deepspeed.utils import RepeatingLoader
 class MicroBatchLoading:
     """PipelineEngine's data side (a mixin of the engine)."""
 
+    def _loads_data(self):
+        """The first stage reads the inputs, the stage with the loss the labels."""
+        return self.is_first_stage() or self._is_loss_stage()
+
     def set_dataloader(self, loader):
-        if self.is_first_stage() or self.is_last_stage():
+        if self._loads_data():
             self.training_dataloader = loader
             self.data_iterator = iter(self.training_dataloader)
 
     def set_dataiterator(self, iterator):
         """Micro-batches come from `iterator` (only the first and last stages read it)."""
-        if self.is_first_stage() or self.is_last_stage():
+        if self._loads_data():
             self.training_dataloader = None
             self.data_iterator = iterator
 
@@ -28,7 +33,7 @@ class MicroBatchLoading:
         # at once instead of leaving their peers waiting for the p2p timeout.
         # A batch_fn may make the batch itself (3D parallelism: one rank of a
         # tensor-parallel group reads, batch_fn broadcasts), as in DeepSpeed.
-        if (self.is_first_stage() or self.is_last_stage()) and self.data_iterator is None and not self.batch_fn:
+        if (self._loads_data()) and self.data_iterator is None and not self.batch_fn:
             raise RuntimeError(f"stage {self.stage_id} needs data: pass data_iter to train_batch()/eval_batch(), "
                                "call set_dataiterator(), give training_data to deepspeed.initialize, or set a "
                                "batch_fn that makes the batch")
@@ -77,7 +82,7 @@ class MicroBatchLoading:
             found = f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else \
                 type(batch).__name__
             raise TypeError(f"stage {self.stage_id}: each batch must be a pair (inputs, labels), got {found}")
-        labels = self._labels_to_device(batch[1]) if self.is_last_stage() else None
+        labels = self._labels_to_device(batch[1]) if self._is_loss_stage() else None
         inputs = None
         if self.is_first_stage():
             inputs = self._inputs_to_device(batch[0])

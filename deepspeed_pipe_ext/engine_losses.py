@@ -22,7 +22,7 @@ class LossReporting:
         """Mean loss over micro-batches, averaged over data-parallel ranks, sent
         to every stage; with the module's additional losses, as DeepSpeed does."""
         pipe_group = self.grid.get_pipe_parallel_group()
-        if self.is_last_stage():
+        if self._is_loss_stage():
             loss = _deepspeed_compat.scale_loss_by_gas(self, self.total_loss)
             extra = self.total_additional_losses
             if extra is not None:
@@ -80,7 +80,7 @@ class LossReporting:
         return reduced
 
     def _bcast_pipe_scalar(self, data, dtype=torch.float32):
-        src = self.grid.stage_to_global(self.num_stages - 1)
+        src = self._loss_stage_global_rank()
         if self.global_rank == src:
             result = data.clone().detach().type(dtype).to(self.device)
         else:

@@ -19,6 +19,7 @@ from deepspeed.runtime.activation_checkpointing import checkpointing
 from deepspeed.runtime.pipe import module as ds_module
 
 from . import activation_checkpointing
+from ._native import _C
 from . import partition as _partition
 from .topology import PipeDataParallelTopology, PipelineParallelGrid, as_topology, _require_dist
 
@@ -128,9 +129,13 @@ class PipelineModule(ds_module.PipelineModule):
         self.profile_repeats = profile_repeats
         if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
             raise ValueError(f"virtual_stages must be a positive int (model chunks per rank), got {virtual_stages!r}")
-        if virtual_layout != "interleaved":
-            raise ValueError(f"virtual_layout {virtual_layout!r} is not supported yet: use 'interleaved' (rank r "
-                             "holds parts r, r + stages, ...)")
+        if virtual_layout not in ("interleaved", "v"):
+            raise ValueError(f"virtual_layout must be 'interleaved' (rank r holds parts r, r + stages, ...; for "
+                             f"interleaved-1f1b) or 'v' (rank r holds parts r and 2 * stages - 1 - r; for zb-v), "
+                             f"got {virtual_layout!r}")
+        if virtual_layout == "v" and virtual_stages != 2:
+            raise ValueError(f"virtual_layout='v' places two model chunks per rank (the V of zb-v): use "
+                             f"virtual_stages=2, got {virtual_stages}")
         self.virtual_stages = virtual_stages
         self.virtual_layout = virtual_layout
 
@@ -225,15 +230,24 @@ class PipelineModule(ds_module.PipelineModule):
                 raise ValueError(f"{self._part_name(part)} gets no layers ({self._num_layers} layers into "
                                  f"{num_stages} parts, boundaries {self.parts}): use fewer stages or more layers")
         # This rank's layers, chunk by chunk: [start, stop) in the whole pipeline's numbering.
-        self._chunk_bounds = [(self.parts[c * self.num_stages + self.stage_id],
-                               self.parts[c * self.num_stages + self.stage_id + 1])
+        self._chunk_bounds = [(self.parts[self.part_of(c)], self.parts[self.part_of(c) + 1])
                               for c in range(getattr(self, "virtual_stages", 1))]
         self._set_bounds(start=self._chunk_bounds[0][0], stop=self._chunk_bounds[-1][1])
+
+    def part_of(self, chunk, stage_id=None):
+        """The part (virtual stage) that model chunk `chunk` of `stage_id` (default: this rank's) holds."""
+        stage = self.stage_id if stage_id is None else stage_id
+        return _C.virtual_stage_of(stage, chunk, self.num_stages, getattr(self, "virtual_layout", "interleaved"))
+
+    def place_of(self, part):
+        """(stage, chunk) that holds part `part`."""
+        return tuple(_C.place_of_virtual(part, self.num_stages, getattr(self, "virtual_layout", "interleaved")))
 
     def _part_name(self, part):
         if getattr(self, "virtual_stages", 1) == 1:
             return f"stage {part}"
-        return f"part {part} (stage {part % self.num_stages}, chunk {part // self.num_stages})"
+        stage, chunk = self.place_of(part)
+        return f"part {part} (stage {stage}, chunk {chunk})"
 
     def stage_owner(self, layer_idx):
         """The stage (rank along the pipe axis) that builds layer `layer_idx`."""
@@ -241,7 +255,7 @@ class PipelineModule(ds_module.PipelineModule):
             raise ValueError(f"layer {layer_idx} is outside the {self._num_layers} layers")
         for part in range(len(self.parts) - 1):
             if self.parts[part] <= layer_idx < self.parts[part + 1]:
-                return part % self.num_stages
+                return self.place_of(part)[0]
         raise RuntimeError(f"layer {layer_idx} is in no part of {self.parts}")
 
     # DeepSpeed names a layer's file by _local_start + its index among this
@@ -321,19 +335,20 @@ class PipelineModule(ds_module.PipelineModule):
         virtual stages) and weight, and the bottleneck."""
         weights = self.partition_weights
         chunks = self.virtual_stages
-        virtual = f" virtual_stages={chunks}" if chunks > 1 else ""
+        virtual = f" virtual_stages={chunks} virtual_layout={self.virtual_layout!r}" if chunks > 1 else ""
         lines = [f"partition_method={self.partition_method!r} stages={self.num_stages}{virtual} "
                  f"layers={self._num_layers}"]
         totals = [0.0] * self.num_stages if weights is not None else None
         for part in range(self.num_stages * chunks):
             start, stop = self.parts[part], self.parts[part + 1]
             total = sum(weights[start:stop]) if weights is not None else None
+            stage, chunk = self.place_of(part)
             if totals is not None:
-                totals[part % self.num_stages] += total
+                totals[stage] += total
             names = ", ".join(f"{i}:{_layer_name(self._layer_specs[i]) or type(self._layer_specs[i]).__name__}"
                               for i in range(start, stop))
             weight = "" if total is None else f" weight={total:g}"
-            label = f"stage {part}" if chunks == 1 else f"stage {part % self.num_stages} chunk {part // self.num_stages}"
+            label = f"stage {part}" if chunks == 1 else f"stage {stage} chunk {chunk}"
             lines.append(f"  {label}: layers [{start}, {stop}){weight}  {names}")
         if totals is not None and any(t > 0 for t in totals):
             worst = max(range(self.num_stages), key=lambda s: totals[s])

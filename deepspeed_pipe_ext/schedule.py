@@ -122,14 +122,15 @@ class PipeSchedule:
 
     kind = None  # the C++ generator's name
 
-    def __init__(self, micro_batches, stages, stage_id, chunks=1):
+    def __init__(self, micro_batches, stages, stage_id, chunks=1, layout=""):
         self.micro_batches = micro_batches
         self.stages = stages
         self.stage_id = stage_id
         self.chunks = chunks
+        self.layout = layout  # of the chunks ("interleaved" | "v"); "" for the schedule's own
         self.prev_stage = stage_id - 1
         self.next_stage = stage_id + 1
-        self._raw = _C.schedule_steps(self.kind, micro_batches, stages, stage_id, chunks)  # validates
+        self._raw = _C.schedule_steps(self.kind, micro_batches, stages, stage_id, chunks, layout)  # validates
 
     def steps(self):
         for step in self._raw:
@@ -140,7 +141,8 @@ class PipeSchedule:
         return self._raw
 
     def num_pipe_buffers(self):
-        return _C.num_pipe_buffers(self.kind, self.micro_batches, self.stages, self.stage_id, self.chunks)
+        return _C.num_pipe_buffers(self.kind, self.micro_batches, self.stages, self.stage_id, self.chunks,
+                                   self.layout)
 
     @property
     def stage(self):
@@ -214,17 +216,28 @@ class ZeroBubbleH1Schedule(PipeSchedule):
     kind = "zb-h1"
 
 
+class ZeroBubbleVSchedule(PipeSchedule):
+    """ZB-V (Qi et al., ICLR 2024): two model chunks per rank in a V (rank r
+    holds virtual stages r and 2 * stages - 1 - r; the last rank turns the
+    activation around in memory), backward split as in zb-h1. Nearly no
+    bubble, with at most 1F1B's first-stage activations on every rank."""
+    kind = "zb-v"
+
+    def __init__(self, micro_batches, stages, stage_id, chunks=2):
+        super().__init__(micro_batches, stages, stage_id, chunks)
+
+
 SCHEDULE_CLASSES = {cls.kind: cls for cls in (TrainSchedule, InferenceSchedule, DataParallelSchedule, GPipeSchedule,
-                                              Interleaved1F1BSchedule, ZeroBubbleH1Schedule)}
+                                              Interleaved1F1BSchedule, ZeroBubbleH1Schedule, ZeroBubbleVSchedule)}
 
 
-def get_schedule(kind, micro_batches, stages, stage_id, chunks=1):
+def get_schedule(kind, micro_batches, stages, stage_id, chunks=1, layout=""):
     """The schedule object for a kind name (see SCHEDULE_KINDS)."""
     if kind not in SCHEDULE_CLASSES:
         raise ValueError(f"unknown schedule kind {kind!r}: choose one of {', '.join(SCHEDULE_KINDS)}")
     cls = SCHEDULE_CLASSES[kind]
     obj = cls.__new__(cls)
-    PipeSchedule.__init__(obj, micro_batches, stages, stage_id, chunks)
+    PipeSchedule.__init__(obj, micro_batches, stages, stage_id, chunks, layout)
     return obj
 
 
@@ -237,30 +250,47 @@ class SimulationResult(dict):
 
 
 def simulate(kind, micro_batches, stages, chunks=1, forward=1.0, backward_input=1.0, backward_weight=1.0,
-             send_latency=0.0):
+             send_latency=0.0, layout=""):
     """Checks and measures the whole pipeline's schedule under per-micro-batch
     stage costs (BackwardPass costs backward_input + backward_weight; with
     chunks > 1 each chunk costs 1/chunks). Raises ScheduleError if invalid."""
     return SimulationResult(_C.simulate(kind, micro_batches, stages, chunks, forward, backward_input,
-                                        backward_weight, send_latency))
+                                        backward_weight, send_latency, layout))
 
 
 class ComputeOrder:
     """Each rank's compute passes, in order: `rows[r]` is rank r's list of
-    action tokens ("0F3"). Built-in schedules export theirs with
+    action tokens ("0F3": virtual stage 0, forward, micro-batch 3). With
+    several model chunks per rank, stage indices above the rank count name
+    the rank's other chunks, placed by `layout`: "interleaved" (stage s on
+    rank s mod ranks) or "v" (stage s on rank s for s < ranks, else on rank
+    2 * ranks - 1 - s, as torch's ZBV schedules number them); by default the
+    one the rows fit. Built-in schedules export theirs with
     `ComputeOrder.builtin(kind, micro_batches, stages)`."""
 
-    def __init__(self, rows, micro_batches=None):
+    def __init__(self, rows, micro_batches=None, layout=None):
         self.rows = [[str(token).strip() for token in row if str(token).strip()] for row in rows]
         if not self.rows:
             raise ValueError("a compute order needs one row of actions per rank; got none")
         found = [_micro_batch(token) for row in self.rows for token in row]
         self.micro_batches = micro_batches if micro_batches is not None else (max(found) + 1 if found else 0)
-        _C.lower_compute_order(self.rows, self.micro_batches)  # parses and lowers: a clear error if it cannot
+        self.chunks = max((_stage_index(token) for row in self.rows for token in row), default=0) // self.stages + 1
+        if layout is None:  # the layout whose placement the rows follow ("interleaved" when both fit)
+            layout = "interleaved" if self.chunks == 1 or all(
+                _stage_index(token) % self.stages == rank for rank, row in enumerate(self.rows) for token in row) \
+                else "v"
+        if layout not in ("interleaved", "v"):
+            raise ValueError(f"layout must be 'interleaved' or 'v', got {layout!r}")
+        self.layout = layout
+        self._lowered()  # parses and lowers: a clear error if it cannot
+
+    def _lowered(self):
+        return _C.lower_compute_order(self.rows, self.micro_batches, self.chunks, self.layout)
 
     @classmethod
-    def builtin(cls, kind, micro_batches, stages):
-        return cls(_C.compute_order(kind, micro_batches, stages), micro_batches)
+    def builtin(cls, kind, micro_batches, stages, chunks=1):
+        layout = "v" if kind == "zb-v" else "interleaved"
+        return cls(_C.compute_order(kind, micro_batches, stages, chunks, layout), micro_batches, layout)
 
     @classmethod
     def from_pipe_schedule(cls, schedule_class, micro_batches, stages):
@@ -318,7 +348,7 @@ class ComputeOrder:
 
     def steps(self, stage_id):
         """Rank `stage_id`'s instruction stream, with the transfers added."""
-        streams, _ = _C.lower_compute_order(self.rows, self.micro_batches)
+        streams, _ = self._lowered()
         return [[_instruction(*cmd) for cmd in step] for step in streams[stage_id]]
 
     def simulate(self, forward=1.0, backward_input=1.0, backward_weight=1.0, send_latency=0.0):
@@ -326,14 +356,22 @@ class ComputeOrder:
         raises ScheduleError naming the rank, step and instruction that
         cannot proceed."""
         return SimulationResult(_C.simulate_compute_order(self.rows, self.micro_batches, forward, backward_input,
-                                                          backward_weight, send_latency))
+                                                          backward_weight, send_latency, self.chunks, self.layout))
 
     def __eq__(self, other):
-        return isinstance(other, ComputeOrder) and (self.rows, self.micro_batches) == (other.rows,
-                                                                                         other.micro_batches)
+        return isinstance(other, ComputeOrder) and (self.rows, self.micro_batches, self.layout) == (
+            other.rows, other.micro_batches, other.layout)
 
     def __repr__(self):
-        return f"ComputeOrder({self.stages} ranks, {self.micro_batches} micro-batches)"
+        chunks = f", {self.chunks} chunks per rank ({self.layout})" if self.chunks > 1 else ""
+        return f"ComputeOrder({self.stages} ranks, {self.micro_batches} micro-batches{chunks})"
+
+
+def _stage_index(token):
+    digits = token[:len(token) - len(token.lstrip("0123456789"))]
+    if not digits:
+        raise ValueError(f"action {token!r} is not STAGE LETTER MICRO_BATCH (like 0F3)")
+    return int(digits)
 
 
 def _letter(token):

@@ -595,12 +595,12 @@ def deep_mlp_specs(spec, depth=8):
 
 
 def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batches=4, seed=3, extra_config=None,
-                      record=False):
+                      record=False, schedule="interleaved-1f1b"):
     """DeepSpeed's engine (1F1B over num_stages stages) against ours with
-    `chunks` model chunks per rank under interleaved-1f1b; per-layer seeds
-    make the two layouts start from the same weights. Returns each engine's
-    losses, eval loss and this rank's weights (by layer number), and our
-    engine's compute passes."""
+    `chunks` model chunks per rank under interleaved-1f1b (or zb-v, chunks in
+    a V); per-layer seeds make the two layouts start from the same weights.
+    Returns each engine's losses, eval loss and this rank's weights (by layer
+    number), and our engine's compute passes."""
     from deepspeed import initialize as ds_initialize
     out = []
     for kind in ("deepspeed", "ours"):
@@ -612,8 +612,9 @@ def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batc
         else:
             net = dpe.PipelineModule(layers=deep_mlp_specs(dpe.LayerSpec), num_stages=num_stages,
                                      virtual_stages=chunks, loss_fn=nn.MSELoss(), seed_layers=True,
-                                     partition_method="uniform")
-            pipeline = {"schedule": "interleaved-1f1b"}
+                                     partition_method="uniform",
+                                     virtual_layout="v" if schedule == "zb-v" else "interleaved")
+            pipeline = {"schedule": schedule}
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
                   "steps_per_print": 10**9, "pipeline": pipeline, **(extra_config or {})}
         engine, _, _, _ = ds_initialize(model=net, config=config, model_parameters=net.parameters(),
@@ -625,10 +626,10 @@ def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batc
         cast = lambda data: [(x.to(dtype), y.to(dtype)) for x, y in data]
         data = cast(batches(100 + engine.grid.data_parallel_id, micro_batches))
         losses = [engine.train_batch(data_iter=iter(data)).item() for _ in range(steps)]
+        letters = {1: "F", 2: "B", 3: "I", 4: "W"}  # the last train batch's passes
+        passes = [f"{letters[code]}{mb}.{chunk}" for _, _, code, mb, chunk in getattr(engine, "last_timeline", [])]
         evals = engine.eval_batch(iter(cast(batches(7, micro_batches)))).item()
         weights = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
-        letters = {1: "F", 2: "B"}
-        passes = [f"{letters[code]}{mb}.{chunk}" for _, _, code, mb, chunk in getattr(engine, "last_timeline", [])]
         out.append({"losses": losses, "eval": evals, "weights": weights, "passes": passes,
                     "partition": net.describe_partition() if kind == "ours" else None,
                     "trace": list(engine.p2p.trace) if record and kind == "ours" else None,
@@ -648,9 +649,9 @@ def virtual_stage_mismatches(rank, world_size):
         except Exception as err:
             out[name] = f"{type(err).__name__}: {err}"
 
-    def engine(chunks, schedule):
+    def engine(chunks, schedule, layout="interleaved"):
         net = dpe.PipelineModule(layers=deep_mlp_specs(dpe.LayerSpec), num_stages=2, virtual_stages=chunks,
-                                 loss_fn=nn.MSELoss())
+                                 loss_fn=nn.MSELoss(), virtual_layout=layout)
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
                   "steps_per_print": 10**9, "pipeline": {"schedule": schedule}}
         return ds_initialize(model=net, config=config, model_parameters=net.parameters(),
@@ -658,9 +659,15 @@ def virtual_stage_mismatches(rank, world_size):
 
     attempt("chunks_with_1f1b", lambda: engine(2, "1f1b"))
     attempt("interleaved_without_chunks", lambda: engine(1, "interleaved-1f1b"))
-    attempt("v_layout", lambda: dpe.PipelineModule(layers=deep_mlp_specs(dpe.LayerSpec), num_stages=2,
-                                                   virtual_stages=2, virtual_layout="v"))
+    attempt("v_layout_three_chunks", lambda: dpe.PipelineModule(layers=deep_mlp_specs(dpe.LayerSpec), num_stages=2,
+                                                                virtual_stages=3, virtual_layout="v"))
+    attempt("zb_v_on_interleaved", lambda: engine(2, "zb-v"))
+    attempt("interleaved_on_v", lambda: engine(2, "interleaved-1f1b", "v"))
+    attempt("v_with_gpipe", lambda: engine(2, "gpipe", "v"))
     ok = engine(2, "interleaved-1f1b")
     attempt("set_schedule", lambda: ok.set_schedule("gpipe"))
     out["partition"] = ok.module.describe_partition()
+    v = engine(2, "zb-v", "v")
+    out["v_partition"] = v.module.describe_partition()
+    attempt("v_set_interleaved", lambda: v.set_schedule("interleaved-1f1b"))
     return out

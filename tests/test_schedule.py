@@ -201,7 +201,7 @@ def test_simulator_reports_weight_gradient_before_input_gradient():
     (("1f1b", 4, 2, 2), "stage_id 2 is out of range for 2 stages"),
     (("1f1b", 4, 2, -1), "stage_id -1 is out of range"),
     (("interleaved-1f1b", 4, 2, 0, 0), "chunks must be >= 1"),
-    (("gpipe", 4, 2, 0, 2), "chunks=2 needs the interleaved-1f1b schedule"),
+    (("gpipe", 4, 2, 0, 2), "chunks=2 needs the interleaved-1f1b or zb-v schedule"),
     (("zero-bubble-9000", 4, 2, 0), "unknown schedule kind"),
 ])
 def test_bad_input(args, match):
@@ -291,7 +291,9 @@ def test_a_broken_compute_order_is_refused_naming_the_rank_and_action():
              "rank 0: action '1F0' names stage 1, which does not run on rank 0": [["1F0", "1B0"], ["0F0", "0B0"]],
              "runs its forward twice": [["0F0", "0F0", "0B0"]],
              "has the pass 'X'": [["0X0"]],
-             "several model chunks per rank": [["0F0", "1F0", "1B0", "0B0"]]}
+             # Stage 2 on both ranks fits neither layout of two chunks per rank.
+             "names stage 2, which does not run on rank 0 of 2 (it runs on rank 1 in the 'v' layout)":
+                 [["0F0", "2F0", "2B0", "0B0"], ["1F0", "2F0", "2B0", "1B0"]]}
     for message, rows in cases.items():
         with pytest.raises(ValueError, match=re.escape(message)):
             ours.ComputeOrder(rows)

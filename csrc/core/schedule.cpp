@@ -417,7 +417,11 @@ Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, 
       in_use[buf] = true;
       buffer_of[key] = buf;
       most = std::max<int64_t>(most, std::count(in_use.begin(), in_use.end(), true));
-      if (vs == 0 || vs == last_virtual) cmds.push_back(buffered(Op::LoadMicroBatch, buf, op.micro_batch, op.chunk));
+      // One load per micro-batch: a rank holding both ends (the V layout's first) loads at the first.
+      const bool loaded_at_first = vs == last_virtual && rank_of_virtual(0, S, s.layout) == stage_id;
+      if (vs == 0 || (vs == last_virtual && !loaded_at_first)) {
+        cmds.push_back(buffered(Op::LoadMicroBatch, buf, op.micro_batch, op.chunk));
+      }
       if (vs > 0) cmds.push_back(buffered(Op::RecvActivation, buf, op.micro_batch, op.chunk));
       cmds.push_back(buffered(Op::ForwardPass, buf, op.micro_batch, op.chunk));
       if (vs < last_virtual) cmds.push_back(buffered(Op::SendActivation, buf, op.micro_batch, op.chunk));

@@ -42,7 +42,7 @@ class Simulator {
       st.holder.assign(std::max<int64_t>(num_buffers[i], 0), -1);
       st.uses_left.assign(M_ * V_, 0);
       st.fwd_input.assign(M_ * V_, 0);
-      st.label_loaded.assign(M_ * V_, 0);
+      st.label_loaded.assign(M_, 0);  // per micro-batch: one load serves both ends of a V
       st.fwd_done.assign(M_ * V_, 0);
       st.grad_ready.assign(M_ * V_, 0);
       st.b_done.assign(M_ * V_, 0);
@@ -207,7 +207,7 @@ class Simulator {
         if (vs != 0 && vs != last_vs) fail(i, at.step, in, "only the first and last stages load micro-batches");
         claim_buffer(i, at);
         if (vs == 0) st.fwd_input[k] = 1;
-        st.label_loaded[k] = 1;
+        st.label_loaded[in.micro_batch] = 1;
         break;
       case Op::RecvActivation: {
         if (vs == 0) fail(i, at.step, in, "the first stage has no previous stage to receive from");
@@ -220,7 +220,7 @@ class Simulator {
         use_buffer(i, at);
         if (st.fwd_done[k]) fail(i, at.step, in, "second forward pass of the same micro-batch");
         if (!st.fwd_input[k]) fail(i, at.step, in, "forward pass before its input was loaded or received");
-        if (vs == last_vs && training_ && !st.label_loaded[k]) {
+        if (vs == last_vs && training_ && !st.label_loaded[in.micro_batch]) {
           fail(i, at.step, in, "the last stage computes the loss without having loaded the labels");
         }
         compute(i, in, costs_.forward);

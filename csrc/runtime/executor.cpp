@@ -65,11 +65,12 @@ Activation as_stage_inputs(const Activation& received) {
 }  // namespace
 
 Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base,
-                   bool release_sent_outputs, int64_t wrapper_references, int64_t chunks)
+                   bool release_sent_outputs, int64_t wrapper_references, int64_t chunks, core::ChunkLayout layout)
     : p2p_(p2p),
       stage_id_(stage_id),
       num_stages_(num_stages),
       chunks_(chunks),
+      layout_(layout),
       prev_peer_(prev_peer),
       next_peer_(next_peer),
       activation_tag_(tag_base),
@@ -85,17 +86,16 @@ int Executor::peer_of(const core::Instruction& in) const {
   if (chunks_ == 1) {
     return in.op == core::Op::RecvActivation || in.op == core::Op::SendGrad ? prev_peer_ : next_peer_;
   }
-  return core::transfer_peer(in, stage_id_, num_stages_);  // stage ids are the ranks of the pipe group
+  return core::transfer_peer(in, stage_id_, num_stages_, layout_);  // stage ids are the ranks of the pipe group
 }
 
 int Executor::tag_of(const core::Instruction& in) const {
-  // Sender and receiver agree on the receiving chunk: a message crossing from
-  // the last rank to the first goes to the next chunk, a gradient crossing
-  // back to the previous one.
-  int64_t receiver_chunk = in.chunk;
-  if (in.op == core::Op::SendActivation && stage_id_ == num_stages_ - 1) receiver_chunk += 1;
-  if (in.op == core::Op::SendGrad && stage_id_ == 0) receiver_chunk -= 1;
+  // Sender and receiver agree on the receiving chunk: that of the next
+  // virtual stage for an activation, of the previous one for a gradient.
   const bool activation = in.op == core::Op::SendActivation || in.op == core::Op::RecvActivation;
+  const bool sending = in.op == core::Op::SendActivation || in.op == core::Op::SendGrad;
+  const int64_t receiver_vs = virtual_stage(in) + (sending ? (activation ? 1 : -1) : 0);
+  const int64_t receiver_chunk = core::chunk_of_virtual(receiver_vs, num_stages_);
   return static_cast<int>((activation ? activation_tag_ : grad_tag_) + 4 * receiver_chunk);
 }
 
@@ -114,7 +114,6 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
   clear_buffers();
   inputs_.resize(num_buffers);
   outputs_.resize(num_buffers);
-  labels_.resize(num_buffers);
   losses_.resize(num_buffers);
   output_grads_.resize(num_buffers);
   deferred_weight_grads_.resize(num_buffers);
@@ -155,6 +154,7 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
 }
 
 void Executor::clear_buffers() {
+  handed_over_.clear();
   inputs_.clear();
   outputs_.clear();
   labels_.clear();
@@ -188,7 +188,27 @@ void Executor::take_action(const core::TransferAction& action) {
   step_ = saved_step;
 }
 
+void Executor::hand_over(const core::Instruction& in, Activation value) {
+  const bool grad = in.op == core::Op::SendGrad;
+  const int64_t receiver = virtual_stage(in) + (grad ? -1 : 1);
+  // Detached aliases, as a receiver gets them: the receiving chunk's leaves are its own.
+  for (auto& t : value.tensors) t = t.detach();
+  value.owned = true;
+  handed_over_[{grad, receiver, in.micro_batch}] = std::move(value);
+}
+
+Activation Executor::take_over(const core::Instruction& in) {
+  const bool grad = in.op == core::Op::RecvGrad;
+  auto found = handed_over_.find({grad, virtual_stage(in), in.micro_batch});
+  TORCH_CHECK(found != handed_over_.end(), "stage ", stage_id_, ", ", where(in), ": nothing was handed over from ",
+              "this rank's other chunk (virtual stage ", virtual_stage(in) + (grad ? 1 : -1), ") for this micro-batch");
+  Activation value = std::move(found->second);
+  handed_over_.erase(found);
+  return value;
+}
+
 void Executor::send(const core::Instruction& in, Activation value, bool delayed) {
+  if (is_local(in)) return hand_over(in, std::move(value));
   if (delayed) {
     // Captured as detached aliases: the buffer may be reused, and an output's
     // storage released, before the plan issues the send.
@@ -257,10 +277,14 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
     case Op::LoadMicroBatch: {
       LoadedMicroBatch loaded = cb.load();
       if (first_virtual(in)) inputs_[b] = std::move(loaded.inputs);
-      if (last_virtual(in)) labels_[b] = std::move(loaded.labels);
+      if (holds_last_virtual()) labels_[in.micro_batch] = std::move(loaded.labels);
       break;
     }
     case Op::RecvActivation: {
+      if (is_local(in)) {
+        inputs_[b] = as_stage_inputs(take_over(in));
+        break;
+      }
       Activation received = p2p_->recv(peer_of(in), tag_of(in), lazily(step_, in));
       if (split_activations_) received = split_->gather(received, where(in));
       inputs_[b] = as_stage_inputs(received);
@@ -271,20 +295,24 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       Activation x{{}, inputs_[b].is_tuple};
       for (const auto& t : inputs_[b].tensors) x.tensors.push_back(t.clone());
       if (last_virtual(in)) {
-        losses_[b] = cb.forward_loss(x, labels_[b]);
-        labels_[b].reset();
+        auto labels = labels_.find(in.micro_batch);
+        TORCH_CHECK(labels != labels_.end(), "stage ", stage_id_, ", ", where(in), ": the loss stage has no labels for "
+                    "this micro-batch (no LoadMicroBatch before it)");
+        losses_[b] = cb.forward_loss(x, labels->second);
+        labels_.erase(labels);
       } else {
         outputs_[b] = cb.forward(x, in.chunk);
       }
       break;
     }
     case Op::SendActivation:
-      send(in, split_activations_ ? split_->split(outputs_[b]) : outputs_[b], delayed_send);
+      send(in, split_activations_ && !is_local(in) ? split_->split(outputs_[b]) : outputs_[b], delayed_send);
       if (release_sent_outputs_) release_sent_outputs(b);
       break;
     case Op::RecvGrad: {
-      Activation grads = p2p_->recv(peer_of(in), tag_of(in), lazily(step_, in));
-      if (split_grads_) grads = split_->gather(grads, where(in));
+      const bool local = is_local(in);
+      Activation grads = local ? take_over(in) : p2p_->recv(peer_of(in), tag_of(in), lazily(step_, in));
+      if (split_grads_ && !local) grads = split_->gather(grads, where(in));
       std::vector<at::Tensor> outs, grad_tensors;
       for (const auto& t : outputs_[b].tensors) {
         if (t.is_floating_point()) outs.push_back(t);
@@ -353,7 +381,7 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
                     "tensor)");
         grads.tensors.push_back(t.grad());
       }
-      send(in, split_grads_ ? split_->split(grads) : std::move(grads), delayed_send);
+      send(in, split_grads_ && !is_local(in) ? split_->split(grads) : std::move(grads), delayed_send);
       inputs_[b] = Activation{};
       break;
     }

@@ -88,11 +88,13 @@ class Executor {
   // it. `wrapper_references`: the references a tensor's Python object holds
   // once Python code let go of it (1 where the object keeps its tensor alive,
   // as torch's PyObject preservation does in recent releases; 0 before).
-  // With chunks > 1 (virtual stages: chunk c of rank r is virtual stage
-  // c * num_stages + r), the peers wrap around (rank num_stages - 1 sends to
-  // rank 0's next chunk) and each chunk's transfers have tags of their own.
+  // With chunks > 1 (virtual stages, placed by `layout`: see
+  // core::ChunkLayout), each transfer goes to the rank of the neighbouring
+  // virtual stage, each receiving chunk has tags of its own, and a hand-over
+  // between two chunks of this rank (the turn of the V) stays in memory.
   Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base = 0,
-           bool release_sent_outputs = true, int64_t wrapper_references = 0, int64_t chunks = 1);
+           bool release_sent_outputs = true, int64_t wrapper_references = 0, int64_t chunks = 1,
+           core::ChunkLayout layout = core::ChunkLayout::Interleaved);
   // 3D parallelism: activations (and/or gradients) travel split across the
   // stage's tensor-parallel ranks (DeepSpeed's pipe_partitioned and
   // grad_partitioned); `split` must outlive run().
@@ -127,17 +129,27 @@ class Executor {
   // The floating-point outputs of `buffer` that require grad, paired with their received gradients.
   void backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs, std::vector<at::Tensor>* grads) const;
   std::string where(const core::Instruction& in) const;
-  int64_t virtual_stage(const core::Instruction& in) const { return in.chunk * num_stages_ + stage_id_; }
+  int64_t virtual_stage(const core::Instruction& in) const {
+    return core::virtual_stage_of(stage_id_, in.chunk, num_stages_, layout_);
+  }
   bool first_virtual(const core::Instruction& in) const { return virtual_stage(in) == 0; }
   bool last_virtual(const core::Instruction& in) const { return virtual_stage(in) == num_stages_ * chunks_ - 1; }
+  bool holds_last_virtual() const {
+    return core::rank_of_virtual(num_stages_ * chunks_ - 1, num_stages_, layout_) == stage_id_;
+  }
   // The rank (in p2p's group) and tag of a transfer instruction.
   int peer_of(const core::Instruction& in) const;
   int tag_of(const core::Instruction& in) const;
+  // A transfer between two chunks of this rank: handed over in memory.
+  bool is_local(const core::Instruction& in) const { return chunks_ > 1 && peer_of(in) == stage_id_; }
+  void hand_over(const core::Instruction& in, Activation value);
+  Activation take_over(const core::Instruction& in);
 
   P2P* p2p_;
   const TensorParallelSplit* split_ = nullptr;
   bool split_activations_ = false, split_grads_ = false;
   int64_t stage_id_, num_stages_, chunks_;
+  core::ChunkLayout layout_;
   int prev_peer_, next_peer_;
   int activation_tag_, grad_tag_;
   bool release_sent_outputs_;
@@ -146,9 +158,14 @@ class Executor {
   // The flat stream of the current run, and delayed sends' captured tensors by instruction.
   std::vector<core::Located> flat_;
   std::map<int32_t, Activation> captured_sends_;
+  // Hand-overs between this rank's chunks, by (gradient?, receiving virtual stage, micro-batch).
+  std::map<std::tuple<bool, int64_t, int32_t>, Activation> handed_over_;
   int32_t position_ = 0;  // flat index of the instruction running
   std::vector<Activation> inputs_, outputs_;
-  std::vector<Held> labels_, losses_;  // per buffer: from LoadMicroBatch to the loss; from the loss to its backward
+  // Labels by micro-batch, from LoadMicroBatch to the loss (a rank holding both ends of a V loads once, at the
+  // first chunk); losses per buffer, from the loss to its backward.
+  std::map<int32_t, Held> labels_;
+  std::vector<Held> losses_;
   std::vector<std::vector<at::Tensor>> output_grads_;
   std::vector<DeferredWeightGrads> deferred_weight_grads_;  // between BackwardInput and BackwardWeight
   std::vector<TimedInstruction> timeline_;
