@@ -595,7 +595,7 @@ def deep_mlp_specs(spec, depth=8):
 
 
 def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batches=4, seed=3, extra_config=None,
-                      record=False, schedule="interleaved-1f1b"):
+                      record=False, schedule="interleaved-1f1b", layout=None):
     """DeepSpeed's engine (1F1B over num_stages stages) against ours with
     `chunks` model chunks per rank under interleaved-1f1b (or zb-v, chunks in
     a V); per-layer seeds make the two layouts start from the same weights.
@@ -613,7 +613,7 @@ def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batc
             net = dpe.PipelineModule(layers=deep_mlp_specs(dpe.LayerSpec), num_stages=num_stages,
                                      virtual_stages=chunks, loss_fn=nn.MSELoss(), seed_layers=True,
                                      partition_method="uniform",
-                                     virtual_layout="v" if schedule == "zb-v" else "interleaved")
+                                     virtual_layout=layout or ("v" if schedule == "zb-v" else "interleaved"))
             pipeline = {"schedule": schedule}
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
                   "steps_per_print": 10**9, "pipeline": pipeline, **(extra_config or {})}

@@ -155,6 +155,32 @@ def test_zb_v_transfers_recorded_by_the_executor_pass_under_nccl_rules():
         assert result["ok"], result["report"]
 
 
+@pytest.mark.parametrize("source", ["torch-zbv", "interleaved"])
+def test_a_compute_order_over_several_chunks_runs_from_a_csv_file(tmp_path, source):
+    """A compute order with two chunks per rank, in a CSV file as
+    `"pipeline": {"schedule": path}`: torch.distributed.pipelining's ZBV order
+    on a V-layout module, and our interleaved-1f1b order exported and read
+    back on an interleaved one. DeepSpeed's losses either way."""
+    from deepspeed_pipe_ext import schedule as ours
+    from deepspeed_pipe_ext._native import _C
+    from test_schedule import torch_zbv_rows
+    if source == "torch-zbv":
+        order, layout = ours.ComputeOrder(torch_zbv_rows(2, 4), 4), "v"
+    else:
+        order, layout = ours.ComputeOrder.builtin("interleaved-1f1b", 4, 2, 2), "interleaved"
+    path = tmp_path / "order.csv"
+    path.write_text(order.to_csv())
+    results = run_ranks(engine_cases.train_interleaved, 2, 2, 2, 4, 4, 3, None, False, str(path), layout,
+                        timeout=400)
+    for rank, (theirs, ours_out) in enumerate(results):
+        assert torch.allclose(torch.tensor(ours_out["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6,
+                              atol=1e-7), (rank, ours_out["losses"], theirs["losses"])
+        stage = ours_out["pipe"][1]  # the passes ran in the file's order
+        ran = [f"{_C.virtual_stage_of(stage, int(p.split('.')[1]), 2, layout)}{p[0]}{p[1:].split('.')[0]}"
+               for p in ours_out["passes"]]
+        assert ran == order.rows[stage], (ran, order.rows[stage])
+
+
 def test_virtual_stages_with_tensor_parallel_split_transfers_match_deepspeed():
     """PP=2 x TP=2 with two chunks per rank (one tensor-parallel layer each on
     the middle chunks), pipe_partitioned and grad_partitioned on. Without
