@@ -30,7 +30,7 @@ def sequential_layers():
     return nn.Sequential(shared, nn.Tanh(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), shared)
 
 
-def build(kind, num_stages, seed=3, extra_config=None, frozen_layer=None, virtual_stages=1):
+def build(kind, num_stages, seed=3, extra_config=None, frozen_layer=None, virtual_stages=1, layout="interleaved"):
     """An engine from deepspeed.initialize: DeepSpeed's module and engine
     ('deepspeed') or ours ('ours'), SGD with momentum and a WarmupLR schedule."""
     if kind == "deepspeed":
@@ -38,11 +38,12 @@ def build(kind, num_stages, seed=3, extra_config=None, frozen_layer=None, virtua
     else:
         module_cls, spec, tied = dpe.PipelineModule, dpe.LayerSpec, dpe.TiedLayerSpec
     torch.manual_seed(seed)
-    virtual = {} if virtual_stages == 1 else {"virtual_stages": virtual_stages}
+    virtual = {} if virtual_stages == 1 else {"virtual_stages": virtual_stages, "virtual_layout": layout}
     net = module_cls(layers=layer_specs(spec, tied), num_stages=num_stages, loss_fn=nn.MSELoss(),
                      partition_method="uniform", **virtual)
     if virtual_stages > 1:
-        extra_config = {"pipeline": {"schedule": "interleaved-1f1b"}, **(extra_config or {})}
+        schedule = "zb-v" if layout == "v" else "interleaved-1f1b"
+        extra_config = {"pipeline": {"schedule": schedule}, **(extra_config or {})}
     if frozen_layer is not None and str(frozen_layer) in net._modules:
         net._modules[str(frozen_layer)].requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=net, config={**CONFIG, **(extra_config or {})},
@@ -199,19 +200,21 @@ def reshape_parallel_write_frozen(rank, world_size, root):
     return out
 
 
-def virtual_stage_checkpoints(rank, world_size, root):
-    """Two chunks per rank: save and resume (bitwise); that checkpoint's
-    weights into one chunk per rank and into DeepSpeed's engine, and
-    DeepSpeed's back into two chunks per rank (the eval loss equal each time)."""
+def virtual_stage_checkpoints(rank, world_size, root, layout="interleaved"):
+    """Two chunks per rank (in `layout`): save and resume (bitwise); that
+    checkpoint's weights into one chunk per rank, into DeepSpeed's engine and
+    into the other layout, and DeepSpeed's back into two chunks per rank (the
+    eval loss equal each time)."""
     out = {}
-    v2 = build("ours", 2, virtual_stages=2)
+    other = "interleaved" if layout == "v" else "v"
+    v2 = build("ours", 2, virtual_stages=2, layout=layout)
     out["first"] = train(v2, 0, SAVED_STEPS)
     v2.save_checkpoint(os.path.join(root, "v2"))
     out["eval_v2"] = evaluate(v2)[0]
     out["continued"] = train(v2, SAVED_STEPS, MORE_STEPS)
     with open(os.path.join(root, "v2", "latest")) as f:
         out["files"] = sorted(os.listdir(os.path.join(root, "v2", f.read().strip())))
-    resumed = build("ours", 2, seed=99, virtual_stages=2)
+    resumed = build("ours", 2, seed=99, virtual_stages=2, layout=layout)
     resumed.load_checkpoint(os.path.join(root, "v2"))
     out["resumed"] = train(resumed, SAVED_STEPS, MORE_STEPS)
     for kind in ("ours", "deepspeed"):  # one chunk per rank: the weights (their optimizer state is laid out per chunk)
@@ -220,7 +223,10 @@ def virtual_stage_checkpoints(rank, world_size, root):
         out[f"eval_{kind}_from_v2"] = evaluate(engine)[0]
         if kind == "deepspeed":
             engine.save_checkpoint(os.path.join(root, "deepspeed"))
-    back = build("ours", 2, seed=99, virtual_stages=2)
+    back = build("ours", 2, seed=99, virtual_stages=2, layout=layout)
     back.load_checkpoint(os.path.join(root, "deepspeed"), load_module_only=True)
     out["eval_v2_from_deepspeed"] = evaluate(back)[0]
+    moved = build("ours", 2, seed=99, virtual_stages=2, layout=other)
+    moved.load_checkpoint(os.path.join(root, "v2"), load_module_only=True)
+    out["eval_other_layout_from_v2"] = evaluate(moved)[0]
     return out

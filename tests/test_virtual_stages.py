@@ -52,12 +52,14 @@ def test_interleaved_1f1b_with_tuple_activations_tied_weights_and_checkpointing(
         assert torch.allclose(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7), key
 
 
-def test_checkpoints_move_between_virtual_stages_one_chunk_and_deepspeed(tmp_path):
+@pytest.mark.parametrize("layout", ["interleaved", "v"])
+def test_checkpoints_move_between_virtual_stages_one_chunk_and_deepspeed(tmp_path, layout):
     import checkpoint_cases
-    results = run_ranks(checkpoint_cases.virtual_stage_checkpoints, 2, str(tmp_path), timeout=400)
+    results = run_ranks(checkpoint_cases.virtual_stage_checkpoints, 2, str(tmp_path), layout, timeout=400)
     for rank, out in enumerate(results):
         assert out["resumed"] == out["continued"], rank  # bitwise, optimizer and LR schedule included
-        for key in ("eval_ours_from_v2", "eval_deepspeed_from_v2", "eval_v2_from_deepspeed"):
+        for key in ("eval_ours_from_v2", "eval_deepspeed_from_v2", "eval_v2_from_deepspeed",
+                    "eval_other_layout_from_v2"):
             assert abs(out[key] - out["eval_v2"]) <= 1e-6 * abs(out["eval_v2"]), (rank, key, out[key], out["eval_v2"])
     # DeepSpeed's names, layers numbered in the whole pipeline.
     files = results[0]["files"]
