@@ -129,7 +129,8 @@ def main(argv=None):
     parser.add_argument("--kind", default="1f1b", help=f"one of: {', '.join(_schedule.SCHEDULE_KINDS)}")
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=8)
-    parser.add_argument("--chunks", type=int, default=1, help="model chunks per rank (interleaved-1f1b)")
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="model chunks per rank (interleaved-1f1b: 2 or more; zb-v: 2, the default for it)")
     parser.add_argument("--forward", type=float, default=1.0, help="forward cost of a stage per micro-batch")
     parser.add_argument("--backward-input", type=float, default=1.0, help="input-gradient cost")
     parser.add_argument("--backward-weight", type=float, default=1.0, help="weight-gradient cost")
@@ -140,17 +141,20 @@ def main(argv=None):
     parser.add_argument("--export-order", metavar="CSV",
                         help="write --kind's compute order in that CSV form to this file and stop")
     args = parser.parse_args(argv)
+    if args.chunks is None:
+        args.chunks = 2 if args.kind == "zb-v" else 1
     try:
         if args.export_order:
             with open(args.export_order, "w") as f:
-                f.write(_schedule.ComputeOrder.builtin(args.kind, args.micro_batches, args.stages).to_csv())
+                f.write(_schedule.ComputeOrder.builtin(args.kind, args.micro_batches, args.stages, args.chunks).to_csv())
             print(f"wrote {args.kind}'s compute order ({args.stages} ranks, {args.micro_batches} micro-batches) to "
                   f"{args.export_order}")
             return
         costs = (args.forward, args.backward_input, args.backward_weight, args.send_latency)
         if args.order:
             order = _schedule.ComputeOrder.read(args.order)
-            args.kind, args.stages, args.micro_batches, args.chunks = args.order, order.stages, order.micro_batches, 1
+            args.kind, args.stages, args.micro_batches = args.order, order.stages, order.micro_batches
+            args.chunks = order.chunks
             result = order.simulate(*costs)
         else:
             result = _schedule.simulate(args.kind, args.micro_batches, args.stages, args.chunks, *costs)

@@ -41,6 +41,11 @@ def test_demo_trains_and_draws_its_timeline(tmp_path):
     import json
     names = {e["name"] for e in json.loads((tmp_path / "timeline-interleaved-1f1b.json").read_text())["traceEvents"]}
     assert "pipe stage 0 forward mb 0 chunk 1" in names and "pipe stage 1 backward mb 0" in names
+    # Two chunks per rank in a V under zb-v: the loss on stage 0's second chunk.
+    zbv = run_demo(tmp_path, "zb-v")
+    assert len(zbv) == 2 and zbv[1] < zbv[0]
+    names = {e["name"] for e in json.loads((tmp_path / "timeline-zb-v.json").read_text())["traceEvents"]}
+    assert "pipe stage 0 backward input mb 0 chunk 1" in names and "pipe stage 1 forward mb 0 chunk 1" in names
 
 
 def test_deepspeed_launcher_runs_the_demo_workers(tmp_path):

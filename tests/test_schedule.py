@@ -118,9 +118,9 @@ def test_every_kind_is_valid_under_random_costs():
     costs the list-scheduled kinds were built with."""
     rng = random.Random(2)
     for _ in range(80):
-        kind = rng.choice(["1f1b", "gpipe", "interleaved-1f1b", "zb-h1", "inference"])
-        stages, micro_batches = rng.randint(1, 8), rng.randint(1, 20)
-        chunks = rng.randint(1, 4) if kind == "interleaved-1f1b" else 1
+        kind = rng.choice(["1f1b", "gpipe", "interleaved-1f1b", "zb-h1", "inference", "zb-v"])
+        stages, micro_batches = rng.randint(2 if kind == "zb-v" else 1, 8), rng.randint(1, 20)
+        chunks = rng.randint(1, 4) if kind == "interleaved-1f1b" else 2 if kind == "zb-v" else 1
         result = ours.simulate(kind, micro_batches, stages, chunks, forward=rng.uniform(0.1, 3),
                                backward_input=rng.uniform(0.1, 3), backward_weight=rng.uniform(0.1, 3),
                                send_latency=rng.uniform(0, 1))
@@ -335,6 +335,17 @@ def test_zb_v_has_less_bubble_than_zb_h1_and_1f1b():
         assert v.makespan < h1.makespan < one.makespan
         assert v.makespan == 3 * micro_batches + (stages - 1) / 2  # only the fill of the first forward
         assert max(v.peak_activations) == 2 * stages  # chunk activations: 1F1B's first stage, in halves
+
+
+def test_cli_shows_zb_v_and_round_trips_its_order(capsys, tmp_path):
+    path, png = tmp_path / "zbv.csv", tmp_path / "zbv.png"
+    cli_main(["--kind", "zb-v", "--stages", "2", "--micro-batches", "4", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert "zb-v: stages=2, micro_batches=4, chunks=2" in out and png.stat().st_size > 1000
+    cli_main(["--kind", "zb-v", "--stages", "2", "--micro-batches", "4", "--export-order", str(path)])
+    assert path.read_text().splitlines()[0].startswith("0F0,0F1,0F2,3F0,")  # rank 0 holds stages 0 and 3
+    cli_main(["--order", str(path)])
+    assert "chunks=2" in capsys.readouterr().out
 
 
 def test_cli_exports_a_compute_order_and_draws_one_read_from_a_file(capsys, tmp_path):
