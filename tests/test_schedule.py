@@ -335,6 +335,7 @@ def test_zb_v_has_less_bubble_than_zb_h1_and_1f1b():
         assert v.makespan < h1.makespan < one.makespan
         assert v.makespan == 3 * micro_batches + (stages - 1) / 2  # only the fill of the first forward
         assert max(v.peak_activations) == 2 * stages  # chunk activations: 1F1B's first stage, in halves
+        assert max(v.peak_buffers) == 2 * stages  # deferred W's included
 
 
 def test_cli_shows_zb_v_and_round_trips_its_order(capsys, tmp_path):

@@ -149,9 +149,13 @@ ComputeOrder gpipe_order(const ScheduleSpec& s) {
 struct RankPlan {
   std::vector<std::pair<int64_t, int64_t>> forwards, backwards;  // (micro_batch, chunk) in order
   // Instead of the sequences above: each chunk's passes in micro-batch order,
-  // the deepest ready chunk first (the V layout, where the rank decides at run
-  // time which of its two chunks has work).
-  bool deepest_ready_chunk = false;
+  // picked at run time among the chunks with work (the V layout): forwards of
+  // the deepest chunk first (towards the loss), backwards of the shallowest
+  // (the gradient the ranks before this one wait for).
+  bool ready_chunk_first = false;
+  // Micro-batches between F and B count against max_in_flight; with this,
+  // until their W (all of their state, not just the activations B needs).
+  bool in_flight_until_w = false;
   int64_t max_in_flight = 1;
   int64_t max_deferred_w = 0;
 };
@@ -164,7 +168,7 @@ std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector
   std::vector<int64_t> act_ready(VS * M, kNever), grad_ready(VS * M, kNever);
   for (int64_t mb = 0; mb < M; ++mb) act_ready[idx(0, mb)] = 0;
   std::vector<ComputeOrder> orders(S);
-  std::vector<size_t> next_f(S, 0), next_b(S, 0);
+  std::vector<size_t> next_f(S, 0), next_b(S, 0), w_done(S, 0);
   std::vector<std::vector<int64_t>> chunk_f(S, std::vector<int64_t>(V, 0)), chunk_b(S, std::vector<int64_t>(V, 0));
   std::vector<int64_t> busy_until(S, 0);
   std::vector<std::deque<std::pair<int64_t, int64_t>>> pending_w(S);
@@ -176,7 +180,7 @@ std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector
   auto next_ready = [&](int64_t i, int64_t t, bool forward) -> std::pair<int64_t, int64_t> {
     const RankPlan& plan = plans[i];
     const auto& ready = forward ? act_ready : grad_ready;
-    if (!plan.deepest_ready_chunk) {
+    if (!plan.ready_chunk_first) {
       const auto& seq = forward ? plan.forwards : plan.backwards;
       const size_t n = forward ? next_f[i] : next_b[i];
       if (n < seq.size() && ready[idx(vs_of(i, seq[n].second), seq[n].first)] <= t) return seq[n];
@@ -186,7 +190,9 @@ std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector
     std::pair<int64_t, int64_t> best{-1, -1};
     for (int64_t c = 0; c < V; ++c) {
       if (next[c] >= M || ready[idx(vs_of(i, c), next[c])] > t) continue;
-      if (best.second < 0 || vs_of(i, c) > vs_of(i, best.second)) best = {next[c], c};
+      if (best.second < 0 || (forward ? vs_of(i, c) > vs_of(i, best.second) : vs_of(i, c) < vs_of(i, best.second))) {
+        best = {next[c], c};
+      }
     }
     return best;
   };
@@ -199,10 +205,12 @@ std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector
     for (int64_t i = 0; i < S; ++i) {
       if (busy_until[i] > t) continue;
       const RankPlan& plan = plans[i];
-      const int64_t in_flight = static_cast<int64_t>(next_f[i]) - static_cast<int64_t>(next_b[i]);
+      const size_t released = plan.in_flight_until_w ? w_done[i] : next_b[i];
+      const int64_t in_flight = static_cast<int64_t>(next_f[i]) - static_cast<int64_t>(released);
       auto run_w = [&] {
         const auto [mb, c] = pending_w[i].front();
         pending_w[i].pop_front();
+        ++w_done[i];
         orders[i].push_back({Compute::W, mb, c});
         busy_until[i] = t + 1;
       };
@@ -354,17 +362,19 @@ std::vector<ComputeOrder> zero_bubble_h1_orders(const ScheduleSpec& s) {
 
 // ZB-V (Qi et al., ICLR 2024): two chunks per rank in the V layout (rank i
 // holds virtual stages i and 2 * stages - 1 - i) with the backward split into
-// B and W. Each rank runs whichever chunk has work, the deeper one first
-// (forwards toward the loss, gradients back from it), keeps at most
-// 2 * stages chunk activations between F and B (1F1B's first stage: stages
-// whole-stage activations), and defers W's into the gaps. Under unit costs
-// each rank idles stages - 1 passes in all, against ZB-H1's
+// B and W. Each rank runs whichever chunk has work (forwards of the deeper
+// chunk first, backwards of the shallower), and defers W's into
+// the gaps, keeping at most 2 * stages chunk micro-batches between F and W
+// (1F1B's first stage: stages whole-stage activations; a W is run early when
+// a forward needs the room). Under unit costs each rank idles stages - 1 chunk
+// passes in all (a pass or two more for some shapes), against ZB-H1's
 // (stages - 1) * (F + B - W) of whole stages.
 std::vector<ComputeOrder> zero_bubble_v_orders(const ScheduleSpec& s) {
   RankPlan plan;
-  plan.deepest_ready_chunk = true;
+  plan.ready_chunk_first = true;
+  plan.in_flight_until_w = true;
   plan.max_in_flight = 2 * s.stages;
-  plan.max_deferred_w = 2 * s.stages - 1;
+  plan.max_deferred_w = 2 * s.stages;  // never reached: the in-flight bound forces W's first
   return list_schedule(s, std::vector<RankPlan>(s.stages, plan), /*split=*/true);
 }
 
