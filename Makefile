@@ -46,6 +46,7 @@ bench: build
 	$(PY) benchmarks/bench_partition.py
 	$(PY) benchmarks/bench_schedule.py
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_schedules.py
 	$(PY) benchmarks/bench_torch_pipelining.py
 	$(PY) benchmarks/bench_activation_checkpointing.py
 	$(PY) benchmarks/bench_failures.py

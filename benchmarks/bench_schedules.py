@@ -7,16 +7,18 @@ gpipe, zb-h1, interleaved-1f1b (two chunks per rank) and zb-v (two chunks per
 rank in a V), alternating repetitions; medians of the slower rank.
 
 Each schedule's prediction is the simulator's makespan from costs measured in
-the same processes: every chunk's forward, full backward, input backward (B)
-and weight backward (W) timed alone on its own layers (summed over a rank's
-chunks, the slower rank's), and the one-way time of one activation between
-the two ranks over gloo (the simulator's send_latency; a hand-over inside a
-rank costs nothing). Memory: the most micro-batches a rank holds between a
+the same run: every chunk's forward, full backward, input backward (B) and
+weight backward (W) on each rank as the executor timed them during the timed
+steps (medians; the simulator takes each rank's and chunk's own), and the one-way
+time of one activation between the two ranks over gloo (the simulator's
+send_latency; a hand-over inside a rank costs nothing), plus the optimizer
+step timed alone. What the measured step exceeds it by is the runtime's own
+cost: transfers on the rank's one core, callbacks, bookkeeping. Memory: the most micro-batches a rank holds between a
 forward and its last backward pass, in whole-stage activations (a chunk holds
 half a stage's), and the bytes of stage inputs, outputs and gradients the
 executor held at its fullest.
 
-    .venv/bin/python benchmarks/bench_schedules.py [--repeats 9]
+    .venv/bin/python benchmarks/bench_schedules.py [--repeats 9] [--schedules gpipe,zb-v]
 """
 import argparse
 import statistics
@@ -42,34 +44,27 @@ def layer_specs(spec):
     return layers
 
 
-def chunk_costs(module, chunks, repeats=8):
-    """Median seconds of (forward, full backward, input backward, weight
-    backward) per chunk of this rank, summed over its chunks."""
+def pass_costs(durations, chunks):
+    """This rank's (forward, input backward, weight backward) seconds per
+    chunk, medians of the passes as they ran; a full backward's time goes to
+    the input backward (the simulator charges a full pass both)."""
+    median = lambda code, c: statistics.median(durations[(code, c)]) if durations.get((code, c)) else 0.0
+    return [(median(1, c), median(2, c) + median(3, c), median(4, c)) for c in range(chunks)]
+
+
+def optimizer_step_seconds(engine, repeats=8):
+    """The optimizer step and zeroing of this rank's gradients, timed alone
+    (after a backward filled the gradients; the learning rate is tiny)."""
     import torch
-    from deepspeed_pipe_ext._native import _C
-    totals = [0.0] * 4
-    for chunk in range(chunks):
-        run = (lambda x: module(x)) if chunks == 1 else (lambda x, c=chunk: module(x, chunk=c))
-        samples = [[] for _ in range(4)]
-        for _ in range(repeats):
-            x = torch.randn(MICRO_BATCH, WIDTH, requires_grad=True)
-            start = time.perf_counter()
-            out = run(x)
-            mid = time.perf_counter()
-            out.backward(torch.ones_like(out))
-            samples[0].append(mid - start)
-            samples[1].append(time.perf_counter() - mid)
-            out = run(x)
-            start = time.perf_counter()
-            deferred = _C.backward_input([out], [torch.ones_like(out)], [x])
-            mid = time.perf_counter()
-            deferred.run()
-            samples[2].append(mid - start)
-            samples[3].append(time.perf_counter() - mid)
-        for i in range(4):
-            totals[i] += statistics.median(samples[i])
-    module.zero_grad(set_to_none=True)
-    return totals
+    module, samples = engine.module, []
+    for _ in range(repeats):
+        for p in module.parameters():
+            p.grad = torch.zeros_like(p)
+        start = time.perf_counter()
+        engine.optimizer.step()
+        engine.optimizer.zero_grad()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 def one_way_transfer_seconds(rank, repeats=20):
@@ -91,7 +86,7 @@ def one_way_transfer_seconds(rank, repeats=20):
     return statistics.median(samples)
 
 
-def measure(rank, world_size, repeats):
+def measure(rank, world_size, repeats, names):
     import torch
     import torch.distributed as dist
     import deepspeed
@@ -101,37 +96,48 @@ def measure(rank, world_size, repeats):
     from deepspeed_pipe_ext import schedule
     pin_to_one_core(rank)
 
-    batch = (torch.randn(MICRO_BATCH, WIDTH), torch.randn(MICRO_BATCH, WIDTH))
+    g = torch.Generator().manual_seed(0)  # every rank the same batch: inputs and labels may be read on either
+    batch = (torch.randn(MICRO_BATCH, WIDTH, generator=g), torch.randn(MICRO_BATCH, WIDTH, generator=g))
     data = lambda: iter([batch] * MICRO_BATCHES)
     engines = {"deepspeed 1f1b": build_engine(DSPipelineModule, deepspeed.pipe.LayerSpec, deepspeed.initialize,
                                               layer_specs(deepspeed.pipe.LayerSpec), MICRO_BATCH, MICRO_BATCHES,
                                               seed_layers=True)}
-    for name, (pipeline, kwargs) in SCHEDULES.items():
+    for name in names:
+        pipeline, kwargs = SCHEDULES[name]
         engines[name] = build_engine(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize,
                                      layer_specs(dpe.LayerSpec), MICRO_BATCH, MICRO_BATCHES, pipeline=pipeline,
                                      seed_layers=True, **kwargs)
-    times, warm = alternate({name: (lambda e=e: e.train_batch(data_iter=data()).item()) for name, e in engines.items()},
-                            repeats, warmup=2)
+    durations = {name: {} for name in engines}  # per engine: (op code, chunk) -> seconds of each pass as it ran
+
+    def timed_step(name, engine):
+        loss = engine.train_batch(data_iter=data()).item()
+        for start, end, code, _, chunk in getattr(engine, "last_timeline", []):
+            durations[name].setdefault((code, chunk), []).append(end - start)
+        return loss
+
+    times, warm = alternate({name: (lambda n=name, e=e: timed_step(n, e)) for name, e in engines.items()}, repeats,
+                            warmup=2)
     result = {"time": slowest_rank_medians(times), "first loss": {n: w[0] for n, w in warm.items()}}
 
     latency = torch.tensor([one_way_transfer_seconds(rank)])
     dist.all_reduce(latency, op=dist.ReduceOp.MAX)
     result["send latency"] = latency.item()
     result["predicted"], result["costs"], result["stage activations"], result["activation bytes"] = {}, {}, {}, {}
-    for name, (pipeline, kwargs) in SCHEDULES.items():
+    for name in names:
+        pipeline, kwargs = SCHEDULES[name]
         engine, chunks = engines[name], kwargs.get("virtual_stages", 1)
-        mine = torch.tensor(chunk_costs(engine.module, chunks))
-        gathered = [torch.zeros(4, dtype=mine.dtype) for _ in range(world_size)]
+        mine = torch.tensor([c for chunk in pass_costs(durations[name], chunks) for c in chunk]
+                            + [optimizer_step_seconds(engine)], dtype=torch.float64)
+        gathered = [torch.zeros_like(mine) for _ in range(world_size)]
         dist.all_gather(gathered, mine)
-        f, b, b_input, b_weight = torch.stack(gathered).max(dim=0).values.tolist()
+        table = [[tuple(g[3 * c:3 * c + 3].tolist()) for c in range(chunks)] for g in gathered]
+        step = max(g[-1].item() for g in gathered)
         kind = pipeline.get("schedule", "1f1b")
-        if kind in ("zb-h1", "zb-v"):  # split backward: B and W as measured
-            costs = dict(forward=f, backward_input=b_input, backward_weight=b_weight)
-        else:  # a full backward: the simulator charges backward_input + backward_weight
-            costs = dict(forward=f, backward_input=b, backward_weight=0.0)
-        result["predicted"][name] = schedule.simulate(kind, MICRO_BATCHES, 2, chunks, send_latency=latency.item(),
-                                                      **costs)["makespan"]
-        result["costs"][name] = (f, b, b_input, b_weight)
+        # Each rank's passes as they ran, then the optimizer step (not part of the simulated schedule).
+        result["predicted"][name] = schedule.simulate_measured(kind, MICRO_BATCHES, 2, table, chunks,
+                                                               send_latency=latency.item(),
+                                                               layout=kwargs.get("virtual_layout", ""))["makespan"] + step
+        result["costs"][name] = table, step
         usage = engine.last_buffer_usage
         live = torch.tensor([usage["peak_live_buffers"] / chunks, float(usage["peak_activation_bytes"])])
         every = [torch.zeros(2, dtype=live.dtype) for _ in range(world_size)]
@@ -145,22 +151,29 @@ def main():
     from distributed import run_ranks
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--schedules", default=",".join(SCHEDULES),
+                        help="which of our schedules to alternate with DeepSpeed's (1f1b is always run)")
     args = parser.parse_args()
-    result = run_ranks(measure, 2, args.repeats, timeout=1800)[0]
+    names = ["1f1b"] + [n for n in args.schedules.split(",") if n and n != "1f1b"]
+    for n in names:
+        if n not in SCHEDULES:
+            parser.error(f"unknown schedule {n!r}: choose from {', '.join(SCHEDULES)}")
+    result = run_ranks(measure, 2, args.repeats, names, timeout=1800)[0]
     t, predicted = result["time"], result["predicted"]
     ds, one = t["deepspeed 1f1b"], t["1f1b"]
-    f, b, b_input, b_weight = result["costs"]["1f1b"]
+    (stage0, stage1), step = result["costs"]["1f1b"]
     print(f"train_batch, compute-bound: 2 stages on 2 processes (gloo, 1 core and 1 thread each), {LAYERS} "
           f"Linear({WIDTH}, {WIDTH}) + Tanh, {MICRO_BATCHES} micro-batches of {MICRO_BATCH}, median of "
           f"{args.repeats}")
-    print(f"measured per stage: F {f * 1e3:.2f} ms, B+W {b * 1e3:.2f} ms, B {b_input * 1e3:.2f} ms, "
-          f"W {b_weight * 1e3:.2f} ms; one activation between the ranks {result['send latency'] * 1e3:.2f} ms")
+    print(f"1f1b's passes as they ran, F / B+W: stage 0 {stage0[0][0] * 1e3:.2f} / {stage0[0][1] * 1e3:.2f} ms, "
+          f"stage 1 {stage1[0][0] * 1e3:.2f} / {stage1[0][1] * 1e3:.2f} ms; optimizer step {step * 1e3:.2f} ms; "
+          f"one activation between the ranks {result['send latency'] * 1e3:.2f} ms")
     print(f"DeepSpeed 1F1B: {ds * 1e3:.1f} ms (first loss {result['first loss']['deepspeed 1f1b']:.6f})")
     print("| schedule | step | vs DeepSpeed | simulator | measured / predicted | vs our 1f1b (predicted) | "
           "peak activations per stage, whole-stage units (vs 1f1b) | peak held bytes per stage |")
     print("|---|---:|---:|---:|---:|---:|---|---|")
     base_act = result["stage activations"]["1f1b"]
-    for name in SCHEDULES:
+    for name in names:
         acts = result["stage activations"][name]
         ratio = " / ".join(f"{a:g} ({a / base:.2f}x)" for a, base in zip(acts, base_act))
         held = " / ".join(f"{x / 2**20:.1f} MiB" for x in result["activation bytes"][name])
@@ -168,8 +181,8 @@ def main():
               f"{t[name] / predicted[name]:.3f} | {t[name] / one:.3f} ({predicted[name] / predicted['1f1b']:.3f}) | "
               f"{ratio} | {held} |")
     losses = result["first loss"]
-    same = all(abs(losses[n] - losses["deepspeed 1f1b"]) <= 1e-5 * abs(losses["deepspeed 1f1b"]) for n in SCHEDULES)
-    print(f"first-step losses {'equal' if same else 'DIFFER'} across the engines and schedules")
+    same = all(abs(losses[n] - losses["deepspeed 1f1b"]) <= 1e-5 * abs(losses["deepspeed 1f1b"]) for n in names)
+    print(f"first-step losses {'equal' if same else 'DIFFER: ' + str(losses)} across the engines and schedules")
 
 
 if __name__ == "__main__":

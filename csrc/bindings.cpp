@@ -317,6 +317,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("backward_input") = 1.0, py::arg("backward_weight") = 1.0, py::arg("send_latency") = 0.0,
       py::arg("layout") = "");
   m.def(
+      "simulate_pass_costs",
+      [](const std::string& kind, int64_t micro_batches, int64_t stages, int64_t chunks,
+         const std::vector<std::vector<std::tuple<double, double, double>>>& pass_costs, double send_latency,
+         const std::string& layout) {
+        const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
+        std::vector<std::vector<core::OpCosts>> table;
+        for (const auto& stage : pass_costs) {
+          table.emplace_back();
+          for (const auto& [forward, backward_input, backward_weight] : stage)
+            table.back().push_back(core::OpCosts{forward, backward_input, backward_weight, 0.0});
+        }
+        core::SimulationResult r;
+        {
+          py::gil_scoped_release release;
+          r = core::simulate(spec, table, send_latency);
+        }
+        return result_to_python(r);
+      },
+      py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks"), py::arg("pass_costs"),
+      py::arg("send_latency") = 0.0, py::arg("layout") = "",
+      "Simulates with measured costs: pass_costs[stage][chunk] = (forward, backward_input, backward_weight) of one "
+      "pass of that chunk.");
+  m.def(
       "simulate_streams",
       [](const std::vector<std::vector<std::vector<std::tuple<int, int, int, int>>>>& streams, int64_t micro_batches,
          int64_t chunks, const std::vector<int64_t>& num_buffers, double forward, double backward_input,

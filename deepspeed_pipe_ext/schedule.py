@@ -258,6 +258,14 @@ def simulate(kind, micro_batches, stages, chunks=1, forward=1.0, backward_input=
                                         backward_weight, send_latency, layout))
 
 
+def simulate_measured(kind, micro_batches, stages, pass_costs, chunks=1, send_latency=0.0, layout=""):
+    """simulate() with costs measured per stage and chunk: pass_costs[stage][chunk]
+    = (forward, backward_input, backward_weight) of one micro-batch's pass of
+    that chunk (a full backward costs both). Raises ScheduleError if invalid."""
+    return SimulationResult(_C.simulate_pass_costs(kind, micro_batches, stages, chunks, pass_costs, send_latency,
+                                                   layout))
+
+
 class ComputeOrder:
     """Each rank's compute passes, in order: `rows[r]` is rank r's list of
     action tokens ("0F3": virtual stage 0, forward, micro-batch 3). With

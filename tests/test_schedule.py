@@ -386,3 +386,19 @@ def test_a_pipe_schedule_class_whose_backward_has_no_forward_is_refused():
 
     with pytest.raises(ValueError, match="BackwardFirst, stage 0, step 0: .* uses buffer 0, which no ForwardPass"):
         ours.ComputeOrder.from_pipe_schedule(BackwardFirst, 1, 1)
+
+
+def test_simulate_measured_takes_each_stage_and_chunk_own_costs():
+    """Measured costs per stage and chunk: a uniform table is simulate()'s
+    result; a slower stage lengthens the step; a table of the wrong shape is
+    refused."""
+    uniform = [[(0.5, 0.5, 0.5)] * 2 for _ in range(4)]
+    assert ours.simulate_measured("zb-v", 8, 4, uniform, chunks=2).makespan == ours.simulate("zb-v", 8, 4, 2).makespan
+    slow = [list(stage) for stage in uniform]
+    slow[3] = [(1.0, 1.0, 1.0)] * 2
+    assert ours.simulate_measured("zb-v", 8, 4, slow, chunks=2).makespan > ours.simulate("zb-v", 8, 4, 2).makespan
+    one_chunk = [[(1.0, 2.0, 0.0)], [(1.0, 2.0, 0.0)]]
+    assert ours.simulate_measured("1f1b", 4, 2, one_chunk, send_latency=0.5).makespan == \
+        ours.simulate("1f1b", 4, 2, forward=1.0, backward_input=2.0, backward_weight=0.0, send_latency=0.5).makespan
+    with pytest.raises(ValueError, match="pass costs for 1 stages"):
+        ours.simulate_measured("1f1b", 4, 2, one_chunk[:1])

@@ -27,9 +27,38 @@ std::string describe(const Instruction& in) {
 
 class Simulator {
  public:
+  // pass_costs[stage][chunk]: what one pass of that chunk costs; empty: `costs` for a whole stage, each chunk
+  // a 1/chunks share.
   Simulator(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
-            const std::vector<int64_t>& num_buffers, const OpCosts& costs, ChunkLayout layout)
-      : S_(static_cast<int64_t>(streams.size())), M_(micro_batches), V_(chunks), costs_(costs), layout_(layout) {
+            const std::vector<int64_t>& num_buffers, const OpCosts& costs, ChunkLayout layout,
+            std::vector<std::vector<OpCosts>> pass_costs = {})
+      : S_(static_cast<int64_t>(streams.size())),
+        M_(micro_batches),
+        V_(chunks),
+        costs_(costs),
+        layout_(layout),
+        pass_costs_(std::move(pass_costs)) {
+    if (pass_costs_.empty()) {
+      const double v = static_cast<double>(V_);
+      const OpCosts per_chunk{costs.forward / v, costs.backward_input / v, costs.backward_weight / v,
+                              costs.send_latency};
+      pass_costs_.assign(S_, std::vector<OpCosts>(V_, per_chunk));
+    }
+    if (static_cast<int64_t>(pass_costs_.size()) != S_) {
+      throw std::invalid_argument("pass costs for " + std::to_string(pass_costs_.size()) + " stages, the schedule has " +
+                                  std::to_string(S_));
+    }
+    for (const auto& stage : pass_costs_) {
+      if (static_cast<int64_t>(stage.size()) != V_) {
+        throw std::invalid_argument("pass costs for " + std::to_string(stage.size()) + " chunks on a stage, the "
+                                    "schedule has " + std::to_string(V_) + " per stage");
+      }
+      for (const auto& c : stage) {
+        if (!(c.forward >= 0 && c.backward_input >= 0 && c.backward_weight >= 0)) {
+          throw std::invalid_argument("pass costs must be >= 0");
+        }
+      }
+    }
     if (S_ < 1) throw ScheduleError("no stage streams to simulate");
     if (static_cast<int64_t>(num_buffers.size()) != S_) {
       throw ScheduleError("num_buffers has " + std::to_string(num_buffers.size()) + " entries for " +
@@ -165,12 +194,14 @@ class Simulator {
     }
   }
 
-  void compute(int64_t stage, const Instruction& in, double cost) {
+  // Runs a pass of in.chunk on `stage` costing `cost` (of OpCosts: forward, backward_input, or both backwards).
+  void compute(int64_t stage, const Instruction& in, double OpCosts::*cost, double OpCosts::*also = nullptr) {
     StageState& st = stages_[stage];
-    const double per_chunk = cost / static_cast<double>(V_);
-    result_.timeline[stage].push_back({st.time, st.time + per_chunk, in.op, in.micro_batch, in.chunk});
-    st.time += per_chunk;
-    result_.busy[stage] += per_chunk;
+    const OpCosts& c = pass_costs_[stage][in.chunk];
+    const double seconds = c.*cost + (also ? c.*also : 0.0);
+    result_.timeline[stage].push_back({st.time, st.time + seconds, in.op, in.micro_batch, in.chunk});
+    st.time += seconds;
+    result_.busy[stage] += seconds;
   }
 
   std::deque<Message>& channel(int64_t src, int64_t dst, Channel kind) {
@@ -223,7 +254,7 @@ class Simulator {
         if (vs == last_vs && training_ && !st.label_loaded[in.micro_batch]) {
           fail(i, at.step, in, "the last stage computes the loss without having loaded the labels");
         }
-        compute(i, in, costs_.forward);
+        compute(i, in, &OpCosts::forward);
         st.fwd_done[k] = 1;
         st.active++;
         result_.peak_activations[i] = std::max(result_.peak_activations[i], st.active);
@@ -251,10 +282,10 @@ class Simulator {
         if (st.b_done[k]) fail(i, at.step, in, "second backward pass of the same micro-batch");
         if (!st.grad_ready[k]) fail(i, at.step, in, "backward pass before the output gradient was received");
         if (in.op == Op::BackwardPass) {
-          compute(i, in, costs_.backward_input + costs_.backward_weight);
+          compute(i, in, &OpCosts::backward_input, &OpCosts::backward_weight);
           st.w_done[k] = 1;
         } else {
-          compute(i, in, costs_.backward_input);
+          compute(i, in, &OpCosts::backward_input);
         }
         st.b_done[k] = 1;
         st.active--;
@@ -263,7 +294,7 @@ class Simulator {
         use_buffer(i, at);
         if (!st.b_done[k]) fail(i, at.step, in, "weight gradient before the input gradient (BackwardInput)");
         if (st.w_done[k]) fail(i, at.step, in, "second weight-gradient pass of the same micro-batch");
-        compute(i, in, costs_.backward_weight);
+        compute(i, in, &OpCosts::backward_weight);
         st.w_done[k] = 1;
         break;
       case Op::SendGrad: {
@@ -341,6 +372,7 @@ class Simulator {
   const int64_t S_, M_, V_;
   const OpCosts costs_;
   const ChunkLayout layout_;
+  std::vector<std::vector<OpCosts>> pass_costs_;
   bool training_ = false;
   std::vector<StageState> stages_;
   std::map<std::tuple<int64_t, int64_t, int>, std::deque<Message>> channels_;
@@ -362,6 +394,16 @@ SimulationResult simulate(const std::vector<Steps>& streams, int64_t micro_batch
     throw std::invalid_argument("costs must be >= 0");
   }
   return Simulator(streams, micro_batches, chunks, num_buffers, costs, layout).run();
+}
+
+SimulationResult simulate(const ScheduleSpec& spec, const std::vector<std::vector<OpCosts>>& pass_costs,
+                          double send_latency) {
+  if (!(send_latency >= 0)) throw std::invalid_argument("send_latency must be >= 0");
+  std::vector<int64_t> buffers;
+  const std::vector<Steps> streams = generate_all_steps(spec, &buffers);
+  OpCosts latency;
+  latency.send_latency = send_latency;
+  return Simulator(streams, spec.micro_batches, spec.chunks, buffers, latency, spec.layout, pass_costs).run();
 }
 
 SimulationResult simulate(const ScheduleSpec& spec, const OpCosts& costs) {

@@ -61,4 +61,10 @@ SimulationResult simulate(const std::vector<Steps>& streams, int64_t micro_batch
 // Generates every stage's stream for `spec` and simulates it.
 SimulationResult simulate(const ScheduleSpec& spec, const OpCosts& costs);
 
+// The costs of each pass of each chunk on each stage as measured
+// (pass_costs[stage][chunk], whole seconds of one micro-batch's pass of that
+// chunk, not divided by the chunks); send_latency from `latency`.
+SimulationResult simulate(const ScheduleSpec& spec, const std::vector<std::vector<OpCosts>>& pass_costs,
+                          double send_latency);
+
 }  // namespace dpe::core

@@ -499,6 +499,19 @@ static void test_zero_bubble_v() {
   }));
   CHECK(throws_invalid([] { generate_steps(zbv_spec(ScheduleKind::ZeroBubbleV, 4, 1), 0); }));
   CHECK(parse_chunk_layout("v") == ChunkLayout::V && throws_invalid([] { parse_chunk_layout("w"); }));
+  // Measured costs per stage and chunk: a uniform table is the uniform simulation; doubling every cost
+  // doubles the makespan; the wrong table shape is refused.
+  for (const ScheduleSpec& spec : {zbv_spec(ScheduleKind::ZeroBubbleV, 8, 4), ScheduleSpec{ScheduleKind::Train1F1B, 8, 4, 1}}) {
+    const OpCosts whole{2.0, 1.0, 3.0, 0.0};
+    const double v = static_cast<double>(spec.chunks);
+    std::vector<std::vector<OpCosts>> table(spec.stages, std::vector<OpCosts>(spec.chunks, OpCosts{2.0 / v, 1.0 / v, 3.0 / v, 0.0}));
+    CHECK(simulate(spec, table, 0.0).makespan == simulate(spec, whole).makespan);
+    for (auto& stage : table)
+      for (auto& c : stage) c = OpCosts{c.forward * 2, c.backward_input * 2, c.backward_weight * 2, 0.0};
+    CHECK(std::abs(simulate(spec, table, 0.0).makespan - 2 * simulate(spec, whole).makespan) < 1e-9);
+    table.pop_back();
+    CHECK(throws_invalid([&] { simulate(spec, table, 0.0); }));
+  }
 }
 
 int main() {
