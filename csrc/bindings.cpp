@@ -563,16 +563,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("num_buffers", &StageProgram::num_buffers)
       .def_property_readonly("steps", [](const StageProgram& p) { return steps_to_python(p.steps); })
       .def_property_readonly(
-          "delayed_sends", [](const StageProgram& p) {
-            return std::count(p.plan.delayed.begin(), p.plan.delayed.end(), 1);
+          "receives_after_meta",
+          [](const StageProgram& p) {
+            int64_t n = 0;
+            for (const auto& at : p.plan.before)
+              for (const auto& a : at) n += a.kind == core::TransferAction::Kind::PostRecvAfterMeta;
+            return n;
           },
-          "Sends this stage holds back until a receive from the same peer (NCCL ordering).")
+          "Receives this stage takes ahead of another transfer with the same peer whose meta it receives first "
+          "(their shapes not known yet; NCCL ordering).")
       .def_property_readonly(
           "posted_receives",
           [](const StageProgram& p) {
             int64_t n = 0;
             for (const auto& at : p.plan.before)
-              for (const auto& a : at) n += a.kind == core::TransferAction::Kind::PostRecv;
+              n += static_cast<int64_t>(at.size());
             return n;
           },
           "Receives this stage posts ahead of their instruction.");

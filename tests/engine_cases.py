@@ -1,5 +1,7 @@
 """Run on every rank by tests/test_engine.py: our PipelineEngine against
 DeepSpeed's on the same model, seeds and data."""
+import os
+
 import torch
 import torch.nn as nn
 from deepspeed.pipe import PipelineModule as DSPipelineModule
@@ -667,6 +669,16 @@ def virtual_stage_mismatches(rank, world_size):
     ok = engine(2, "interleaved-1f1b")
     attempt("set_schedule", lambda: ok.set_schedule("gpipe"))
     out["partition"] = ok.module.describe_partition()
+    # Compute orders must name the module's chunks, in its layout.
+    import tempfile
+    from deepspeed_pipe_ext import schedule as dpe_schedule
+    folder = tempfile.mkdtemp()
+    orders = {"one": dpe_schedule.ComputeOrder.builtin("1f1b", 4, 2), "zbv": dpe_schedule.ComputeOrder.builtin("zb-v", 4, 2, 2)}
+    for name, order in orders.items():
+        with open(os.path.join(folder, f"{name}.csv"), "w") as f:
+            f.write(order.to_csv())
+    attempt("one_chunk_order_on_v", lambda: engine(2, os.path.join(folder, "one.csv"), "v"))
+    attempt("v_order_on_interleaved", lambda: engine(2, os.path.join(folder, "zbv.csv")))
     v = engine(2, "zb-v", "v")
     out["v_partition"] = v.module.describe_partition()
     attempt("v_set_interleaved", lambda: v.set_schedule("interleaved-1f1b"))

@@ -26,12 +26,18 @@ def varying_token_batches(seed, count, micro_batch=2):
 
 def _run(module_cls, spec, make, num_stages, schedule, model, dynamic, record, steps=3, micro_batches=4):
     torch.manual_seed(5)
+    kwargs = {"dynamic_shape": dynamic}
+    if schedule in ("interleaved-1f1b", "zb-v"):  # two chunks per rank (ours); per-layer seeds for equal weights
+        kwargs.update(seed_layers=True, partition_method="uniform")
+        if module_cls is not DSPipelineModule:
+            kwargs.update(virtual_stages=2, virtual_layout="v" if schedule == "zb-v" else "interleaved")
     if model == "mlp":
-        net = module_cls(layers=mlp_specs(spec), num_stages=num_stages, loss_fn=nn.MSELoss(), dynamic_shape=dynamic)
+        net = module_cls(layers=mlp_specs(spec), num_stages=num_stages, loss_fn=nn.MSELoss(), **kwargs)
         data_for = lambda seed: batches(seed, micro_batches)
     else:
+        kwargs.setdefault("partition_method", "uniform")
         net = module_cls(layers=transformer_specs(spec), num_stages=num_stages, loss_fn=nn.CrossEntropyLoss(),
-                         partition_method="uniform", dynamic_shape=dynamic)
+                         **kwargs)
         data_for = lambda seed: varying_token_batches(seed, micro_batches)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
               "steps_per_print": 10**9}
@@ -49,7 +55,7 @@ def _run(module_cls, spec, make, num_stages, schedule, model, dynamic, record, s
         return losses, evals.item()
     trace = list(engine.p2p.trace) if engine.p2p is not None else []
     program = engine._programs[(schedule, micro_batches)]
-    return losses, evals.item(), trace, program.delayed_sends, program.posted_receives
+    return losses, evals.item(), trace, program.receives_after_meta, program.posted_receives
 
 
 def recorded_traces(rank, world_size, num_stages, cases):
@@ -62,7 +68,7 @@ def recorded_traces(rank, world_size, num_stages, cases):
                       record=False)
         ours = _run(dpe.PipelineModule, dpe.LayerSpec, dpe_engine.initialize, num_stages, schedule, model, dynamic,
                     record=True)
-        out.append({"theirs": theirs, "losses": ours[0], "eval": ours[1], "trace": ours[2], "delayed": ours[3],
+        out.append({"theirs": theirs, "losses": ours[0], "eval": ours[1], "trace": ours[2], "after_meta": ours[3],
                     "posted": ours[4]})
     import torch.distributed as dist
     from deepspeed_pipe_ext.topology import PipeDataParallelTopology

@@ -128,8 +128,8 @@ def test_bad_configurations_and_calls():
     out = per_rank[0]
     assert "ZeRO stage 2 partitions gradients" in out["zero2"]
     assert "Type fp16 is not supported on your device" in out["fp16"]  # DeepSpeed's own check, on this CPU
-    assert ("schedule 'interleaved-1f1b' needs several model chunks per rank: build the PipelineModule with "
-            "virtual_stages=2 (or more), or choose one of ['1f1b', 'gpipe', 'zb-h1']") in out["schedule"]
+    assert ("schedule 'interleaved-1f1b' runs a PipelineModule built with virtual_stages=2 (or more), "
+            "virtual_layout='interleaved'; this one is built with virtual_stages=1: build it so") in out["schedule"]
     assert ("schedule 'zb-h1' splits the backward pass, which runs with fp32 and ZeRO stage 0 without DeepSpeed's "
             "backward wrappers; this config has: a ZeRO optimizer. Remove those or use the 1f1b schedule") in out["zb_zero1"]
     assert "this config has: bf16." in out["zb_bf16"]

@@ -91,6 +91,10 @@ def test_a_schedule_that_does_not_fit_the_module_is_refused_with_the_fix():
         assert "which the zb-v schedule runs, not 'gpipe'" in out["v_with_gpipe"], out
         assert "which the interleaved-1f1b schedule runs, not 'gpipe'" in out["set_schedule"], out
         assert "this one is built with virtual_stages=2, virtual_layout='v'" in out["v_set_interleaved"], out
+        assert ("the compute order names 1 model chunk(s) per rank, but the PipelineModule is built with "
+                "virtual_stages=2, virtual_layout='v'") in out["one_chunk_order_on_v"], out
+        assert ("the compute order places 2 model chunks per rank in the 'v' layout, but the PipelineModule is "
+                "built with virtual_stages=2, virtual_layout='interleaved'") in out["v_order_on_interleaved"], out
         assert "stage 0 chunk 1: layers" in out["partition"] or "stage 1 chunk 1: layers" in out["partition"], out
         # The V: rank 0 holds the first and the last part.
         lines = out["v_partition"].splitlines()
@@ -227,12 +231,12 @@ def test_what_the_executor_issues_for_virtual_stages_passes_under_nccl_rules(wor
             assert result["ok"], result["report"]
 
 
-def test_virtual_stages_with_dynamic_shapes_that_would_hang_on_nccl_are_refused():
-    """With dynamic shapes nothing is posted ahead, and some interleaved
-    shapes then deadlock under NCCL's rules: the program is checked and refused
-    before it runs (fixed shapes pass the core tests' sweep)."""
+def test_programs_that_hung_under_nccl_rules_with_dynamic_shapes_now_plan():
+    """Holding a send back until a receive whose shapes are unknown made
+    some interleaved programs with dynamic shapes deadlock under NCCL's rules
+    (they were refused); taking that receive's meta first orders them all
+    (the core tests check every one up to 8 stages, 4 chunks, 24 micro-batches)."""
     from deepspeed_pipe_ext._native import _C
-    with pytest.raises(ValueError, match="would hang under NCCL's rules: deadlock"):
-        _C.StageProgram("interleaved-1f1b", 4, 3, 0, True, 2)
-    assert _C.StageProgram("interleaved-1f1b", 4, 3, 0, False, 2).num_buffers > 0
-    assert _C.StageProgram("interleaved-1f1b", 4, 2, 0, True, 2).num_buffers > 0  # this one passes the check
+    program = _C.StageProgram("interleaved-1f1b", 4, 3, 0, True, 2)
+    assert program.num_buffers > 0 and program.receives_after_meta > 0
+    assert _C.StageProgram("zb-v", 6, 2, 1, True, 2).receives_after_meta > 0

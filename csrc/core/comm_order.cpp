@@ -315,7 +315,6 @@ TransferPlan plan_in_program_order(const Steps& steps, int64_t stage_id, int64_t
   const int32_t n = static_cast<int32_t>(flat.size());
   TransferPlan plan;
   plan.before.resize(n + 1);
-  plan.delayed.assign(n, 0);
   if (dynamic_shapes) return plan;
   std::map<ChannelKey, int32_t> previous_recv;
   std::map<int32_t, int32_t> last_transfer_with;  // peer -> flat index of the last transfer seen
@@ -350,7 +349,6 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
   const int32_t n = static_cast<int32_t>(flat.size());
   TransferPlan plan;
   plan.before.resize(n + 1);
-  plan.delayed.assign(n, 0);
   // Per peer: this stage's transfers with it, in the pair's agreed order.
   std::map<int32_t, std::vector<int32_t>> pair_order;
   for (int32_t i = 0; i < n; ++i) {
@@ -365,7 +363,6 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
   std::map<int32_t, size_t> next;            // peer -> next item of pair_order to issue
   std::map<ChannelKey, int32_t> posted;      // channel -> receives posted, not yet consumed
   std::map<ChannelKey, bool> shapes_known;   // a receive on the channel has completed
-  std::vector<uint8_t> captured(n, 0);       // delayed sends whose instruction has run
   auto head = [&](int32_t peer) -> int32_t {
     const auto& items = pair_order[peer];
     return next[peer] < items.size() ? items[next[peer]] : -1;
@@ -374,25 +371,23 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
     return !dynamic_shapes && shapes_known[channel_of(flat[r].instr, stage_id, stages, layout)];
   };
   auto post = [&](int32_t at, int32_t r, int32_t peer) {
-    plan.before[at].push_back({TransferAction::Kind::PostRecv, r});
-    ++posted[channel_of(flat[r].instr, stage_id, stages, layout)];
+    const ChannelKey key = channel_of(flat[r].instr, stage_id, stages, layout);
+    // Unknown shapes: the meta now (it comes first on the wire), then the data posted.
+    const bool after_meta = !postable(r);
+    plan.before[at].push_back({after_meta ? TransferAction::Kind::PostRecvAfterMeta : TransferAction::Kind::PostRecv, r});
+    if (after_meta) shapes_known[key] = true;
+    ++posted[key];
     ++next[peer];
   };
-  // Before instruction `at`: issue captured sends whose turn it is, post
-  // receives whose turn it is (one per channel ahead of time).
+  // Before instruction `at`: post receives whose turn it is and whose shapes
+  // are known (one per channel ahead of time).
   auto settle = [&](int32_t at) {
     for (bool moved = true; moved;) {
       moved = false;
       for (auto& [peer, items] : pair_order) {
         const int32_t h = head(peer);
-        if (h < 0) continue;
-        if (!is_recv(flat[h].instr.op)) {
-          if (captured[h]) {
-            plan.before[at].push_back({TransferAction::Kind::IssueSend, h});
-            ++next[peer];
-            moved = true;
-          }
-        } else if (h > at && postable(h) && posted[channel_of(flat[h].instr, stage_id, stages, layout)] == 0) {
+        if (h >= 0 && is_recv(flat[h].instr.op) && h > at && postable(h) &&
+            posted[channel_of(flat[h].instr, stage_id, stages, layout)] == 0) {
           post(at, h, peer);
           moved = true;
         }
@@ -409,34 +404,33 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
       if (posted[key] > 0) {  // posted earlier (the plan posts each channel in order)
         --posted[key];
       } else {
-        if (head(peer) != i) {
+        // Messages of this pair that come first but are received later in the program: posted now, after
+        // their meta where their shapes are not known.
+        for (int32_t h = head(peer); h != i; h = head(peer)) {
+          if (h < 0 || !is_recv(flat[h].instr.op)) {
+            throw std::logic_error("plan_transfers: stage " + std::to_string(stage_id) + " receives instruction " +
+                                   std::to_string(i) + " out of its pair's order");
+          }
+          post(i, h, peer);
+        }
+        if (posted[key] > 0) {  // one of those was on this channel, ahead of this receive
           throw std::logic_error("plan_transfers: stage " + std::to_string(stage_id) + " receives instruction " +
-                                 std::to_string(i) + " out of its pair's order");
+                                 std::to_string(i) + " behind a later message of its own channel");
         }
         ++next[peer];
       }
       shapes_known[key] = true;
       continue;
     }
-    // A send: everything before it in the pair's order goes first.
-    bool delay = false;
+    // A send: every receive before it in the pair's order is posted first (after its meta if need be).
     for (int32_t h = head(peer); h != i; h = head(peer)) {
       if (h < 0 || !is_recv(flat[h].instr.op)) {
         throw std::logic_error("plan_transfers: stage " + std::to_string(stage_id) + " sends instruction " +
                                std::to_string(i) + " out of its pair's order");
       }
-      if (!postable(h)) {
-        delay = true;
-        break;
-      }
       post(i, h, peer);
     }
-    if (delay) {
-      plan.delayed[i] = 1;
-      captured[i] = 1;
-    } else {
-      ++next[peer];
-    }
+    ++next[peer];
   }
   settle(n);
   for (auto& [peer, items] : pair_order) {
@@ -538,20 +532,21 @@ CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_i
   };
   for (int32_t p = 0; p <= n; ++p) {
     for (const TransferAction& a : plan.before[p]) {
-      if (a.kind == TransferAction::Kind::IssueSend) {
-        send(a.instruction);
-      } else {
-        const ChannelKey key = channel_of(flat[a.instruction].instr, stage_id, stages, layout);
-        posted[key].push_back(
-            issue(CommKind::Recv, std::get<1>(key), -1, label_of(a.instruction), message_of(a.instruction, false)));
+      const ChannelKey key = channel_of(flat[a.instruction].instr, stage_id, stages, layout);
+      if (a.kind == TransferAction::Kind::PostRecvAfterMeta) {
+        wait(issue(CommKind::Recv, std::get<1>(key), meta_bytes, label_of(a.instruction) + " (meta)",
+                   message_of(a.instruction, true)));
+        meta_known[key] = true;
       }
+      posted[key].push_back(
+          issue(CommKind::Recv, std::get<1>(key), -1, label_of(a.instruction), message_of(a.instruction, false)));
     }
     if (p == n) break;
     const Instruction& in = flat[p].instr;
     if (!is_p2p_transfer(in, stage_id, stages, layout)) continue;
     const ChannelKey key = channel_of(in, stage_id, stages, layout);
     if (!is_recv(in.op)) {
-      if (!plan.delayed[p]) send(p);
+      send(p);
       continue;
     }
     if (!posted[key].empty()) {

@@ -70,10 +70,12 @@ enum class TransferOrder : uint8_t {
   // messages between them (the order in which a simulation of the schedule
   // sends them), and each side issues its operations with that peer in that
   // order: a receive whose message comes first is posted ahead of the stage's
-  // own send (into buffers of its own), or, where it cannot be posted yet (its
-  // channel's shapes are not known: the first transfer, dynamic shapes), the
-  // send waits until after it (its tensors captured at its instruction).
-  // Receives are also posted ahead of the compute before them, one per channel.
+  // own send or receive (into buffers of its own); where its shapes are not
+  // known yet (the channel's first transfer, dynamic shapes), its meta is
+  // received first, then its data posted. (Holding the send back instead
+  // deadlocks some interleaved programs with dynamic shapes under NCCL's
+  // rules.) Receives are also posted ahead of the compute before them, one per
+  // channel, where their shapes are known.
   PairOrder,
   // Transfers in the stream's order, receives posted ahead of compute only.
   // Enough for DeepSpeed's 1F1B; two stages can both send first under zb-h1.
@@ -86,17 +88,19 @@ enum class TransferOrder : uint8_t {
 
 // One transfer action the executor takes right before an instruction runs.
 struct TransferAction {
-  enum class Kind : uint8_t { PostRecv, IssueSend } kind;
-  int32_t instruction;  // flat index of the receive to post, or of the (delayed) send to issue
+  // PostRecvAfterMeta: a receive whose shapes are not known yet (the
+  // channel's first transfer, or dynamic shapes) that must go ahead of a
+  // transfer with the same peer: its meta is received now (waited for), then
+  // its data receive is posted.
+  enum class Kind : uint8_t { PostRecv, PostRecvAfterMeta } kind;
+  int32_t instruction;  // flat index of the receive to post
 };
 
 // One stage's plan, in flat instruction order. before[p] runs right before
-// instruction p (p == size: after the last). A send marked delayed captures its
-// tensors at its instruction and is issued by an IssueSend action; a receive
-// not posted by a PostRecv is issued (and waited for) by its own instruction.
+// instruction p (p == size: after the last); a receive not posted by one of
+// them is issued (and waited for) by its own instruction.
 struct TransferPlan {
   std::vector<std::vector<TransferAction>> before;
-  std::vector<uint8_t> delayed;
 };
 
 // The peer stage of a transfer instruction in a pipeline of `stages` stages

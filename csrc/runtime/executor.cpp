@@ -121,9 +121,8 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
   timeline_.clear();
   usage_ = BufferUsage{};
   flat_ = core::flatten(steps);
-  captured_sends_.clear();
-  TORCH_CHECK(plan.before.size() == flat_.size() + 1 && plan.delayed.size() == flat_.size(), "stage ", stage_id_,
-              ": the transfer plan does not belong to this program (", plan.delayed.size(), " instructions planned, ",
+  TORCH_CHECK(plan.before.size() == flat_.size() + 1, "stage ", stage_id_,
+              ": the transfer plan does not belong to this program (", plan.before.size() - 1, " instructions planned, ",
               flat_.size(), " in the program)");
   size_t p = 0;
   for (const auto& step : steps) {
@@ -136,7 +135,7 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
       {
         RECORD_USER_SCOPE(profiler_label(stage_id_, in));
         position_ = static_cast<int32_t>(p);
-        execute(in, plan.delayed[p] != 0, cb);
+        execute(in, cb);
       }
       if (is_compute(in.op)) timeline_.push_back({start, monotonic_seconds(), in.op, in.micro_batch, in.chunk});
       ++p;
@@ -146,8 +145,6 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
     ++step_;
   }
   for (const auto& action : plan.before[p]) take_action(action);
-  TORCH_CHECK(captured_sends_.empty(), "stage ", stage_id_, ": the transfer plan left ", captured_sends_.size(),
-              " sends unissued");
   if (p2p_) p2p_->wait_sends();
   clear_buffers();
   flat_.clear();
@@ -176,14 +173,8 @@ void Executor::take_action(const core::TransferAction& action) {
     const bool posted = p2p_->post_recv(peer_of(in), tag_of(in));
     TORCH_CHECK(posted, "stage ", stage_id_, ", ", where(in),
                 ": the transfer plan posts this receive ahead, but its shapes are not known yet");
-  } else {
-    auto captured = captured_sends_.find(action.instruction);
-    TORCH_CHECK(captured != captured_sends_.end(), "stage ", stage_id_, ", ", where(in),
-                ": the transfer plan issues this send before its instruction ran");
-    Activation value = std::move(captured->second);
-    captured_sends_.erase(captured);
-    RECORD_USER_SCOPE(profiler_label(stage_id_, in));
-    send(in, std::move(value), /*delayed=*/false);
+  } else {  // its shapes are not known yet: its meta first
+    p2p_->post_recv_after_meta(peer_of(in), tag_of(in), lazily(step_, in));
   }
   step_ = saved_step;
 }
@@ -207,15 +198,8 @@ Activation Executor::take_over(const core::Instruction& in) {
   return value;
 }
 
-void Executor::send(const core::Instruction& in, Activation value, bool delayed) {
+void Executor::send(const core::Instruction& in, Activation value) {
   if (is_local(in)) return hand_over(in, std::move(value));
-  if (delayed) {
-    // Captured as detached aliases: the buffer may be reused, and an output's
-    // storage released, before the plan issues the send.
-    for (auto& t : value.tensors) t = t.detach();
-    captured_sends_[position_] = std::move(value);
-    return;
-  }
   p2p_->send(value, peer_of(in), tag_of(in), lazily(step_, in));
 }
 
@@ -270,7 +254,7 @@ void Executor::backward_seeds(const core::Instruction& in, std::vector<at::Tenso
   }
 }
 
-void Executor::execute(const core::Instruction& in, bool delayed_send, const StageCallbacks& cb) {
+void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
   using core::Op;
   const int64_t b = in.buffer_id;
   switch (in.op) {
@@ -306,7 +290,7 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
       break;
     }
     case Op::SendActivation:
-      send(in, split_activations_ && !is_local(in) ? split_->split(outputs_[b]) : outputs_[b], delayed_send);
+      send(in, split_activations_ && !is_local(in) ? split_->split(outputs_[b]) : outputs_[b]);
       if (release_sent_outputs_) release_sent_outputs(b);
       break;
     case Op::RecvGrad: {
@@ -381,7 +365,7 @@ void Executor::execute(const core::Instruction& in, bool delayed_send, const Sta
                     "tensor)");
         grads.tensors.push_back(t.grad());
       }
-      send(in, split_grads_ && !is_local(in) ? split_->split(grads) : std::move(grads), delayed_send);
+      send(in, split_grads_ && !is_local(in) ? split_->split(grads) : std::move(grads));
       inputs_[b] = Activation{};
       break;
     }

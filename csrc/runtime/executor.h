@@ -117,9 +117,9 @@ class Executor {
   std::string position() const;
 
  private:
-  void execute(const core::Instruction& in, bool delayed_send, const StageCallbacks& cb);
+  void execute(const core::Instruction& in, const StageCallbacks& cb);
   void take_action(const core::TransferAction& action);
-  void send(const core::Instruction& in, Activation value, bool delayed);
+  void send(const core::Instruction& in, Activation value);
   // After its send, a stage output that only autograd still needs keeps its
   // graph but not its storage (Megatron's deallocate_output_tensor).
   void release_sent_outputs(int64_t buffer);
@@ -155,9 +155,8 @@ class Executor {
   bool release_sent_outputs_;
   int64_t wrapper_references_;
   int64_t step_ = 0;
-  // The flat stream of the current run, and delayed sends' captured tensors by instruction.
+  // The flat stream of the current run.
   std::vector<core::Located> flat_;
-  std::map<int32_t, Activation> captured_sends_;
   // Hand-overs between this rank's chunks, by (gradient?, receiving virtual stage, micro-batch).
   std::map<std::tuple<bool, int64_t, int32_t>, Activation> handed_over_;
   int32_t position_ = 0;  // flat index of the instruction running

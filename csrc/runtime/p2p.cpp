@@ -272,16 +272,42 @@ bool P2P::post_recv(int peer, int tag) {
   const Channel channel{peer, tag};
   auto known = recv_meta_.find(channel);
   if (dynamic_ || known == recv_meta_.end()) return false;
+  post_data(channel, known->second);
+  return true;
+}
+
+void P2P::post_data(const Channel& channel, const ChannelMeta& meta) {
   PostedRecv posted;
+  posted.is_tuple = meta.is_tuple;
   // A failure to start is reported by the recv() that waits for it, which knows what it receives.
   const Describe posted_ahead = [] { return std::string("a receive posted ahead"); };
-  for (const auto& m : known->second.tensors) {
+  for (const auto& m : meta.tensors) {
     posted.tensors.push_back(empty_wire(m));
     std::vector<at::Tensor> one{posted.tensors.back()};
-    posted.works.push_back(start(one, peer, data_tag(tag), posted_ahead, "", false));
+    posted.works.push_back(start(one, channel.first, data_tag(channel.second), posted_ahead, "", false));
   }
   posted_[channel].push_back(std::move(posted));
-  return true;
+}
+
+void P2P::post_recv_after_meta(int peer, int tag, const Describe& what) {
+  const Channel channel{peer, tag};
+  const ChannelMeta meta = receive_meta(channel, what);
+  post_data(channel, meta);
+}
+
+const P2P::ChannelMeta& P2P::receive_meta(const Channel& channel, const Describe& what) {
+  const int peer = channel.first;
+  std::vector<at::Tensor> body{at::empty({core::kMetaWords}, at::TensorOptions().dtype(at::kLong).device(wire_device_))};
+  wait(start(body, peer, meta_tag(channel.second), what, " (meta)", false), peer, what, " (meta)", false);
+  ChannelMeta meta;
+  meta.tensors = decode(body[0].cpu(), &meta.is_tuple);
+  auto known = recv_meta_.find(channel);
+  if (known == recv_meta_.end() || !(known->second == meta)) {
+    auto& buffers = recv_buffers_[channel];
+    buffers.clear();
+    for (const auto& m : meta.tensors) buffers.push_back(empty_wire(m));
+  }
+  return recv_meta_[channel] = std::move(meta);
 }
 
 Activation P2P::recv(int peer, int tag, const Describe& what) {
@@ -293,21 +319,9 @@ Activation P2P::recv(int peer, int tag, const Describe& what) {
       wait(mine.works[i], peer, what, "", false);
       mine.tensors[i] = from_wire(mine.tensors[i]);
     }
-    return Activation{std::move(mine.tensors), recv_meta_[channel].is_tuple, /*owned=*/true};
+    return Activation{std::move(mine.tensors), mine.is_tuple, /*owned=*/true};
   }
-  auto known = recv_meta_.find(channel);
-  if (dynamic_ || known == recv_meta_.end()) {
-    std::vector<at::Tensor> body{at::empty({core::kMetaWords}, at::TensorOptions().dtype(at::kLong).device(wire_device_))};
-    wait(start(body, peer, meta_tag(tag), what, " (meta)", false), peer, what, " (meta)", false);
-    ChannelMeta meta;
-    meta.tensors = decode(body[0].cpu(), &meta.is_tuple);
-    auto& buffers = recv_buffers_[channel];
-    if (known == recv_meta_.end() || !(known->second == meta)) {
-      buffers.clear();
-      for (const auto& m : meta.tensors) buffers.push_back(empty_wire(m));
-    }
-    recv_meta_[channel] = std::move(meta);
-  }
+  if (dynamic_ || recv_meta_.find(channel) == recv_meta_.end()) receive_meta(channel, what);
   auto& buffers = recv_buffers_[channel];
   if (through_host_) {  // the copy in of the last receive may still read them
     for (size_t i = 0; i < buffers.size(); ++i) buffers[i] = empty_wire(recv_meta_[channel].tensors[i]);

@@ -89,6 +89,11 @@ class P2P {
   // returns whether it posted. Posted receives are consumed by recv() in the
   // order they were posted.
   bool post_recv(int peer, int tag);
+  // The same for a receive whose shapes are not known yet (the channel's
+  // first transfer, or dynamic shapes): receives its meta now, waiting for
+  // it, then posts the data receive. For an order in which a message from
+  // `peer` must be taken before another one received earlier (NCCL's rules).
+  void post_recv_after_meta(int peer, int tag, const Describe& what);
   // Waits for every send started so far.
   void wait_sends();
   // Drops the sends that have completed (never blocks).
@@ -167,7 +172,11 @@ class P2P {
   struct PostedRecv {
     std::vector<at::Tensor> tensors;
     std::vector<Started> works;
+    bool is_tuple = false;
   };
+  // Receives the next meta on `channel` (waiting for it) and makes it the channel's.
+  const ChannelMeta& receive_meta(const Channel& channel, const Describe& what);
+  void post_data(const Channel& channel, const ChannelMeta& meta);
   std::map<Channel, std::deque<PostedRecv>> posted_;
   // Waits for the sends still pending on (peer, tag).
   void finish_channel_sends(int peer, int tag);
