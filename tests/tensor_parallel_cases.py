@@ -329,14 +329,17 @@ def topology_larger_than_the_job(rank, world_size):
     return None
 
 
-def train_virtual(rank, world_size, steps=6, extra_config=None, pipeline=None):
+def train_virtual(rank, world_size, steps=6, extra_config=None, pipeline=None, layout="interleaved"):
     """PP=2 x TP=2: DeepSpeed's engine (1F1B) against ours with two model
-    chunks per rank (interleaved-1f1b, split transfers on); per-layer seeds
-    give both layouts the same weights. Losses, eval loss, this rank's weights."""
+    chunks per rank (interleaved-1f1b, or zb-v in the V layout; split
+    transfers on); per-layer seeds give both layouts the same weights.
+    Losses, eval loss, this rank's weights."""
     out = []
+    schedule = "zb-v" if layout == "v" else "interleaved-1f1b"
     for kind, module_kwargs, pipeline in (("deepspeed", {"seed_layers": True}, None),
-                                          ("ours", {"seed_layers": True, "virtual_stages": 2},
-                                           {"schedule": "interleaved-1f1b", **(pipeline or {})})):
+                                          ("ours", {"seed_layers": True, "virtual_stages": 2,
+                                                    "virtual_layout": layout},
+                                           {"schedule": schedule, **(pipeline or {})})):
         if kind == "deepspeed" and pipeline:
             pipeline = {k: v for k, v in pipeline.items() if k != "schedule"}
         engine, net = build(kind, world_size, pipeline=pipeline, module_kwargs=module_kwargs,

@@ -187,14 +187,16 @@ def test_a_compute_order_over_several_chunks_runs_from_a_csv_file(tmp_path, sour
         assert ran == order.rows[stage], (ran, order.rows[stage])
 
 
-def test_virtual_stages_with_tensor_parallel_split_transfers_match_deepspeed():
+@pytest.mark.parametrize("layout", ["interleaved", "v"])
+def test_virtual_stages_with_tensor_parallel_split_transfers_match_deepspeed(layout):
     """PP=2 x TP=2 with two chunks per rank (one tensor-parallel layer each on
     the middle chunks), pipe_partitioned and grad_partitioned on. Without
     gradient clipping: DeepSpeed's grid counts parameters that are not
     tensor-parallel in the clipping norm on the first stage only, so with
     clipping the numbers depend on which layers the first stage holds."""
     import tensor_parallel_cases
-    results = run_ranks(tensor_parallel_cases.train_virtual, 4, 6, {"gradient_clipping": 0.0}, timeout=400)
+    results = run_ranks(tensor_parallel_cases.train_virtual, 4, 6, {"gradient_clipping": 0.0}, None, layout,
+                        timeout=400)
     merged_weights = [{}, {}]
     for rank, (theirs, ours) in enumerate(results):
         assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6, atol=1e-7), \
