@@ -8,8 +8,9 @@ backward (DeepSpeed's scaling), and the reductions and optimizer step that
 DeepSpeedEngine implements.
 
 Status: fp32, bf16 and fp16 (DeepSpeed's loss scaler: static or dynamic,
-overflowing steps skipped) with the 1F1B or GPipe schedule; the ZB-H1
-zero-bubble schedule (split backward) with fp32 and ZeRO stage 0. Importing
+overflowing steps skipped) with the 1F1B, GPipe or (several model chunks per
+rank) interleaved 1F1B schedule; the ZB-H1 and ZB-V zero-bubble schedules
+(split backward) with fp32 and ZeRO stage 0; compute orders from a file. Importing
 deepspeed_pipe_ext makes `deepspeed.initialize` build this engine for
 deepspeed_pipe_ext's PipelineModule (and, after
 `run_deepspeed_pipelines_on_this_engine()`, for DeepSpeed's own
@@ -29,11 +30,12 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE, DeepSpeedEngine
 from deepspeed.runtime.pipe import schedule as _ds_schedule
 from deepspeed.runtime.pipe.module import PipelineError, PipelineModule as DSPipelineModule
-from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from . import _deepspeed_compat
 from ._native import _C
 from .schedule import ComputeOrder, load_schedule
+from .engine_checks import (RUNNABLE_SCHEDULES, SPLIT_BACKWARD_SCHEDULES, VIRTUAL_STAGE_SCHEDULES, check_layout,
+                            check_supported, p2p_timeout)
 from .engine_data import MicroBatchLoading
 from .engine_failures import FailureHandling
 from .engine_losses import LossReporting
@@ -41,72 +43,7 @@ from .failures import FailureBoard
 
 __all__ = ["PipelineEngine", "initialize", "run_deepspeed_pipelines_on_this_engine", "engine_class_for"]
 
-# Schedules the executor runs end to end with one model chunk per rank.
-RUNNABLE_SCHEDULES = frozenset({"1f1b", "gpipe", "zb-h1"})
-# Schedules over several model chunks per rank, and the module layout each needs.
-VIRTUAL_STAGE_SCHEDULES = {"interleaved-1f1b": "interleaved", "zb-v": "v"}
-# Schedules that split the backward: the loss backward is the executor's, so
-# DeepSpeedEngine's backward wrappers (ZeRO, bf16, autocast...) cannot run.
-SPLIT_BACKWARD_SCHEDULES = frozenset({"zb-h1", "zb-v"})
 _TRAIN_TAGS, _EVAL_TAGS = 0, 2  # separate p2p channels: eval tensors differ (no grad, other shapes)
-
-
-def _check_supported(config, module):
-    """Clear errors for configurations this engine cannot run (yet)."""
-    stage = config.zero_optimization_stage
-    if stage >= ZeroStageEnum.gradients:
-        raise ValueError(f"ZeRO stage {int(stage)} partitions gradients, which pipeline parallelism cannot use: "
-                         "set zero_optimization.stage to 0 or 1")
-    kind = config.pipeline.get("schedule", "1f1b")
-    _check_layout(kind, module)
-    if kind in VIRTUAL_STAGE_SCHEDULES:
-        return
-    if kind not in RUNNABLE_SCHEDULES and load_schedule(kind) is None:
-        raise ValueError(f"schedule {kind!r} cannot run on the pipeline runtime yet: choose one of "
-                         f"{sorted(RUNNABLE_SCHEDULES)} or the path of a compute-order CSV file (the others can be "
-                         "simulated with deepspeed_pipe_ext.schedule.simulate)")
-
-
-def _check_layout(kind, module):
-    """A built-in schedule must match the module's model chunks per rank and
-    their layout; a compute order must name the module's chunks."""
-    chunks = getattr(module, "virtual_stages", 1)
-    layout = getattr(module, "virtual_layout", "interleaved")
-    built = f"virtual_stages={chunks}" + (f", virtual_layout={layout!r}" if chunks > 1 else "")
-    order = load_schedule(kind)
-    if order is not None:
-        if (order.chunks, order.layout) != (chunks, layout) and order.chunks > 1:
-            raise ValueError(f"the compute order places {order.chunks} model chunks per rank in the {order.layout!r} "
-                             f"layout, but the PipelineModule is built with {built}: build it to match the order")
-        if order.chunks != chunks:
-            raise ValueError(f"the compute order names {order.chunks} model chunk(s) per rank, but the PipelineModule "
-                             f"is built with {built}: write every chunk's passes, or build the module to match")
-        return
-    if kind in VIRTUAL_STAGE_SCHEDULES:
-        needs = VIRTUAL_STAGE_SCHEDULES[kind]
-        wanted = "virtual_stages=2" if kind == "zb-v" else "virtual_stages=2 (or more)"
-        if chunks == 1 or layout != needs or (kind == "zb-v" and chunks != 2):
-            raise ValueError(f"schedule {kind!r} runs a PipelineModule built with {wanted}, virtual_layout={needs!r}; "
-                             f"this one is built with {built}: build it so, or choose a schedule that fits it")
-    elif chunks > 1:
-        fits = [k for k, v in VIRTUAL_STAGE_SCHEDULES.items() if v == layout]
-        raise ValueError(f"the PipelineModule is built with {built}, which the {fits[0]} schedule runs, not "
-                         f"{kind!r}: set \"pipeline\": {{\"schedule\": \"{fits[0]}\"}} (or a compute order for its "
-                         "chunks), or build the module without virtual_stages")
-
-
-def _p2p_timeout(value):
-    """`"pipeline": {"p2p_timeout"}` in seconds: a finite positive number (the
-    C++ side counts milliseconds in 64 bits; 0 would mean no timeout at all)."""
-    import math
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = float("nan")
-    if not (math.isfinite(seconds) and 0.001 <= seconds <= 10**9):
-        raise ValueError(f'"pipeline": {{"p2p_timeout": {value!r}}} must be a number of seconds between 0.001 and '
-                         '1e9 (default 300): how long a stage waits for its peer before failing with an error')
-    return seconds
 
 
 class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpeedEngine):
@@ -117,10 +54,10 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         if not isinstance(super_kwargs.get("model"), DSPipelineModule):
             raise TypeError("PipelineEngine needs a PipelineModule (deepspeed_pipe_ext's or DeepSpeed's)")
         if super_kwargs.get("config_class") is not None:
-            _check_supported(super_kwargs["config_class"], super_kwargs["model"])
+            check_supported(super_kwargs["config_class"], super_kwargs["model"])
         super().__init__(*super_args, **super_kwargs)
         config = _deepspeed_compat.engine_config(self)
-        _check_supported(config, self.module)
+        check_supported(config, self.module)
         self._chunks = getattr(self.module, "virtual_stages", 1)  # model chunks (virtual stages) per rank
         self._layout = getattr(self.module, "virtual_layout", "interleaved")  # where the chunks sit
         pipeline = config.pipeline
@@ -176,7 +113,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
 
         # A sent stage output keeps its autograd graph but not its storage (Megatron's deallocate_output_tensor).
         self.deallocate_outputs = bool(pipeline.get("deallocate_outputs", True))
-        timeout = self.p2p_timeout = _p2p_timeout(pipeline.get("p2p_timeout", 300))
+        timeout = self.p2p_timeout = p2p_timeout(pipeline.get("p2p_timeout", 300))
         self.p2p = None
         self._dynamic_shapes = bool(self.module.dynamic_shape)
         # 3D parallelism: the tensor-parallel ranks of a stage send 1/TP of the first tensor each.
@@ -475,7 +412,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                              "PipeSchedule subclass runs one; give set_schedule a compute order for its chunks or "
                              f"one of {sorted(VIRTUAL_STAGE_SCHEDULES)}")
         if not is_class:
-            _check_layout(order if order is not None else schedule, self.module)
+            check_layout(order if order is not None else schedule, self.module)
         if order is None and not is_class and schedule not in RUNNABLE_SCHEDULES | set(VIRTUAL_STAGE_SCHEDULES):
             raise ValueError(f"stage {self.stage_id}: schedule {schedule!r} cannot run: choose one of "
                              f"{sorted(RUNNABLE_SCHEDULES)}, a ComputeOrder or the path of its CSV file, or a "
@@ -536,7 +473,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     def _forward(self, inputs, chunk=0):
         """Stages other than the last (or chunks other than the last): the outputs to send on."""
         outputs = self._stage_outputs(inputs, chunk)
-        self._check_stage_output(outputs)
+        self._check_stage_output(outputs, chunk)
         return outputs
 
     def _forward_loss(self, inputs, labels):
@@ -563,24 +500,25 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         self.loss = loss  # DeepSpeed's engine keeps the last micro-batch's loss here
         return loss if self.module.training else None
 
-    def _check_stage_output(self, outputs):
+    def _check_stage_output(self, outputs, chunk=0):
         """Refuse what the next stage cannot take, and outputs that would
         silently stop this stage and every earlier one from learning."""
         tensors = [outputs] if torch.is_tensor(outputs) else outputs
         if not isinstance(tensors, (tuple, list)) or not all(torch.is_tensor(t) for t in tensors) or not tensors:
             found = type(outputs).__name__ if not isinstance(outputs, (tuple, list)) else \
                 "a tuple with " + ", ".join(type(t).__name__ for t in outputs)
-            raise PipelineError(f"stage {self.stage_id}: its last layer ({self._last_layer()}) returned {found}; a "
+            raise PipelineError(f"stage {self.stage_id}: its last layer ({self._last_layer(chunk)}) returned {found}; a "
                                 "stage other than the last must return a tensor or a tuple of tensors for the next stage")
         if self._needs_grad_outputs and not any(t.requires_grad for t in tensors if t.is_floating_point()):
             raise PipelineError(
-                f"stage {self.stage_id}: no output of its last layer ({self._last_layer()}) requires grad, so no "
+                f"stage {self.stage_id}: no output of its last layer ({self._last_layer(chunk)}) requires grad, so no "
                 f"gradient could flow back and stage {self.stage_id} and every earlier stage would silently stop "
                 "learning; do not detach the outputs (or compute them under torch.no_grad) in a stage's layers")
 
-    def _last_layer(self):
+    def _last_layer(self, chunk=0):
+        """The last layer this stage (with virtual stages: this chunk) runs."""
         specs, _, stop = _deepspeed_compat.module_layers(self.module)
-        index = (stop or len(specs)) - 1
+        index = (self.module.chunk_bounds(chunk)[1] if self._chunks > 1 else (stop or len(specs))) - 1
         layer = specs[index]
         name = getattr(getattr(layer, "typename", None), "__name__", None) or type(layer).__name__
         if name == "function":

@@ -234,6 +234,10 @@ class PipelineModule(ds_module.PipelineModule):
                               for c in range(getattr(self, "virtual_stages", 1))]
         self._set_bounds(start=self._chunk_bounds[0][0], stop=self._chunk_bounds[-1][1])
 
+    def chunk_bounds(self, chunk):
+        """[start, stop) of this rank's model chunk `chunk` in the whole pipeline's layer numbering."""
+        return self._chunk_bounds[chunk]
+
     def part_of(self, chunk, stage_id=None):
         """The part (virtual stage) that model chunk `chunk` of `stage_id` (default: this rank's) holds."""
         stage = self.stage_id if stage_id is None else stage_id
