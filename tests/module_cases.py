@@ -236,3 +236,41 @@ def check_new_partition_methods(rank, world_size):
     dist.all_gather_object(parts, p.parts)
     out["profile_same_on_all_ranks"] = all(x == parts[0] for x in parts)
     return out
+
+
+def check_virtual_stage_partitions(rank, world_size):
+    """Every partition method over stages x 2 parts, in both layouts: the
+    boundaries each method gives for 4 parts, and this rank's chunks."""
+    from deepspeed.runtime import utils as ds_utils
+    from deepspeed_pipe_ext import partition
+    widths = [8, 8, 64, 8, 8, 8, 8, 64, 8, 32, 8, 8]
+    specs = lambda: [dpe.LayerSpec(Block, 8, h) if i % 4 else nn.Tanh() for i, h in enumerate(widths)]
+    counts = [sum(p.numel() for p in Block(8, h).parameters()) if i % 4 else 0 for i, h in enumerate(widths)]
+    parts = 2 * world_size
+    out = {}
+    for layout in ("interleaved", "v"):
+        for method in ("uniform", "parameters", "type:Block", "parameters-minmax", "profile", [0, 2, 5, 9, 12]):
+            torch.manual_seed(0)
+            extra = {"profile_inputs": torch.randn(4, 8)} if method == "profile" else {}
+            m = dpe.PipelineModule(specs(), num_stages=world_size, partition_method=method, virtual_stages=2,
+                                   virtual_layout=layout, **extra)
+            if method == "uniform":
+                expected = ds_utils.partition_uniform(len(widths), parts)
+            elif method == "parameters":
+                expected = ds_utils.partition_balanced(counts, parts)
+            elif method == "type:Block":
+                expected = ds_utils.partition_balanced([1 if c else 0 for c in counts], parts)
+            elif method == "parameters-minmax":
+                expected = partition.partition_minmax(counts, parts)
+            elif method == "profile":
+                expected = partition.partition_minmax(m.layer_costs, parts)
+            else:
+                expected = method
+            mine = [m.part_of(c) for c in range(2)]
+            out[(layout, str(method))] = {
+                "parts": m.parts, "expected": expected, "my_parts": mine,
+                "chunks": [m.chunk_bounds(c) for c in range(2)],
+                "expected_chunks": [(expected[p], expected[p + 1]) for p in mine],
+                "local_layers": len(m.forward_funcs),
+                "describe": m.describe_partition()}
+    return out

@@ -57,3 +57,16 @@ def test_new_partition_methods():
     assert min(costs[1], costs[6]) > max(costs[i] for i in (0, 2, 3, 4, 5, 7))
     assert out["profile_parts"][1] in range(2, 7)
     assert "bottleneck: stage" in out["describe"]
+
+
+def test_every_partition_method_splits_virtual_stages_in_both_layouts():
+    """stages x 2 parts by each method (DeepSpeed's own partition_uniform and
+    partition_balanced for its methods), rank r building parts r and r + S
+    (interleaved) or r and 2S-1-r (v), and nothing else."""
+    for rank, out in enumerate(run_ranks(module_cases.check_virtual_stage_partitions, 2)):
+        for (layout, method), case in out.items():
+            assert case["parts"] == case["expected"], (layout, method, case)
+            assert case["my_parts"] == ([rank, rank + 2] if layout == "interleaved" else [rank, 3 - rank])
+            assert case["chunks"] == case["expected_chunks"], (layout, method, case)
+            assert case["local_layers"] == sum(stop - start for start, stop in case["chunks"])
+            assert f"stage {rank} chunk 1: layers [{case['chunks'][1][0]}, {case['chunks'][1][1]})" in case["describe"]
