@@ -36,7 +36,8 @@ def measure(rank, world_size, case, repeats):
 
     width, micro_batch, micro_batches, layers = (8, 1, 32, 32) if case == "overhead" else (768, 64, 8, 8)
     model = lambda spec: [spec(nn.Linear, width, width) for _ in range(layers)]
-    batch = (torch.randn(micro_batch, width), torch.randn(micro_batch, width))
+    g = torch.Generator().manual_seed(0)  # every rank the same batch (the first stage reads inputs, the last labels)
+    batch = (torch.randn(micro_batch, width, generator=g), torch.randn(micro_batch, width, generator=g))
     data = lambda: iter([batch] * micro_batches)
 
     engines = {

@@ -584,8 +584,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def(
       "run_stage",
-      [](dpe::runtime::P2P* p2p, const StageProgram& program, int64_t stages, int64_t stage_id, int prev_peer,
-         int next_peer, int tag_base, py::object callbacks, bool release_sent_outputs,
+      [](dpe::runtime::P2P* p2p, const StageProgram& program, int64_t stages, int64_t stage_id, int tag_base,
+         py::object callbacks, bool release_sent_outputs,
          const dpe::runtime::TensorParallelSplit* split, bool split_activations, bool split_grads, int64_t chunks,
          const std::string& layout) {
         const core::ChunkLayout placed = core::parse_chunk_layout(layout);
@@ -666,7 +666,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             return THPVariable_Unpack(loss.ptr());
           };
         }
-        dpe::runtime::Executor executor(p2p, stage_id, stages, prev_peer, next_peer, tag_base, release_sent_outputs,
+        dpe::runtime::Executor executor(p2p, stage_id, stages, tag_base, release_sent_outputs,
                                         python_wrapper_references(), chunks, placed);
         executor.split_transfers(split, split_activations, split_grads);
         try {
@@ -697,8 +697,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "backward_loss(loss); reduce_tied_grads(), reduce_grads(), optimizer_step(); and if present (not None) "
       "loss_to_differentiate(loss) -> tensor, before_backward(), after_backward(). Returns the measured "
       "timeline and the activation buffers' usage.",
-      py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("prev_peer"),
-      py::arg("next_peer"), py::arg("tag_base"), py::arg("callbacks"), py::arg("release_sent_outputs") = true,
+      py::arg("p2p"), py::arg("program"), py::arg("stages"), py::arg("stage_id"), py::arg("tag_base"),
+      py::arg("callbacks"), py::arg("release_sent_outputs") = true,
       py::arg("split") = nullptr, py::arg("split_activations") = false, py::arg("split_grads") = false,
       py::arg("chunks") = 1, py::arg("layout") = "interleaved");
 

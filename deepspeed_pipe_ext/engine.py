@@ -339,12 +339,11 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         # A bound method either way: an nn.Module assigned here would become a child module of the engine.
         self._stage_forward = self.module.forward if self._only_engine_hooks() else self.module.__call__
         self.fwd_outputs = []
-        peers = (self.prev_stage if self.prev_stage >= 0 else -1,
-                 self.next_stage if self.next_stage < self.num_stages else -1)
         with _deepspeed_compat.engine_backward_running(self):
-            # (start, end, op code, micro_batch, chunk) per compute pass, monotonic seconds: see timeline.py
+            # (start, end, op code, micro_batch, chunk) per compute pass, monotonic seconds: see timeline.py.
+            # self.p2p's group is the pipe-parallel group, where stage s is rank s.
             self.last_timeline, self.last_buffer_usage = _C.run_stage(
-                self.p2p, self._program(kind, micro_batches), self.num_stages, self.stage_id, peers[0], peers[1],
+                self.p2p, self._program(kind, micro_batches), self.num_stages, self.stage_id,
                 tag_base, self._executor_callbacks(), release_sent_outputs=self.deallocate_outputs,
                 split=self._tp_split, split_activations=self.is_pipe_partitioned,
                 split_grads=self.is_grad_partitioned, chunks=self._chunks, layout=self._layout)

@@ -58,7 +58,7 @@ def test_labels_and_losses_travel_through_the_executor(kind):
     micro_batches = 5
     callbacks = Recorder(micro_batches, split_backward=kind == "zb-h1")
     program = _C.StageProgram(kind, micro_batches, 1, 0, False)
-    _C.run_stage(None, program, 1, 0, -1, -1, 0, callbacks)
+    _C.run_stage(None, program, 1, 0, 0, callbacks)
     assert [id(x) for x in callbacks.labels_seen] == [id(x) for x in callbacks.labels_sent]
     assert sorted(id(x) for x in callbacks.losses_back) == sorted(id(x) for x in callbacks.losses_made)
     assert len(callbacks.losses_back) == micro_batches
@@ -73,7 +73,7 @@ def test_eval_keeps_no_loss():
     forward_loss = callbacks.forward_loss
     callbacks.forward_loss = lambda inputs, labels: forward_loss(inputs, labels) and None
     program = _C.StageProgram("inference", 3, 1, 0, False)
-    _, usage = _C.run_stage(None, program, 1, 0, -1, -1, 0, callbacks)
+    _, usage = _C.run_stage(None, program, 1, 0, 0, callbacks)
     assert len(callbacks.labels_seen) == 3 and callbacks.losses_back == [] and callbacks.calls == []
     assert usage["peak_live_buffers"] <= usage["buffers"]
 
@@ -83,11 +83,11 @@ def test_a_callbacks_object_missing_a_method_is_a_clear_error():
                                       reduce_tied_grads=lambda: None, reduce_grads=lambda: None,
                                       optimizer_step=lambda: None)  # no backward_loss
     with pytest.raises(TypeError, match="no callable 'backward_loss'"):
-        _C.run_stage(None, _C.StageProgram("1f1b", 2, 1, 0, False), 1, 0, -1, -1, 0, callbacks)
+        _C.run_stage(None, _C.StageProgram("1f1b", 2, 1, 0, False), 1, 0, 0, callbacks)
 
 
 def test_load_must_return_inputs_and_labels():
     callbacks = Recorder(2)
     callbacks.load = lambda: torch.zeros(2)  # the old convention: inputs only
     with pytest.raises(TypeError, match=r"load\(\) must return \(inputs, labels\)"):
-        _C.run_stage(None, _C.StageProgram("1f1b", 2, 1, 0, False), 1, 0, -1, -1, 0, callbacks)
+        _C.run_stage(None, _C.StageProgram("1f1b", 2, 1, 0, False), 1, 0, 0, callbacks)

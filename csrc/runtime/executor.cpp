@@ -64,15 +64,13 @@ Activation as_stage_inputs(const Activation& received) {
 }
 }  // namespace
 
-Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base,
+Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int tag_base,
                    bool release_sent_outputs, int64_t wrapper_references, int64_t chunks, core::ChunkLayout layout)
     : p2p_(p2p),
       stage_id_(stage_id),
       num_stages_(num_stages),
       chunks_(chunks),
       layout_(layout),
-      prev_peer_(prev_peer),
-      next_peer_(next_peer),
       activation_tag_(tag_base),
       grad_tag_(tag_base + 1),
       release_sent_outputs_(release_sent_outputs),
@@ -83,9 +81,6 @@ Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer
 }
 
 int Executor::peer_of(const core::Instruction& in) const {
-  if (chunks_ == 1) {
-    return in.op == core::Op::RecvActivation || in.op == core::Op::SendGrad ? prev_peer_ : next_peer_;
-  }
   return core::transfer_peer(in, stage_id_, num_stages_, layout_);  // stage ids are the ranks of the pipe group
 }
 

@@ -81,7 +81,8 @@ struct BufferUsage {
 
 class Executor {
  public:
-  // Peers are ranks in p2p's group; -1 where there is no previous/next stage.
+  // p2p's group is the pipe-parallel group: stage s is its rank s, so each
+  // transfer's peer is the rank of the neighbouring (virtual) stage.
   // Activations travel on tag tag_base, gradients on tag_base + 1.
   // With release_sent_outputs, a stage output's storage is freed once it is
   // sent (its autograd graph is kept for the backward) if nothing else holds
@@ -92,7 +93,7 @@ class Executor {
   // core::ChunkLayout), each transfer goes to the rank of the neighbouring
   // virtual stage, each receiving chunk has tags of its own, and a hand-over
   // between two chunks of this rank (the turn of the V) stays in memory.
-  Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int prev_peer, int next_peer, int tag_base = 0,
+  Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int tag_base = 0,
            bool release_sent_outputs = true, int64_t wrapper_references = 0, int64_t chunks = 1,
            core::ChunkLayout layout = core::ChunkLayout::Interleaved);
   // 3D parallelism: activations (and/or gradients) travel split across the
@@ -150,7 +151,6 @@ class Executor {
   bool split_activations_ = false, split_grads_ = false;
   int64_t stage_id_, num_stages_, chunks_;
   core::ChunkLayout layout_;
-  int prev_peer_, next_peer_;
   int activation_tag_, grad_tag_;
   bool release_sent_outputs_;
   int64_t wrapper_references_;
