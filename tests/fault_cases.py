@@ -70,14 +70,18 @@ def data(seed, count=MICRO_BATCHES):
     return [(torch.randn(2, 8, generator=g), torch.randn(2, 4, generator=g)) for _ in range(count)]
 
 
-def build(world_size, p2p_timeout):
+def build(world_size, p2p_timeout, zb_v=False):
+    """Two stages; with zb_v, two chunks per rank in a V (Boom on stage 1's
+    first chunk, the loss on stage 0) and dynamic shapes, so receives take
+    their meta first."""
     torch.manual_seed(5)
     boom, loss = Boom(), BoomLoss()
+    virtual = {"virtual_stages": 2, "virtual_layout": "v", "dynamic_shape": True} if zb_v else {}
     net = dpe.PipelineModule(layers=[nn.Linear(8, 8), boom, nn.Linear(8, 8), nn.Linear(8, 4)], num_stages=2,
-                             loss_fn=loss, partition_method="uniform")
+                             loss_fn=loss, partition_method="uniform", **virtual)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,
               "train_batch_size": 2 * MICRO_BATCHES * (world_size // 2), "steps_per_print": 10**9,
-              "pipeline": {"p2p_timeout": p2p_timeout}}
+              "pipeline": {"p2p_timeout": p2p_timeout, **({"schedule": "zb-v"} if zb_v else {})}}
     engine, _, _, _ = dpe_engine.initialize(model=net, config=config, model_parameters=net.parameters(),
                                             optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
     return engine, net, boom, loss
@@ -91,13 +95,13 @@ def _is_victim(engine, victim):
     return (engine.stage_id, engine.grid.get_data_parallel_rank()) == victim
 
 
-def callback_failures(rank, world_size, victims):
+def callback_failures(rank, world_size, victims, zb_v=False):
     """Each case: one good batch, then a batch that fails on the victim
     only; every rank records the error, the seconds from the start of that
     batch, whether its weights moved, and what the next batch says."""
     out = {}
     for case, victim in victims.items():
-        engine, net, boom, loss = build(world_size, p2p_timeout=30)
+        engine, net, boom, loss = build(world_size, p2p_timeout=30, zb_v=zb_v)
         engine.train_batch(data_iter=iter(data(1)))
         before = [p.detach().clone() for p in net.parameters()]
         batches = iter(data(2))

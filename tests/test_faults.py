@@ -53,6 +53,28 @@ def test_callback_failures_stop_every_rank_at_once_and_nobody_steps(world_size):
             assert kind == "PipelineError" and "an earlier batch failed here" in message, (case, rank, message)
 
 
+def test_callback_failures_under_zb_v_stop_every_rank_at_once_and_nobody_steps():
+    """Two chunks per rank in a V with dynamic shapes (receives that take
+    their meta first, the turn of the V in memory): a failure on either rank
+    stops the other within seconds, nobody steps, the next batch refuses."""
+    cases = {"forward": (1, "ValueError: boom in forward call"), "loss": (0, "ValueError: boom in loss call"),
+             "load": (0, "OSError: the data source went away")}
+    results = run_ranks(fault_cases.callback_failures, 2, {c: (stage, 0) for c, (stage, _) in cases.items()}, True,
+                        timeout=300)
+    for case, (stage, says) in cases.items():
+        for rank, by_case in enumerate(results):
+            result = by_case[case]
+            text = _text(result["error"])
+            assert result["seconds"] < 5, (case, rank, result["seconds"], text)
+            assert result["weights_unchanged"], (case, rank)
+            if rank == stage:
+                assert text.startswith(says.split(":")[0] + ":") and "every other rank was told" in text, (case, text)
+            else:
+                assert result["error"][0] == "RemoteFailure" and says in text, (case, rank, text)
+            kind, message, _ = result["next"]
+            assert kind == "PipelineError" and "an earlier batch failed here" in message, (case, rank, message)
+
+
 @pytest.mark.parametrize("world_size", sorted(TOPOLOGIES))
 def test_a_rank_that_stops_or_stalls_fails_every_other_rank_within_the_timeout(world_size):
     timeout = 3

@@ -88,10 +88,14 @@ int Executor::tag_of(const core::Instruction& in) const {
   // Sender and receiver agree on the receiving chunk: that of the next
   // virtual stage for an activation, of the previous one for a gradient.
   const bool activation = in.op == core::Op::SendActivation || in.op == core::Op::RecvActivation;
-  const bool sending = in.op == core::Op::SendActivation || in.op == core::Op::SendGrad;
-  const int64_t receiver_vs = virtual_stage(in) + (sending ? (activation ? 1 : -1) : 0);
-  const int64_t receiver_chunk = core::chunk_of_virtual(receiver_vs, num_stages_);
+  const int64_t receiver_chunk = core::chunk_of_virtual(receiving_virtual_stage(in), num_stages_);
   return static_cast<int>((activation ? activation_tag_ : grad_tag_) + 4 * receiver_chunk);
+}
+
+int64_t Executor::receiving_virtual_stage(const core::Instruction& in) const {
+  if (in.op == core::Op::SendActivation) return virtual_stage(in) + 1;
+  if (in.op == core::Op::SendGrad) return virtual_stage(in) - 1;
+  return virtual_stage(in);
 }
 
 std::string Executor::where(const core::Instruction& in) const { return core::describe_step(step_, in); }
@@ -175,12 +179,10 @@ void Executor::take_action(const core::TransferAction& action) {
 }
 
 void Executor::hand_over(const core::Instruction& in, Activation value) {
-  const bool grad = in.op == core::Op::SendGrad;
-  const int64_t receiver = virtual_stage(in) + (grad ? -1 : 1);
   // Detached aliases, as a receiver gets them: the receiving chunk's leaves are its own.
   for (auto& t : value.tensors) t = t.detach();
   value.owned = true;
-  handed_over_[{grad, receiver, in.micro_batch}] = std::move(value);
+  handed_over_[{in.op == core::Op::SendGrad, receiving_virtual_stage(in), in.micro_batch}] = std::move(value);
 }
 
 Activation Executor::take_over(const core::Instruction& in) {

@@ -141,6 +141,8 @@ class Executor {
   // The rank (in p2p's group) and tag of a transfer instruction.
   int peer_of(const core::Instruction& in) const;
   int tag_of(const core::Instruction& in) const;
+  // The virtual stage a transfer instruction delivers to (its own for a receive).
+  int64_t receiving_virtual_stage(const core::Instruction& in) const;
   // A transfer between two chunks of this rank: handed over in memory.
   bool is_local(const core::Instruction& in) const { return chunks_ > 1 && peer_of(in) == stage_id_; }
   void hand_over(const core::Instruction& in, Activation value);
