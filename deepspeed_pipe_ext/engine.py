@@ -17,6 +17,7 @@ deepspeed_pipe_ext's PipelineModule (and, after
 PipelineModule too).
 `deepspeed_pipe_ext.engine.initialize(...)` always builds this engine.
 """
+import functools
 import time
 import types
 import weakref
@@ -24,11 +25,13 @@ from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE, DeepSpeedEngine
 from deepspeed.runtime.pipe import schedule as _ds_schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
 from deepspeed.runtime.pipe.module import PipelineError, PipelineModule as DSPipelineModule
 
 from . import _deepspeed_compat
@@ -46,8 +49,17 @@ __all__ = ["PipelineEngine", "initialize", "run_deepspeed_pipelines_on_this_engi
 _TRAIN_TAGS, _EVAL_TAGS = 0, 2  # separate p2p channels: eval tensors differ (no grad, other shapes)
 
 
-class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpeedEngine):
-    """DeepSpeed's pipeline engine interface over the C++ executor."""
+class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DSPipelineEngine):
+    """DeepSpeed's pipeline engine interface over the C++ executor.
+
+    A subclass of DeepSpeed's PipelineEngine, so that every type check of
+    DeepSpeed's and its users' (`isinstance(engine, deepspeed.PipelineEngine)`
+    in Megatron-DeepSpeed's training loop, DeepSpeed's own data samplers) sees
+    a pipeline engine. None of DeepSpeed's pipeline machinery runs: __init__
+    goes straight to DeepSpeedEngine's, and every method of DeepSpeed's
+    PipelineEngine a caller reaches is overridden here or in the mixins
+    (tests/test_engine_surface.py checks that), so the DeepSpeedEngine methods
+    ours build on are called by name, never through super()."""
 
     def __init__(self, has_bool_tensors=False, *super_args, **super_kwargs):
         # Refuse what this engine cannot run before DeepSpeedEngine builds anything.
@@ -55,7 +67,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
             raise TypeError("PipelineEngine needs a PipelineModule (deepspeed_pipe_ext's or DeepSpeed's)")
         if super_kwargs.get("config_class") is not None:
             check_supported(super_kwargs["config_class"], super_kwargs["model"])
-        super().__init__(*super_args, **super_kwargs)
+        DeepSpeedEngine.__init__(self, *super_args, **super_kwargs)
         config = _deepspeed_compat.engine_config(self)
         check_supported(config, self.module)
         self._chunks = getattr(self.module, "virtual_stages", 1)  # model chunks (virtual stages) per rank
@@ -103,8 +115,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         if pipeline.get("use_reentrant") is None:
             pipeline["use_reentrant"] = True
         if pipeline["use_reentrant"] is False:
-            from deepspeed.runtime.activation_checkpointing import checkpointing
-            self.module.activation_checkpoint_func = checkpointing.non_reentrant_checkpoint
+            self.module.activation_checkpoint_func = ds_checkpointing.non_reentrant_checkpoint
         if pipeline["activation_checkpoint_interval"] > 0:
             self.module.activation_checkpoint_interval = pipeline["activation_checkpoint_interval"]
         if self.module.activation_checkpoint_interval > 0:
@@ -151,6 +162,8 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         self.last_buffer_usage = {}
         self.eval_return_logits = False
         self.outputs = None
+        if self._failures is not None:  # no rank starts a batch before every rank can hear its failure
+            self._failures.agree_built()
 
     # ------------------------------------------------------------------ DeepSpeed's pipeline API
     def train_batch(self, data_iter=None):
@@ -248,7 +261,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     def set_train_batch_size(self, train_batch_size):
         """Changes the global batch size by changing the number of micro-batches
         (gradient accumulation steps); the micro-batch size stays."""
-        super().set_train_batch_size(train_batch_size)
+        DeepSpeedEngine.set_train_batch_size(self, train_batch_size)
         self.micro_batches = self.gradient_accumulation_steps()
 
     def set_has_attention_mask(self, value):
@@ -302,7 +315,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         # executor's backward of other stages, nor of the last rank's other
         # model chunks (virtual stages), whose incoming gradients are scaled.
         if getattr(self, "_loss_backward_running", False):
-            return super()._backward_prologue_per_tensor(grad)
+            return DeepSpeedEngine._backward_prologue_per_tensor(self, grad)
         return grad
 
     # ------------------------------------------------------------------ checkpoints (DeepSpeed's pipeline layout)
@@ -323,7 +336,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
         from . import pipeline_checkpoints
         pipeline_checkpoints.check_before_load(self, load_dir, tag, load_optimizer_states=load_optimizer_states,
                                         load_module_only=load_module_only, load_module_strict=load_module_strict)
-        return super().load_checkpoint(load_dir, tag=tag, load_module_strict=load_module_strict,
+        return DeepSpeedEngine.load_checkpoint(self, load_dir, tag=tag, load_module_strict=load_module_strict,
                                        load_optimizer_states=load_optimizer_states,
                                        load_lr_scheduler_states=load_lr_scheduler_states,
                                        load_module_only=load_module_only, custom_load_fn=custom_load_fn)
@@ -457,17 +470,20 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     def _reentrant_activation_checkpointing(self):
         """The module checkpoints activations with the reentrant function, so
         the first stage's float inputs must require grad."""
-        from deepspeed.runtime.activation_checkpointing import checkpointing
         return (self.module.activation_checkpoint_interval > 0
-                and self.module.activation_checkpoint_func is not checkpointing.non_reentrant_checkpoint)
+                and self.module.activation_checkpoint_func is not ds_checkpointing.non_reentrant_checkpoint)
 
     def _stage_outputs(self, inputs, chunk=None):
         if chunk is None:  # the loss stage: the module's last chunk
             chunk = self._chunks - 1
-        if self._chunks > 1:  # virtual stages: one model chunk at a time
-            return self._stage_forward(inputs, chunk=chunk) if self._plain_path else super().forward(inputs,
-                                                                                                  chunk=chunk)
-        return self._stage_forward(inputs) if self._plain_path else super().forward(inputs)
+        forward = self._stage_forward if self._plain_path else functools.partial(DeepSpeedEngine.forward, self)
+        # Virtual stages: one model chunk at a time.
+        outputs = forward(inputs, chunk=chunk) if self._chunks > 1 else forward(inputs)
+        if not self.module.training:
+            # DeepSpeed's checkpointing with contiguous buffers fills one per checkpoint and empties them in the
+            # backward; evaluation has none, so (as DeepSpeed's engine does) they are reset after each forward.
+            ds_checkpointing.reset()
+        return outputs
 
     def _forward(self, inputs, chunk=0):
         """Stages other than the last (or chunks other than the last): the outputs to send on."""
@@ -530,7 +546,7 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
             return
         self._loss_backward_running = True
         try:
-            super().backward(loss)
+            DeepSpeedEngine.backward(self, loss)
         finally:
             self._loss_backward_running = False
 
@@ -573,7 +589,12 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
     def _reduce_grads(self):
         self._agree_before_step()
         if self._plain_path and self.dp_world_size == 1 and not self.has_moe_layers:
-            return  # an all-reduce over one rank (and a division by 1) changes nothing
+            # An all-reduce over one rank (and a division by 1) changes no value, so it is skipped; but
+            # DeepSpeed's gives each trainable weight without a gradient a zero one, which the optimizer then
+            # steps (weight decay moves the weight, Adam counts the step): keep that side effect.
+            if self.pipeline_enable_backward_allreduce:
+                self._zero_missing_grads()
+            return
         self._force_grad_boundary = True
         try:
             with self._deepspeed_collectives("the data-parallel gradient all-reduce",
@@ -584,6 +605,14 @@ class PipelineEngine(MicroBatchLoading, LossReporting, FailureHandling, DeepSpee
                     self.allreduce_gradients(bucket_size=MEMORY_OPT_ALLREDUCE_SIZE)
         finally:
             self._force_grad_boundary = False
+
+    def _zero_missing_grads(self):
+        """What DeepSpeedEngine's gradient all-reduce does to a trainable weight
+        that got no gradient (one a stage holds but never uses, as the last
+        stage's copy of a tied embedding's position weights): a zero gradient."""
+        for param in self.module.parameters():
+            if param.requires_grad and param.grad is None and param.numel() > 0:
+                param.grad = torch.zeros(param.size(), dtype=param.dtype, device=param.device)
 
     def _optimizer_step(self):
         self._agree_before_step()
@@ -615,42 +644,57 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
 
 # ---------------------------------------------------------------------- deepspeed.initialize integration
-_DS_PIPELINE_ENGINE = None
 _ADOPT_DEEPSPEED_MODULES = False
 
 
-def engine_class_for(model, config_class):
+def engine_class_for(model, config_class=None):
     """The engine deepspeed.initialize builds for `model`: ours for our
     PipelineModule (or any PipelineModule once adopted), DeepSpeed's for
     anything else."""
     from .module import PipelineModule as OurPipelineModule
-    ds_engine = _DS_PIPELINE_ENGINE or _deepspeed_pipeline_engine()
-    if not (isinstance(model, OurPipelineModule) or (_ADOPT_DEEPSPEED_MODULES and isinstance(model, DSPipelineModule))):
-        return ds_engine
-    return PipelineEngine
-
-
-def _deepspeed_pipeline_engine():
-    from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
+    if isinstance(model, OurPipelineModule) or (_ADOPT_DEEPSPEED_MODULES and isinstance(model, DSPipelineModule)):
+        return PipelineEngine
     return DSPipelineEngine
 
 
-def _build_pipeline_engine(*args, **kwargs):
-    return engine_class_for(kwargs.get("model"), kwargs.get("config_class"))(*args, **kwargs)
+class _BuildsTheEngineForTheModel(type):
+    """The metaclass of PipelineEngineRouter: calling the router builds the
+    engine engine_class_for picks; type checks against it answer as they would
+    against DeepSpeed's PipelineEngine (which ours subclasses). Subclasses of
+    the router are ordinary classes."""
+
+    def __call__(cls, *args, **kwargs):
+        if cls is PipelineEngineRouter:
+            return engine_class_for(kwargs.get("model"), kwargs.get("config_class"))(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def __instancecheck__(cls, instance):
+        if cls is PipelineEngineRouter:
+            return isinstance(instance, DSPipelineEngine)
+        return super().__instancecheck__(instance)
+
+    def __subclasscheck__(cls, subclass):
+        if cls is PipelineEngineRouter:
+            return issubclass(subclass, DSPipelineEngine)
+        return super().__subclasscheck__(subclass)
+
+
+class PipelineEngineRouter(DSPipelineEngine, metaclass=_BuildsTheEngineForTheModel):
+    """What stands at `deepspeed.PipelineEngine` once deepspeed_pipe_ext is
+    imported. deepspeed.initialize calls that name to build a pipeline
+    engine: the router builds ours or DeepSpeed's (engine_class_for). It stays
+    a class, so `isinstance(engine, deepspeed.PipelineEngine)` holds for both
+    engines, as Megatron-DeepSpeed's training loop and DeepSpeed's own code
+    expect; DeepSpeed's class stays at deepspeed.runtime.pipe.engine."""
 
 
 def install():
     """Route deepspeed.initialize's pipeline engine through engine_class_for.
 
     deepspeed.initialize looks up `PipelineEngine` in the deepspeed module when
-    it runs, so replacing that name is enough; DeepSpeed's class stays
-    reachable as deepspeed.runtime.pipe.engine.PipelineEngine."""
-    global _DS_PIPELINE_ENGINE
+    it runs, so replacing that name with the router is enough."""
     import deepspeed
-    if getattr(deepspeed, "PipelineEngine", None) is _build_pipeline_engine:
-        return
-    _DS_PIPELINE_ENGINE = _deepspeed_pipeline_engine()
-    deepspeed.PipelineEngine = _build_pipeline_engine
+    deepspeed.PipelineEngine = PipelineEngineRouter
 
 
 def run_deepspeed_pipelines_on_this_engine(enabled=True):

@@ -11,7 +11,11 @@ hosted by global rank 0), over connections of the engine's own:
   and wakes the collectives this rank is waiting for.
 - The rank where a batch fails posts a description of the failure to every
   inbox, and under a key the others read when their own error is only a
-  consequence (a closed connection, a timeout).
+  consequence (a closed connection, a timeout); it raises once every other
+  watcher holds the description (at most a few seconds), since its process
+  may exit, with the store, right after.
+- Engine construction ends at a barrier on the store: no rank starts a batch
+  before every rank's watcher can hear its failure.
 - Before the gradient reductions and the optimizer step, every rank checks in
   at a barrier on the store. It opens when all have checked in (the forward
   and backward passes succeeded everywhere), or when a failure is posted:
@@ -33,6 +37,7 @@ _engine_numbers = itertools.count()
 _STOP = b"\0stop"
 _OK = b"ok"
 _FOREVER = datetime.timedelta(days=3650)
+_DELIVERY_S = 5.0  # how long a failing rank waits for the others to hold its failure
 # What gloo says when a peer of a collective died or never came.
 _TRANSPORT_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset")
 # ... and what our own transfers and waits say when the real failure is elsewhere.
@@ -61,9 +66,9 @@ class FailureBoard:
         shared = store if store is not None else _deepspeed_compat.default_store()
         # Connections of our own: a timed-out wait never disturbs the store
         # torch uses (new_group), and the watcher's blocking pop never holds
-        # up the batch's barrier.
-        self._store = shared.clone()
-        watch_store = shared.clone()
+        # up the batch's barrier. Connecting waits at most the timeout: the
+        # store's host may already have died.
+        self._store, watch_store = _bounded_clones(shared, 2, timeout_s, name)
         watch_store.set_timeout(_FOREVER)
         self._lock = threading.Lock()
         self._listeners = []
@@ -108,6 +113,13 @@ class FailureBoard:
                     self._store.queue_push(self._key(f"inbox/{rank}"), value)
         except Exception:
             return False
+        # This process may exit as soon as it raises, taking the store with it when it is global rank 0: wait
+        # (briefly) until every other rank's watcher holds the description, so that none is left with only a
+        # closed connection to explain its stop.
+        try:
+            self._store.wait([self._key("delivered")], datetime.timedelta(seconds=min(self.timeout_s, _DELIVERY_S)))
+        except Exception:
+            pass  # a peer that died or closed its engine: the others still stop through their own connections
         return True
 
     def posted(self):
@@ -140,6 +152,30 @@ class FailureBoard:
             raise self.error(self.remote)
 
     # ------------------------------------------------------------------ every rank
+    def agree_built(self):
+        """The end of the engine's construction: returns when every rank has
+        built its engine (and can hear a failure), so that no rank starts a
+        batch before all can; raises when a rank does not arrive within the
+        timeout (it died, failed or stalled while building)."""
+        store, arrived_key, go_key = self._store, self._key("arrived/built"), self._key("go/built")
+        try:
+            if store.add(arrived_key, 1) == self.world_size:
+                store.set(go_key, _OK)
+            else:
+                store.wait([go_key], datetime.timedelta(seconds=self.timeout_s))
+        except Exception as err:
+            try:
+                arrived = store.add(arrived_key, 0)
+            except Exception:
+                raise PipelineError(
+                    f"{self.name}: lost the rendezvous store while the ranks built their engines ({err}); it lives "
+                    "in the process of global rank 0, which probably failed or died (check its log)") from err
+            raise PipelineError(
+                f"{self.name}: only {arrived} of the {self.world_size} ranks finished building their pipeline "
+                f"engine (deepspeed.initialize) within p2p_timeout ({self.timeout_s:g} s); the others failed, died "
+                "or stalled while building (check their logs), or build slower than that (raise "
+                '"pipeline": {"p2p_timeout": ...})') from err
+
     def agree(self, batch):
         """The barrier before the gradient reductions and the optimizer step of
         train batch `batch`: returns when every rank has reached it, raises
@@ -234,6 +270,27 @@ class FailureBoard:
         self._thread.join(timeout=5)
 
 
+def _bounded_clones(store, count, timeout_s, name):
+    """`count` clones of a c10d store (new connections to its server), each
+    connecting within `timeout_s`: a TCPStore's clone otherwise retries for the
+    store's own timeout (30 minutes by default) when its host has died."""
+    base = store
+    while hasattr(base, "underlying_store"):  # a PrefixStore (the default group's) wraps the real one
+        base = base.underlying_store
+    saved = base.timeout
+    base.set_timeout(datetime.timedelta(seconds=timeout_s))
+    try:
+        return [store.clone() for _ in range(count)]
+    except Exception as err:
+        raise PipelineError(
+            f"{name}: could not connect to the rendezvous store within p2p_timeout ({timeout_s:g} s) "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); it "
+            "lives in the process of global rank 0, which probably failed or died before this rank built its "
+            "engine (check its log)") from err
+    finally:
+        base.set_timeout(saved)
+
+
 def _watch(board, store, inbox):
     """The watcher thread: blocks on this rank's inbox until a failure or
     the stop message arrives, or the store goes away."""
@@ -245,3 +302,8 @@ def _watch(board, store, inbox):
         if message == _STOP:
             return
         board._deliver(message.decode(errors="replace"))
+        try:  # the last watcher to hold the failure tells the announcing rank
+            if store.add(board._key("delivered/count"), 1) == board.world_size - 1:
+                store.set(board._key("delivered"), _OK)
+        except Exception:
+            return

@@ -165,10 +165,49 @@ def tied_specs(spec, tied):
             spec(nn.Linear, 8, 8), tied("shared", nn.Linear, 8, 8, bias=False)]
 
 
+class TokenAndPositionEmbedding(nn.Module):
+    """Megatron-DeepSpeed's EmbeddingPipe in small: the first stage adds word
+    and position embeddings; the last stage reuses only the word embedding as
+    its output head, so its copy of the position embedding gets no gradient
+    (DeepSpeed's gradient all-reduce gives it a zero one, and weight decay
+    then moves it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.word = nn.Embedding(32, 8)
+        self.position = nn.Embedding(5, 8)
+
+    def forward(self, ids):
+        return self.word(ids) + self.position(torch.arange(ids.shape[1]))
+
+
+def logits_from_the_tied_embedding(embedding, hidden):
+    return hidden @ embedding.word.weight.t()
+
+
+def token_cross_entropy(logits, labels):
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def tied_unused_specs(spec, tied):
+    return [tied("embed", TokenAndPositionEmbedding, tied_weight_attr="word.weight"), spec(nn.Linear, 8, 8),
+            nn.Tanh(), spec(nn.Linear, 8, 8),
+            tied("embed", TokenAndPositionEmbedding, forward_fn=logits_from_the_tied_embedding,
+                 tied_weight_attr="word.weight")]
+
+
+def token_sequences(seed, count, micro_batch=2, length=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 32, (micro_batch, length), generator=g),
+             torch.randint(0, 32, (micro_batch, length), generator=g)) for _ in range(count)]
+
+
 def train_model_both(rank, world_size, model, num_stages, steps=20, micro_batches=4, extra_config=None,
                      module_kwargs=None, ours_module_kwargs=None):
-    """`model`: 'transformer' (tuple activations with bool and int tensors) or
-    'tied' (a weight shared by the first and last stage). `extra_config` goes
+    """`model`: 'transformer' (tuple activations with bool and int tensors),
+    'tied' (a weight shared by the first and last stage) or 'tied_unused' (a
+    tied module whose other weights the last stage never uses, trained with
+    AdamW's weight decay). `extra_config` goes
     to both engines (DeepSpeed's ignores a "pipeline": {"schedule"}),
     `module_kwargs` to both modules, `ours_module_kwargs` to ours only."""
     from deepspeed import initialize as ds_initialize
@@ -184,14 +223,19 @@ def train_model_both(rank, world_size, model, num_stages, steps=20, micro_batche
             net = module_cls(layers=transformer_specs(spec), num_stages=num_stages, loss_fn=nn.CrossEntropyLoss(),
                              partition_method="uniform", **kwargs)
             data_for = lambda seed, n: token_batches(seed, n)
+        elif model == "tied_unused":
+            net = module_cls(layers=tied_unused_specs(spec, tied), num_stages=num_stages,
+                             loss_fn=token_cross_entropy, partition_method="uniform", **kwargs)
+            data_for = lambda seed, n: token_sequences(seed, n)
         else:
             net = module_cls(layers=tied_specs(spec, tied), num_stages=num_stages, loss_fn=nn.MSELoss(),
                              partition_method="uniform", **kwargs)
             data_for = lambda seed, n: [(x[:, :8], y.repeat(1, 2)) for x, y in batches(seed, n)]
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
                   "steps_per_print": 10**9, **(extra_config or {})}
-        engine, _, _, _ = make(model=net, config=config, optimizer=torch.optim.Adam(net.parameters(), lr=0.01),
-                               model_parameters=net.parameters())
+        optimizer = (torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.1) if model == "tied_unused" else
+                     torch.optim.Adam(net.parameters(), lr=0.01))
+        engine, _, _, _ = make(model=net, config=config, optimizer=optimizer, model_parameters=net.parameters())
         data = iter(data_for(100 + engine.grid.data_parallel_id, micro_batches) * steps)
         losses = [engine.train_batch(data_iter=data).item() for _ in range(steps)]
         evals = engine.eval_batch(iter(data_for(5, micro_batches)), return_logits=True)
@@ -683,3 +727,34 @@ def virtual_stage_mismatches(rank, world_size):
     out["v_partition"] = v.module.describe_partition()
     attempt("v_set_interleaved", lambda: v.set_schedule("interleaved-1f1b"))
     return out
+
+
+def eval_with_contiguous_checkpointing(rank, world_size, checkpoints=3, micro_batches=4):
+    """DeepSpeed's activation checkpointing configured with partitioned,
+    contiguous buffers for `checkpoints` checkpoints (as DeepSpeed's own
+    TestPipeModuleSequential does): evaluation runs forwards with no backward
+    to empty the buffers, so an engine must reset them after each forward.
+    DeepSpeed's module on DeepSpeed's engine, then on ours; eval losses."""
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
+    results = []
+    for adopt in (False, True):
+        dpe.run_deepspeed_pipelines_on_this_engine(adopt)
+        try:
+            torch.manual_seed(5)
+            spec = deepspeed.pipe.LayerSpec  # every checkpointed input has one shape, as contiguous buffers need
+            layers = [spec(nn.Linear, 8, 8), nn.Tanh(), spec(nn.Linear, 8, 8), nn.ReLU(), spec(nn.Linear, 8, 8),
+                      nn.Tanh(), spec(nn.Linear, 8, 4)]
+            net = DSPipelineModule(layers=layers, num_stages=2, loss_fn=nn.MSELoss(), activation_checkpoint_interval=1)
+            config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
+                      "steps_per_print": 10**9}
+            engine, _, _, _ = deepspeed.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                                   optimizer=torch.optim.SGD(net.parameters(), lr=0.05))
+            ds_checkpointing.configure(None, deepspeed_config=engine.config, partition_activations=True,
+                                       contiguous_checkpointing=True, num_checkpoints=checkpoints)
+            # More forwards than checkpoints: without a reset after each, the buffers overrun.
+            evals = [engine.eval_batch(iter(batches(7 + i, micro_batches))).item() for i in range(2)]
+            results.append((type(engine).__module__, evals))
+        finally:
+            dpe.run_deepspeed_pipelines_on_this_engine(False)
+            ds_checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False)
+    return results

@@ -218,3 +218,43 @@ def missing_data(rank, world_size, p2p_timeout=30):
     except BaseException as err:
         error = _error(err)
     return {"error": error, "seconds": time.monotonic() - start}
+
+
+class SlowToBuild(nn.Linear):
+    """A layer whose construction takes up to `seconds`: it waits for the
+    marker the other rank writes once its first batch has failed (without the
+    construction agreement that rank could fail, and exit, while this one is
+    still building)."""
+
+    def __init__(self, marker, seconds):
+        super().__init__(8, 8)
+        deadline = time.monotonic() + seconds
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def fails_before_peers_are_ready(rank, world_size, marker, p2p_timeout):
+    """Stage 0's first forward fails at once and its process exits (taking
+    the rendezvous store it hosts); stage 1 is slow to build its layers. Stage
+    1 reports what it raised and how long its build and first batch took."""
+    torch.manual_seed(5)
+    boom = Boom()
+    boom.fail_on = 1
+    net = dpe.PipelineModule(layers=[dpe.LayerSpec(nn.Linear, 8, 8), boom, dpe.LayerSpec(SlowToBuild, marker, 3.0),
+                                     dpe.LayerSpec(nn.Linear, 8, 4)],
+                             num_stages=2, loss_fn=nn.MSELoss(), partition_method="uniform")
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,
+              "steps_per_print": 10**9, "pipeline": {"p2p_timeout": p2p_timeout}}
+    start = time.monotonic()
+    try:
+        engine, _, _, _ = dpe_engine.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        engine.train_batch(data_iter=iter(data(1)))
+        error = None
+    except BaseException as err:
+        error = _error(err)
+    if rank == 0:  # as a script does on an exception: the process ends
+        with open(marker, "w") as f:
+            f.write(repr(error))
+        os._exit(1)
+    return {"error": error, "seconds": time.monotonic() - start}

@@ -32,9 +32,33 @@ def engine_names(rank, world_size):
         behaviour["trains_with_new_size"] = engine.train_batch(data_iter=iter(batches)).item() > 0
         behaviour["additional_losses"] = engine.get_additional_losses()
         behaviour["train_schedule"] = [[repr(i) for i in step] for step in engine._train_schedule()]
-        out[name] = {"names": sorted(n for n in dir(engine)), "behaviour": behaviour}
+        behaviour["type_checks"] = _type_checks(engine)
+        out[name] = {"names": sorted(n for n in dir(engine) if not _inherited_from_deepspeeds_pipeline_engine(engine, n)),
+                     "behaviour": behaviour}
         if name == "deepspeed":  # the private attributes our engine relies on, on DeepSpeed's own objects
             from deepspeed_pipe_ext import _deepspeed_compat as compat
             out["missing_private"] = ([n for n in compat.ENGINE_INSTANCE_NAMES if not hasattr(engine, n)] +
                                       [n for n in compat.MODULE_INSTANCE_NAMES if not hasattr(net, n)])
     return out
+
+
+def _inherited_from_deepspeeds_pipeline_engine(engine, name):
+    """On our engine (a subclass of DeepSpeed's PipelineEngine): `name` comes
+    from DeepSpeed's class, not from ours or DeepSpeedEngine."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
+    if type(engine) is DSPipelineEngine or name in vars(engine):
+        return False
+    owner = next((cls for cls in type(engine).__mro__ if name in vars(cls)), None)
+    return owner is DSPipelineEngine
+
+
+def _type_checks(engine):
+    """What Megatron-DeepSpeed and DeepSpeed ask of a pipeline engine's type."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe import engine as ds_pipe_engine
+    return {"deepspeed.PipelineEngine is a class": isinstance(deepspeed.PipelineEngine, type),
+            "isinstance deepspeed.PipelineEngine": isinstance(engine, deepspeed.PipelineEngine),
+            "issubclass deepspeed.PipelineEngine": issubclass(type(engine), deepspeed.PipelineEngine),
+            "isinstance runtime.pipe.engine.PipelineEngine": isinstance(engine, ds_pipe_engine.PipelineEngine),
+            "isinstance DeepSpeedEngine": isinstance(engine, DeepSpeedEngine),
+            "DeepSpeedEngine is not a pipeline engine": not issubclass(DeepSpeedEngine, deepspeed.PipelineEngine)}

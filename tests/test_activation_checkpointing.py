@@ -146,3 +146,13 @@ def test_engine_checkpointing_matches_deepspeed_and_no_checkpointing(model, worl
     check_parity([(theirs, ours) for theirs, ours, _ in results])
     # Checkpointing changes memory, not arithmetic: the same run without it gives the same numbers.
     check_parity([(plain, ours) for _, ours, plain in results])
+
+
+def test_eval_resets_deepspeeds_contiguous_checkpoint_buffers_after_each_forward():
+    # DeepSpeed's TestPipeModuleSequential configures partitioned, contiguous checkpoint buffers and evaluates:
+    # with more eval forwards than buffers, an engine that does not reset them overruns (IndexError).
+    results = run_ranks(engine_cases.eval_with_contiguous_checkpointing, 2, timeout=300)
+    for (theirs_engine, theirs), (ours_engine, ours) in results:
+        assert theirs_engine.startswith("deepspeed.") and ours_engine.startswith("deepspeed_pipe_ext."), \
+            (theirs_engine, ours_engine)
+        assert ours == pytest.approx(theirs, rel=1e-6) and len(ours) == 2

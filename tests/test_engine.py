@@ -102,7 +102,7 @@ def test_gradient_accumulation_scaling_matches_deepspeed():
 
 
 @pytest.mark.parametrize("model,world_size,num_stages", [("transformer", 2, 2), ("transformer", 4, 4),
-                                                         ("tied", 2, 2), ("tied", 4, 2)])
+                                                         ("tied", 2, 2), ("tied", 4, 2), ("tied_unused", 2, 2)])
 def test_models_match_deepspeed(model, world_size, num_stages):
     check_parity(run_ranks(engine_cases.train_model_both, world_size, model, num_stages, timeout=400))
 

@@ -58,5 +58,43 @@ def test_deepspeed_accessors_behave_the_same(engines):
     assert ours["micro_batches"] == (4, 4)  # set_train_batch_size changes the number of micro-batches
 
 
+def test_both_engines_are_deepspeed_pipeline_engines_to_every_type_check(engines):
+    # Megatron-DeepSpeed's training loop asks isinstance(model, deepspeed.PipelineEngine) to choose its pipeline
+    # path; DeepSpeed's own samplers ask the same of deepspeed.runtime.pipe.engine.PipelineEngine.
+    for name in ("deepspeed", "ours"):
+        checks = engines[name]["behaviour"]["type_checks"]
+        assert all(checks.values()), (name, checks)
+
+
+def test_deepspeeds_pipeline_machinery_is_never_reached_through_our_engine():
+    """Ours subclasses DeepSpeed's PipelineEngine for its type only: each of
+    that class's public methods, and each private one DeepSpeedEngine also has
+    (DeepSpeedEngine's code calls those on self), is overridden by ours."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
+    from deepspeed_pipe_ext.engine import PipelineEngine
+    assert issubclass(PipelineEngine, DSPipelineEngine)
+    reachable = [name for name, value in vars(DSPipelineEngine).items() if callable(value) and
+                 not name.startswith("__") and (not name.startswith("_") or hasattr(DeepSpeedEngine, name))]
+    inherited = [name for name in reachable if getattr(PipelineEngine, name) is getattr(DSPipelineEngine, name)]
+    assert len(reachable) > 20 and not inherited, inherited
+
+
+def test_deepspeed_pipeline_engine_stays_a_class_that_builds_the_engine_for_the_module():
+    import deepspeed
+    import deepspeed_pipe_ext
+    from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
+    router = deepspeed.PipelineEngine
+    assert isinstance(router, type) and issubclass(router, DSPipelineEngine)
+    assert issubclass(deepspeed_pipe_ext.PipelineEngine, router) and issubclass(DSPipelineEngine, router)
+    assert not issubclass(deepspeed.DeepSpeedEngine, router) and not isinstance(object(), router)
+
+    class UsersEngine(router):  # a subclass of the name is an ordinary class again
+        def __init__(self):
+            pass
+
+    assert type(UsersEngine()) is UsersEngine and not issubclass(DSPipelineEngine, UsersEngine)
+
+
 def test_the_private_deepspeed_attributes_our_engine_relies_on_still_exist(engines):
     assert engines["missing_private"] == [], engines["missing_private"]

@@ -123,3 +123,17 @@ def test_a_stage_without_data_stops_every_rank_at_once():
         name, message, _ = results[rank]["error"]
         assert name == "RemoteFailure" and "stage 0 needs data" in message, results[rank]
     assert max(r["seconds"] for r in results) < 5, [r["seconds"] for r in results]
+
+
+def test_a_rank_that_fails_before_its_peers_are_ready_stops_them_without_a_hang(tmp_path):
+    """Stage 0 fails its first batch and exits; stage 1 was still building its
+    layers. Engine construction ends with an agreement among the ranks, so
+    stage 0 could not start before stage 1 could hear its failure: stage 1
+    stops at once, naming stage 0, instead of waiting out the store's 30 minutes."""
+    timeout = 20
+    (_, result) = run_ranks(fault_cases.fails_before_peers_are_ready, 2, str(tmp_path / "stage0_failed"), timeout,
+                            allow_exit={0}, timeout=120)
+    name, message, _ = result["error"]
+    assert name == "RemoteFailure" and "failed on global rank 0 (stage 0)" in message, result
+    assert "boom in forward call 1" in message, result
+    assert result["seconds"] < timeout, result
