@@ -9,7 +9,7 @@ BUILD_STAMP := $(VENV)/.build-stamp
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 CXX ?= g++
 
-.PHONY: all deps build test test-core demo bench clean cuda-build gpu-check
+.PHONY: all deps build test test-core demo bench clean cuda-build gpu-check package-check
 
 all: build
 
@@ -50,6 +50,20 @@ bench: build
 	$(PY) benchmarks/bench_torch_pipelining.py
 	$(PY) benchmarks/bench_activation_checkpointing.py
 	$(PY) benchmarks/bench_failures.py
+
+# The release artifacts as a user gets them: an sdist, a wheel built from that sdist (so the sdist
+# must hold everything the build needs; this is also what `pip install` of the sdist does), installed
+# into a fresh venv with the pinned torch and deepspeed, which trains one 2-stage step from outside the
+# repository. CI runs it after the tests.
+PACKAGE_DIR := build/package
+package-check: $(DEPS_STAMP)
+	rm -rf $(PACKAGE_DIR) && mkdir -p $(PACKAGE_DIR)
+	$(PY) setup.py -q sdist -d $(PACKAGE_DIR)
+	MAX_JOBS=2 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(PACKAGE_DIR) $(PACKAGE_DIR)/deepspeed_pipe_ext-*.tar.gz
+	$(PYTHON) -m venv $(PACKAGE_DIR)/venv
+	$(PACKAGE_DIR)/venv/bin/python -m pip install -q $$(grep -E '^(torch|deepspeed|numpy)==' requirements-dev.txt)
+	$(PACKAGE_DIR)/venv/bin/python -m pip install -q $(PACKAGE_DIR)/deepspeed_pipe_ext-*.whl
+	cd $(PACKAGE_DIR) && OMP_NUM_THREADS=1 venv/bin/python $(CURDIR)/.ci/package_smoke.py
 
 # Compile-only check of the CUDA variant (not part of `make test`): its own venv
 # with torch 2.14.1, the CUDA 13 build on local disk, and the machine's nvcc;

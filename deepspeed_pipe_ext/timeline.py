@@ -4,6 +4,7 @@
 """
 import argparse
 import math
+import textwrap
 
 from . import schedule as _schedule
 
@@ -99,7 +100,10 @@ def plot_timeline(result, path, title="", xlabel="time (units of the given op co
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from err
     timeline = result["timeline"]
     stages = len(timeline)
-    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, result["makespan"] * 0.35)), 0.6 * stages + 1.2))
+    # Wide enough for every pass to carry its micro-batch number (the time unit says nothing about that).
+    passes = max((len(ops) for ops in timeline), default=0)
+    width = max(7.0, min(20.0, 2.0 + 0.3 * passes))
+    fig, ax = plt.subplots(figsize=(width, 0.5 * stages + 1.0))
     for stage, ops in enumerate(timeline):
         for start, end, code, mb, chunk in ops:
             name = _schedule.OP_NAMES[code]
@@ -112,14 +116,15 @@ def plot_timeline(result, path, title="", xlabel="time (units of the given op co
     ax.invert_yaxis()
     ax.set_xlim(0, result["makespan"])
     ax.set_xlabel(xlabel)
-    ax.set_title(title or f"bubble fraction {result['bubble_fraction']:.3f}")
+    title = title or f"bubble fraction {result['bubble_fraction']:.3f}"
+    ax.set_title("\n".join(textwrap.wrap(title, width=int(width * 13))), fontsize=10)
     used = {_schedule.OP_NAMES[code] for ops in timeline for _, _, code, _, _ in ops}
     legend = [Patch(color=_COLORS[n], label=label) for n, label in
               (("ForwardPass", "forward"), ("BackwardPass", "backward"), ("BackwardInput", "backward (input)"),
                ("BackwardWeight", "backward (weight)")) if n in used]
-    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.35), fontsize=7, ncol=len(legend), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    # "tight" takes the canvas to what was drawn: nothing cut, no empty margin.
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 

@@ -249,6 +249,31 @@ def test_measured_timeline_picture(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("micro_batches,title", [
+    (8, "last training step as measured (1f1b): 2 stages, 8 micro-batches, idle fraction 0.31"),  # the demo's
+    (64, ""),
+])
+def test_timeline_pictures_keep_their_title_and_fill_their_canvas(tmp_path, micro_batches, title):
+    """A measured step a few milliseconds long (the demo's): nothing drawn
+    touches the picture's edges (a title cut on both sides did), and no band
+    of the canvas is left empty."""
+    import matplotlib.image
+    from deepspeed_pipe_ext import timeline
+    F, B = OP["ForwardPass"], OP["BackwardPass"]
+    stages = [[], []]
+    for stage in (0, 1):
+        t = 0.0003 * stage
+        for mb in range(micro_batches):
+            stages[stage] += [(t, t + 0.0003, F, mb, 0), (t + 0.0004, t + 0.0009, B, mb, 0)]
+            t += 0.001
+    png = tmp_path / "step.png"
+    timeline.plot_timeline(timeline.measured_result(stages), str(png), title=title, xlabel="milliseconds")
+    ink = matplotlib.image.imread(str(png))[..., :3].min(axis=2) < 0.9  # True where something is drawn
+    assert not ink[:, :2].any() and not ink[:, -2:].any() and not ink[:2].any() and not ink[-2:].any()
+    blank_rows, blank_columns = (~ink.any(axis=1)).mean(), (~ink.any(axis=0)).mean()
+    assert blank_rows < 0.2 and blank_columns < 0.1, (blank_rows, blank_columns)
+
+
 # ---------------------------------------------------------------- hand-written schedules (compute orders)
 @pytest.mark.parametrize("kind", ["gpipe", "zb-h1"])
 @pytest.mark.parametrize("micro_batches,stages", [(1, 1), (4, 2), (7, 3), (8, 4), (5, 6)])
