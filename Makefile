@@ -63,7 +63,9 @@ package-check: $(DEPS_STAMP)
 	$(PYTHON) -m venv $(PACKAGE_DIR)/venv
 	$(PACKAGE_DIR)/venv/bin/python -m pip install -q $$(grep -E '^(torch|deepspeed|numpy)==' requirements-dev.txt)
 	$(PACKAGE_DIR)/venv/bin/python -m pip install -q $(PACKAGE_DIR)/deepspeed_pipe_ext-*.whl
-	cd $(PACKAGE_DIR) && OMP_NUM_THREADS=1 venv/bin/python $(CURDIR)/.ci/package_smoke.py
+	# Its own dir for DeepSpeed's JIT-built CPU comm op, so the two venvs do not rebuild each other's.
+	cd $(PACKAGE_DIR) && OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(CURDIR)/$(PACKAGE_DIR)/torch_extensions \
+		venv/bin/python $(CURDIR)/.ci/package_smoke.py
 
 # Compile-only check of the CUDA variant (not part of `make test`): its own venv
 # with torch 2.14.1, the CUDA 13 build on local disk, and the machine's nvcc;
