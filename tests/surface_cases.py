@@ -62,3 +62,65 @@ def _type_checks(engine):
             "isinstance runtime.pipe.engine.PipelineEngine": isinstance(engine, ds_pipe_engine.PipelineEngine),
             "isinstance DeepSpeedEngine": isinstance(engine, DeepSpeedEngine),
             "DeepSpeedEngine is not a pipeline engine": not issubclass(DeepSpeedEngine, deepspeed.PipelineEngine)}
+
+
+def megatron_loop(rank, world_size):
+    """What Megatron-DeepSpeed's training loop does with a pipeline engine, in
+    small, on DeepSpeed's engine and on ours (DeepSpeed's module adopted, as
+    Megatron's GPTModelPipe is): its isinstance check picks the pipeline path
+    and sets its batch_fn; train_batch, get_additional_losses and
+    get_global_grad_norm (with gradient clipping) each step; a batch-size
+    ramp-up through set_train_batch_size; eval_batch with
+    num_micro_batches. The module's class name GPT2ModelPipe marks a bool
+    attention mask among the activations."""
+    import torch.nn as nn
+    from deepspeed.pipe import LayerSpec
+    from deepspeed.runtime.pipe.module import PipelineModule as DSModule
+
+    class GPT2ModelPipe(DSModule):
+        def _megatron_batch_fn(self, batch):  # Megatron's: the raw batch to ((inputs...), labels)
+            tokens, labels = batch
+            return (tokens, tokens > 0), labels
+
+    class Masked(nn.Linear):
+        def forward(self, inputs):
+            x, mask = inputs
+            return super().forward(x) * mask, mask
+
+    class Head(nn.Linear):
+        def forward(self, inputs):
+            return super().forward(inputs[0])
+
+    out = {}
+    for name, adopt in (("deepspeed", False), ("ours", True)):
+        dpe.run_deepspeed_pipelines_on_this_engine(adopt)
+        try:
+            torch.manual_seed(0)
+            net = GPT2ModelPipe(layers=[LayerSpec(Masked, 8, 8), LayerSpec(Masked, 8, 8), LayerSpec(Head, 8, 4)],
+                                num_stages=2, loss_fn=nn.MSELoss(), partition_method="uniform")
+            config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 10**9,
+                      "gradient_clipping": 0.05}
+            engine, _, _, _ = deepspeed.initialize(model=net, config=config, model_parameters=net.parameters(),
+                                                   optimizer=torch.optim.AdamW(net.parameters(), lr=0.01,
+                                                                               weight_decay=0.1))
+            row = {"engine": type(engine).__module__, "has_attention_mask": engine.has_attention_mask,
+                   "is_pipe_parallel": engine.is_pipe_parallel}
+            if isinstance(engine, deepspeed.PipelineEngine):  # megatron/training.py, setup_model_and_optimizer
+                engine.set_batch_fn(engine.module._megatron_batch_fn)
+            g = torch.Generator().manual_seed(1)
+            data = [(torch.randn(2, 8, generator=g), torch.randn(2, 4, generator=g)) for _ in range(64)]
+            it = iter(data)
+            steps = []
+            for step in range(4):
+                if step == 2:
+                    engine.set_train_batch_size(8)  # Megatron's batch-size ramp-up
+                loss = engine.train_batch(data_iter=it)
+                norm = engine.get_global_grad_norm()  # None where DeepSpeed tracks none (fp32, a client optimizer)
+                steps.append((loss.item(), engine.get_additional_losses(), None if norm is None else float(norm)))
+            row["steps"] = steps
+            row["eval"] = engine.eval_batch(iter(data), num_micro_batches=2).item()
+            row["weights"] = {k: v.clone() for k, v in net.state_dict().items()}
+            out[name] = row
+        finally:
+            dpe.run_deepspeed_pipelines_on_this_engine(False)
+    return out

@@ -98,3 +98,18 @@ def test_deepspeed_pipeline_engine_stays_a_class_that_builds_the_engine_for_the_
 
 def test_the_private_deepspeed_attributes_our_engine_relies_on_still_exist(engines):
     assert engines["missing_private"] == [], engines["missing_private"]
+
+
+def test_megatron_deepspeeds_training_loop_in_small_matches_deepspeed():
+    import torch
+    for rank, result in enumerate(run_ranks(surface_cases.megatron_loop, 2, timeout=300)):
+        theirs, ours = result["deepspeed"], result["ours"]
+        assert theirs["engine"].startswith("deepspeed.") and ours["engine"].startswith("deepspeed_pipe_ext."), rank
+        assert ours["has_attention_mask"] is theirs["has_attention_mask"] is True
+        assert ours["is_pipe_parallel"] is theirs["is_pipe_parallel"] is True
+        for (o_loss, o_extra, o_norm), (t_loss, t_extra, t_norm) in zip(ours["steps"], theirs["steps"]):
+            assert o_loss == pytest.approx(t_loss, rel=1e-6) and o_extra == t_extra
+            assert o_norm == (t_norm if t_norm is None else pytest.approx(t_norm, rel=1e-5))
+        assert ours["eval"] == pytest.approx(theirs["eval"], rel=1e-6)
+        for k, v in theirs["weights"].items():
+            assert torch.allclose(ours["weights"][k], v, rtol=1e-6, atol=1e-7), (rank, k)
