@@ -152,21 +152,42 @@ class FailureBoard:
             raise self.error(self.remote)
 
     # ------------------------------------------------------------------ every rank
+    def _barrier(self, name, on_open=None):
+        """Checks this rank in at barrier `name` and waits (at most the
+        timeout) until every rank has, or a failure opened it: the verdict.
+        The last rank to arrive opens it, then calls on_open()."""
+        store, go_key = self._store, self._key(f"go/{name}")
+        if store.add(self._key(f"arrived/{name}"), 1) == self.world_size:
+            verdict = store.compare_set(go_key, "", _OK)
+            if on_open is not None:
+                on_open()
+            return verdict
+        store.wait([go_key], datetime.timedelta(seconds=self.timeout_s))
+        return store.get(go_key)
+
+    def _forget_barrier(self, batch):
+        """Every rank is past the barrier of train batch `batch`: its keys can go."""
+        if batch >= 1:
+            self._store.delete_key(self._key(f"arrived/{batch}"))
+            self._store.delete_key(self._key(f"go/{batch}"))
+
+    def _arrived(self, name):
+        """How many ranks checked in at barrier `name`; None when the store is gone."""
+        try:
+            return self._store.add(self._key(f"arrived/{name}"), 0)
+        except Exception:
+            return None
+
     def agree_built(self):
         """The end of the engine's construction: returns when every rank has
         built its engine (and can hear a failure), so that no rank starts a
         batch before all can; raises when a rank does not arrive within the
         timeout (it died, failed or stalled while building)."""
-        store, arrived_key, go_key = self._store, self._key("arrived/built"), self._key("go/built")
         try:
-            if store.add(arrived_key, 1) == self.world_size:
-                store.set(go_key, _OK)
-            else:
-                store.wait([go_key], datetime.timedelta(seconds=self.timeout_s))
+            self._barrier("built")
         except Exception as err:
-            try:
-                arrived = store.add(arrived_key, 0)
-            except Exception:
+            arrived = self._arrived("built")
+            if arrived is None:
                 raise PipelineError(
                     f"{self.name}: lost the rendezvous store while the ranks built their engines ({err}); it lives "
                     "in the process of global rank 0, which probably failed or died (check its log)") from err
@@ -180,20 +201,11 @@ class FailureBoard:
         """The barrier before the gradient reductions and the optimizer step of
         train batch `batch`: returns when every rank has reached it, raises
         when a failure is posted or a rank does not arrive within the timeout."""
-        store, arrived_key, go_key = self._store, self._key(f"arrived/{batch}"), self._key(f"go/{batch}")
         try:
-            if store.add(arrived_key, 1) == self.world_size:
-                verdict = store.compare_set(go_key, "", _OK)
-                if batch >= 2:  # every rank is past batch - 2's barrier: its keys can go
-                    store.delete_key(self._key(f"arrived/{batch - 2}"))
-                    store.delete_key(self._key(f"go/{batch - 2}"))
-            else:
-                store.wait([go_key], datetime.timedelta(seconds=self.timeout_s))
-                verdict = store.get(go_key)
+            verdict = self._barrier(batch, on_open=lambda: self._forget_barrier(batch - 2))
         except Exception as err:
-            try:
-                arrived = store.add(arrived_key, 0)
-            except Exception:
+            arrived = self._arrived(batch)
+            if arrived is None:
                 raise PipelineError(
                     f"{self.name}: lost the rendezvous store at the end of batch {batch} ({err}); it lives in the "
                     f"process of global rank 0, which probably died (check its log). {_RECOVERY}") from err
