@@ -39,8 +39,11 @@ class FailureHandling:
                 raise
             if cause is not None:
                 raise final from err
-            told = self._failures is not None and self._failures.announce(self._describe_failure(err),
-                                                                           self._train_batches)
+            # A failure of this rank's own waits for every peer to hold it; one that only says a peer stopped
+            # answering (it died) does not wait for that peer.
+            told = self._failures is not None and self._failures.announce(
+                self._describe_failure(err), self._train_batches,
+                wait_for_delivery=not self._failures.is_consequence(err))
             if hasattr(err, "add_note"):  # Python 3.11+: errors from DeepSpeed or torch name the rank too
                 err.add_note(f"deepspeed_pipe_ext: this batch failed on stage {self.stage_id} "
                              f"(global rank {self.global_rank}); " + ("every other rank was told and stops; "

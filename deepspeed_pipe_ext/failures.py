@@ -98,10 +98,12 @@ class FailureBoard:
             waker.set()
 
     # ------------------------------------------------------------------ the failing rank
-    def announce(self, description, batch):
+    def announce(self, description, batch, wait_for_delivery=True):
         """Posts this rank's failure (during train batch `batch`) to every
-        rank. Best effort: with the store gone (its host died) peers learn
-        through their own connections. Returns whether ours was the first."""
+        rank; with wait_for_delivery, returns once every other rank's watcher
+        holds it (at most a few seconds). Best effort: with the store gone (its
+        host died) peers learn through their own connections. Returns whether
+        ours was the first."""
         value = description.encode()
         try:
             if self._store.compare_set(self._key("failure"), "", value) != value:
@@ -116,6 +118,8 @@ class FailureBoard:
         # This process may exit as soon as it raises, taking the store with it when it is global rank 0: wait
         # (briefly) until every other rank's watcher holds the description, so that none is left with only a
         # closed connection to explain its stop.
+        if not wait_for_delivery:
+            return True
         try:
             self._store.wait([self._key("delivered")], datetime.timedelta(seconds=min(self.timeout_s, _DELIVERY_S)))
         except Exception:
@@ -135,12 +139,16 @@ class FailureBoard:
             pass
         return None
 
+    @staticmethod
+    def is_consequence(err):
+        """`err` says only that a peer stopped answering (an aborted transfer,
+        a closed connection, a timeout), not what went wrong first."""
+        return isinstance(err, (RuntimeError, PipelineError)) and any(m in str(err) for m in _CONSEQUENCES)
+
     def cause_of(self, err):
         """The failure another rank posted, when `err` is only its consequence
-        here (an aborted transfer, a closed connection, a timeout); else None."""
-        if not isinstance(err, (RuntimeError, PipelineError)) or not any(m in str(err) for m in _CONSEQUENCES):
-            return None
-        return self.posted()
+        here; else None."""
+        return self.posted() if self.is_consequence(err) else None
 
     def error(self, description):
         """The error a rank raises because of another rank's failure."""

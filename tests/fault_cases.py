@@ -258,3 +258,24 @@ def fails_before_peers_are_ready(rank, world_size, marker, p2p_timeout):
             f.write(repr(error))
         os._exit(1)
     return {"error": error, "seconds": time.monotonic() - start}
+
+
+def gone_before_building(rank, world_size, gone, p2p_timeout):
+    """Rank `gone` builds its module, then its process ends before it builds
+    its engine; the other rank builds its engine and reports what it raised
+    and how long deepspeed.initialize took."""
+    torch.manual_seed(5)
+    net = dpe.PipelineModule(layers=[nn.Linear(8, 8), nn.Linear(8, 4)], num_stages=2, loss_fn=nn.MSELoss(),
+                             partition_method="uniform")
+    if rank == gone:
+        os._exit(1)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,
+              "steps_per_print": 10**9, "pipeline": {"p2p_timeout": p2p_timeout}}
+    start = time.monotonic()
+    try:
+        dpe_engine.initialize(model=net, config=config, model_parameters=net.parameters(),
+                              optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        error = None
+    except BaseException as err:
+        error = _error(err)
+    return {"error": error, "seconds": time.monotonic() - start}

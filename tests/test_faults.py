@@ -137,3 +137,19 @@ def test_a_rank_that_fails_before_its_peers_are_ready_stops_them_without_a_hang(
     assert name == "RemoteFailure" and "failed on global rank 0 (stage 0)" in message, result
     assert "boom in forward call 1" in message, result
     assert result["seconds"] < timeout, result
+
+
+@pytest.mark.parametrize("gone", [1, 0])
+def test_engine_construction_with_a_rank_that_is_gone_fails_within_the_timeout(gone):
+    """The other rank's engine construction ends at a barrier on the store:
+    with its peer gone it fails within p2p_timeout (its connection to the store
+    too, when the peer was global rank 0, which hosts the store), naming what
+    is missing, instead of waiting out the store's 30 minutes."""
+    timeout = 4
+    survivor = 1 - gone
+    result = run_ranks(fault_cases.gone_before_building, 2, gone, timeout, allow_exit={gone}, timeout=120)[survivor]
+    assert result["error"] is not None, result
+    name, message, _ = result["error"]
+    expected = ("only 1 of the 2 ranks finished building" if gone == 1 else "rendezvous store")
+    assert name == "PipelineError" and expected in message, result
+    assert result["seconds"] < 3 * timeout, result
