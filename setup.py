@@ -6,15 +6,15 @@ on the CPU and on CUDA. CUDAExtension (adding csrc/cuda/*.cu, defining
 DPE_WITH_CUDA) only when there are CUDA kernels, torch has CUDA and nvcc is
 found; there are none so far (none has yet been measured to pay).
 Build with `pip install --no-build-isolation -e .` so the installed torch is
-used. DPE_WERROR=1 turns compiler warnings into errors (make cuda-build).
+used. Warnings are on (-Wall); DPE_WERROR=1 makes them errors (make build, make cuda-build).
 """
 import glob
 import os
 import shutil
 
-from setuptools import setup
 import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,16 +23,16 @@ def sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern), recursive=True))
 
 
-cpp_sources = sources("csrc/bindings.cpp") + sources("csrc/core/*.cpp") + sources("csrc/runtime/*.cpp")
+cpp_sources = sources("csrc/bindings/*.cpp") + sources("csrc/core/*.cpp") + sources("csrc/runtime/*.cpp")
 cuda_sources = sources("csrc/cuda/*.cu")
 use_cuda = (torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc") is not None)
             and os.environ.get("DPE_NO_CUDA", "0") != "1")
 
 # No -std: torch's BuildExtension picks the standard its headers need (C++20 from torch 2.14).
-cxx_flags = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fvisibility=hidden"]
+cxx_flags = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fvisibility=hidden", "-Wall"]
 nvcc_flags = ["-O3"]
-if os.environ.get("DPE_WERROR", "0") == "1":
-    cxx_flags += ["-Wall", "-Werror"]
+if os.environ.get("DPE_WERROR", "0") == "1":  # make build, make cuda-build and CI
+    cxx_flags += ["-Werror"]
     nvcc_flags += ["-Werror", "all-warnings"]
 define_macros = []
 if use_cuda and cuda_sources:

@@ -41,6 +41,15 @@ if __name__ == "__main__":
         sys.exit("run this from outside the repository, so the installed package is imported")
     if "site-packages" not in deepspeed_pipe_ext.__file__:
         sys.exit(f"deepspeed_pipe_ext was imported from {deepspeed_pipe_ext.__file__}, not from an installed package")
+    # The typing of the compiled module ships with it (PEP 561).
+    installed = os.path.dirname(deepspeed_pipe_ext.__file__)
+    missing = [f for f in ("_C.pyi", "py.typed") if not os.path.isfile(os.path.join(installed, f))]
+    if missing:
+        sys.exit(f"the installed package lacks {missing}")
+    from importlib.metadata import version
+    if version("deepspeed_pipe_ext") != deepspeed_pipe_ext.__version__:
+        sys.exit(f"the package's metadata says {version('deepspeed_pipe_ext')}, "
+                 f"the module {deepspeed_pipe_ext.__version__}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

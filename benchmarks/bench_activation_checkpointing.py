@@ -43,10 +43,11 @@ def peak_memory(run):
 
 
 def measure(rank, world_size, repeats):
+    import deepspeed
     import torch
     import torch.nn as nn
-    import deepspeed
     from deepspeed.pipe import PipelineModule as DSPipelineModule
+
     import deepspeed_pipe_ext as dpe
     from deepspeed_pipe_ext import engine as dpe_engine
     pin_to_one_core(rank)

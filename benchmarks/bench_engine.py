@@ -24,11 +24,12 @@ from common import alternate, build_engine, case_arguments, pin_to_one_core, slo
 
 
 def measure(rank, world_size, case, repeats):
+    import deepspeed
     import torch
     import torch.distributed as dist
     import torch.nn as nn
-    import deepspeed
     from deepspeed.pipe import PipelineModule as DSPipelineModule
+
     import deepspeed_pipe_ext as dpe
     from deepspeed_pipe_ext import engine as dpe_engine
     from deepspeed_pipe_ext import schedule
@@ -101,7 +102,8 @@ def main():
         print(f"  {case:9s} DeepSpeed {ds * 1000:9.2f} ms   ours {ours * 1000:9.2f} ms   speed-up {ds / ours:5.2f}x   "
               f"1F1B prediction {result['predicted'] * 1000:9.2f} ms (ours / prediction "
               f"{ours / result['predicted']:.3f})", flush=True)
-        print(f"  {case:9s} ours with the gpipe schedule {gpipe * 1000:9.2f} ms   speed-up {ds / gpipe:5.2f}x", flush=True)
+        print(f"  {case:9s} ours with the gpipe schedule {gpipe * 1000:9.2f} ms   speed-up {ds / gpipe:5.2f}x",
+              flush=True)
         zb, zb_predicted = result["ours, zb-h1"], result["predicted zb-h1"]
         print(f"  {case:9s} ours with the zb-h1 schedule {zb * 1000:9.2f} ms   speed-up {ds / zb:5.2f}x   "
               f"zb-h1 prediction {zb_predicted * 1000:9.2f} ms (ours / prediction {zb / zb_predicted:.3f}); "

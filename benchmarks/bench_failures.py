@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "distributed"))
 
 
 def worker(rank, world_size, port, p2p_timeout, ready, results):
@@ -24,6 +24,7 @@ def worker(rank, world_size, port, p2p_timeout, ready, results):
     import torch.nn as nn
     torch.set_num_threads(1)
     import deepspeed
+
     import deepspeed_pipe_ext as dpe
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.manual_seed(0)
@@ -47,6 +48,7 @@ def trial(world_size, p2p_timeout, rng):
     """Kills a random rank at a random moment; returns the victim and, per
     survivor, (seconds from the kill to its exception, its message)."""
     import multiprocessing as mp
+
     from distributed import free_port
     ctx = mp.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
@@ -108,7 +110,8 @@ def main():
                 key = origin(message)
                 origins[key] = origins.get(key, 0) + 1
             print(f"[{layout}] trial {t:2d}: killed rank {victim}; " +
-                  ", ".join(f"rank {r} raised after {s:.3f} s ({origin(m)})" for r, (s, m) in sorted(survivors.items())),
+                  ", ".join(f"rank {r} raised after {s:.3f} s ({origin(m)})"
+                            for r, (s, m) in sorted(survivors.items())),
                   flush=True)
         finite = [s for s in times if s != float("inf")]
         print(f"\n{layout} ({world_size} ranks) over gloo, p2p_timeout {args.p2p_timeout:g} s, {args.trials} trials: "

@@ -87,10 +87,11 @@ def one_way_transfer_seconds(rank, repeats=20):
 
 
 def measure(rank, world_size, repeats, names):
+    import deepspeed
     import torch
     import torch.distributed as dist
-    import deepspeed
     from deepspeed.pipe import PipelineModule as DSPipelineModule
+
     import deepspeed_pipe_ext as dpe
     from deepspeed_pipe_ext import engine as dpe_engine
     from deepspeed_pipe_ext import schedule
@@ -134,9 +135,10 @@ def measure(rank, world_size, repeats, names):
         step = max(g[-1].item() for g in gathered)
         kind = pipeline.get("schedule", "1f1b")
         # Each rank's passes as they ran, then the optimizer step (not part of the simulated schedule).
-        result["predicted"][name] = schedule.simulate_measured(kind, MICRO_BATCHES, 2, table, chunks,
-                                                               send_latency=latency.item(),
-                                                               layout=kwargs.get("virtual_layout", ""))["makespan"] + step
+        result["predicted"][name] = (schedule.simulate_measured(kind, MICRO_BATCHES, 2, table, chunks,
+                                                                send_latency=latency.item(),
+                                                                layout=kwargs.get("virtual_layout", ""))["makespan"]
+                                     + step)
         result["costs"][name] = table, step
         usage = engine.last_buffer_usage
         live = torch.tensor([usage["peak_live_buffers"] / chunks, float(usage["peak_activation_bytes"])])

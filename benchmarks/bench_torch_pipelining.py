@@ -68,10 +68,11 @@ class TorchPipelining:
 
 
 def measure(rank, world_size, case, repeats):
-    import torch
     import deepspeed
+    import torch
     from deepspeed.pipe import PipelineModule as DSPipelineModule
     from deepspeed.runtime.pipe.engine import PipelineEngine as DSPipelineEngine
+
     import deepspeed_pipe_ext as dpe
     from deepspeed_pipe_ext import engine as dpe_engine
     pin_to_one_core(rank)

@@ -22,7 +22,7 @@ figure printed in one summary (and written to <out>/gpu_check.json).
    the next batch refuses (the host-staged transfers are aborted).
 
 NCCL refuses two ranks on one device, so point-to-point over NCCL is not run
-here; its ordering is proven by the checker (tests/test_nccl_order.py).
+here; its ordering is proven by the checker (test_nccl_order.py in tests/unit and tests/distributed).
 """
 import argparse
 import json
@@ -95,11 +95,12 @@ def batches(seed, count, dtype, micro_batch=8):
 
 def train(engine_kind, num_stages, precision, steps, micro_batches=4, overflow_step=None, schedule=None):
     """One engine (ours or DeepSpeed's) on the MLP; the same seeds per layer."""
+    import deepspeed
     import torch
     import torch.nn as nn
-    import deepspeed
-    import deepspeed_pipe_ext as dpe
     from deepspeed.pipe import PipelineModule as DSPipelineModule
+
+    import deepspeed_pipe_ext as dpe
     ours = engine_kind == "ours"
     module_cls, spec = (dpe.PipelineModule, dpe.LayerSpec) if ours else (DSPipelineModule, deepspeed.pipe.LayerSpec)
     torch.manual_seed(1)
@@ -168,6 +169,7 @@ def parity_s1():
 def checkpoint_dropout():
     import torch
     import torch.nn as nn
+
     from deepspeed_pipe_ext import activation_checkpointing as ac
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.3), nn.GELU(), nn.Linear(256, 64),
@@ -215,10 +217,11 @@ def _s2_body(rank, world_size, out_dir):
     result["losses_by_schedule"] = {kind: train("ours", world_size, "fp32", 6, schedule=kind)["losses"]
                                     for kind in ("gpipe", "zb-h1")}
     # One more step under torch.profiler: the pipe labels and the CUDA kernels, as a Chrome trace.
+    import deepspeed
     import torch
     import torch.nn as nn
     from torch.profiler import ProfilerActivity, profile
-    import deepspeed
+
     import deepspeed_pipe_ext as dpe
     torch.manual_seed(1)
     net = dpe.PipelineModule(layers=mlp_specs(dpe.LayerSpec), num_stages=world_size, loss_fn=nn.MSELoss(),
@@ -289,11 +292,12 @@ def host_staged_s2(out_dir):
 
 @section("overhead-bound train_batch at S=1 on CUDA: DeepSpeed vs ours")
 def overhead_s1(repeats=15):
+    import deepspeed
     import torch
     import torch.nn as nn
-    import deepspeed
-    import deepspeed_pipe_ext as dpe
     from deepspeed.pipe import PipelineModule as DSPipelineModule
+
+    import deepspeed_pipe_ext as dpe
     micro_batches, layers = 32, 32
 
     def build(module_cls, spec):
@@ -324,7 +328,7 @@ def overhead_s1(repeats=15):
 
 
 def _tests_on_path():
-    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "distributed")
     if tests not in sys.path:
         sys.path.insert(0, tests)
 
@@ -411,8 +415,9 @@ def dry_run_patches():
 
 def environment():
     import subprocess
-    import torch
+
     import deepspeed
+    import torch
     if DEVICE == "cpu":
         return {"gpu": "none (CPU dry run)", "nvidia_smi": "", "torch": torch.__version__, "cuda": None, "nccl": None,
                 "deepspeed": deepspeed.__version__, "python": sys.version.split()[0]}
@@ -431,7 +436,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="out/gpu_check")
     parser.add_argument("--cpu-dry-run", action="store_true", help="check this script on a machine without a GPU")
-    parser.add_argument("--only", nargs="*", default=None, help="run only the sections whose names contain one of these")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only the sections whose names contain one of these")
     args = parser.parse_args()
     global DEVICE, BACKEND
     if args.cpu_dry_run:

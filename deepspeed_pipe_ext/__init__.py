@@ -4,12 +4,16 @@
     net = deepspeed_pipe_ext.PipelineModule(layers=..., num_stages=2, loss_fn=...)
 """
 from . import engine, partition, topology
+from ._failures import CollectiveFailed, CollectivePeerClosed, CollectiveTimeout, RemoteFailure
+from ._native import _C
 from .engine import PipelineEngine, initialize, run_deepspeed_pipelines_on_this_engine
 from .module import LayerSpec, PipelineError, PipelineModule, TiedLayerSpec
-from .topology import (PipeDataParallelTopology, PipelineParallelGrid, PipeModelDataParallelTopology,
-                       ProcessTopology)
+from .topology import PipeDataParallelTopology, PipelineParallelGrid, PipeModelDataParallelTopology, ProcessTopology
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version string (pyproject reads it)
+
+# What a failed transfer raises (subclasses of RuntimeError, registered from C++).
+P2PError, P2PTimeout, P2PAborted, PeerClosed = _C.P2PError, _C.P2PTimeout, _C.P2PAborted, _C.PeerClosed
 
 # deepspeed.initialize builds our PipelineEngine for our PipelineModule.
 engine.install()
@@ -17,7 +21,9 @@ engine.install()
 __all__ = [
     "PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineError", "PipelineEngine", "initialize",
     "run_deepspeed_pipelines_on_this_engine", "ProcessTopology", "PipeDataParallelTopology",
-    "PipeModelDataParallelTopology", "PipelineParallelGrid", "partition", "schedule", "topology"
+    "PipeModelDataParallelTopology", "PipelineParallelGrid", "partition", "schedule", "topology", "RemoteFailure",
+    "P2PError", "P2PTimeout", "P2PAborted", "PeerClosed", "CollectiveFailed", "CollectiveTimeout",
+    "CollectivePeerClosed", "__version__"
 ]
 
 

@@ -1,4 +1,4 @@
-"""Activation checkpointing through the C++ implementation (csrc/runtime/checkpoint.cpp).
+"""Activation checkpointing through the C++ implementation (csrc/runtime/recompute.cpp).
 
 `checkpoint(function, *args)` runs `function(*args)` without keeping the
 activations inside it and recomputes it during backward, with the CPU (and
@@ -27,8 +27,8 @@ def _run(function, args, params, reentrant):
             return (out, )
         return out
 
-    outputs = _C.checkpoint(group_forward, [args[i] for i in tensor_positions], list(params), reentrant)
-    # The first forward ran before _C.checkpoint returned, so returned_tensor is set.
+    outputs = _C.recompute(group_forward, [args[i] for i in tensor_positions], list(params), reentrant)
+    # The first forward ran before _C.recompute returned, so returned_tensor is set.
     return outputs[0] if returned_tensor else tuple(outputs)
 
 

@@ -19,9 +19,9 @@ from deepspeed.runtime.activation_checkpointing import checkpointing
 from deepspeed.runtime.pipe import module as ds_module
 
 from . import activation_checkpointing
-from ._native import _C
 from . import partition as _partition
-from .topology import PipeDataParallelTopology, PipelineParallelGrid, as_topology, _require_dist
+from ._native import _C
+from .topology import PipeDataParallelTopology, PipelineParallelGrid, _require_dist, as_topology
 
 __all__ = ["PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineError"]
 
@@ -89,6 +89,8 @@ class PipelineModule(ds_module.PipelineModule):
     `profile_inputs`, a sample micro-batch, then the min-max partition), or an
     explicit list of num_stages + 1 layer boundaries.
     """
+    virtual_stages = 1  # model chunks per rank, and where they sit ("interleaved" or "v")
+    virtual_layout = "interleaved"
 
     def __init__(self,
                  layers,
@@ -209,7 +211,7 @@ class PipelineModule(ds_module.PipelineModule):
 
     def _partition_layers(self, method='uniform'):
         # With virtual stages the layers go into stages x virtual_stages parts; rank r holds parts r, r + stages, ...
-        num_stages = self.num_stages * getattr(self, "virtual_stages", 1)
+        num_stages = self.num_stages * self.virtual_stages
         if isinstance(method, (list, tuple)):
             self.partition_weights = None
             self.parts = self._check_explicit_boundaries(method)
@@ -231,7 +233,7 @@ class PipelineModule(ds_module.PipelineModule):
                                  f"{num_stages} parts, boundaries {self.parts}): use fewer stages or more layers")
         # This rank's layers, chunk by chunk: [start, stop) in the whole pipeline's numbering.
         self._chunk_bounds = [(self.parts[self.part_of(c)], self.parts[self.part_of(c) + 1])
-                              for c in range(getattr(self, "virtual_stages", 1))]
+                              for c in range(self.virtual_stages)]
         self._set_bounds(start=self._chunk_bounds[0][0], stop=self._chunk_bounds[-1][1])
 
     def chunk_bounds(self, chunk):
@@ -241,14 +243,14 @@ class PipelineModule(ds_module.PipelineModule):
     def part_of(self, chunk, stage_id=None):
         """The part (virtual stage) that model chunk `chunk` of `stage_id` (default: this rank's) holds."""
         stage = self.stage_id if stage_id is None else stage_id
-        return _C.virtual_stage_of(stage, chunk, self.num_stages, getattr(self, "virtual_layout", "interleaved"))
+        return _C.virtual_stage_of(stage, chunk, self.num_stages, self.virtual_layout)
 
     def place_of(self, part):
         """(stage, chunk) that holds part `part`."""
-        return tuple(_C.place_of_virtual(part, self.num_stages, getattr(self, "virtual_layout", "interleaved")))
+        return tuple(_C.place_of_virtual(part, self.num_stages, self.virtual_layout))
 
     def _part_name(self, part):
-        if getattr(self, "virtual_stages", 1) == 1:
+        if self.virtual_stages == 1:
             return f"stage {part}"
         stage, chunk = self.place_of(part)
         return f"part {part} (stage {stage}, chunk {chunk})"
@@ -278,7 +280,7 @@ class PipelineModule(ds_module.PipelineModule):
 
     def _check_explicit_boundaries(self, bounds):
         bounds = list(bounds)
-        n, s = self._num_layers, self.num_stages * getattr(self, "virtual_stages", 1)
+        n, s = self._num_layers, self.num_stages * self.virtual_stages
         if len(bounds) != s + 1 or any(isinstance(b, bool) or not isinstance(b, int) for b in bounds):
             raise ValueError(f"explicit partition must be {s + 1} ints (one boundary per stage plus the end), "
                              f"got {bounds!r}")
@@ -295,7 +297,7 @@ class PipelineModule(ds_module.PipelineModule):
         idxs = [idx for idx, layer in enumerate(self._layer_specs)
                 if _layer_name(layer) is not None and typeregex.search(_layer_name(layer))]
         if not idxs:
-            names = sorted({_layer_name(l) for l in self._layer_specs if _layer_name(l) is not None})
+            names = sorted({_layer_name(layer) for layer in self._layer_specs if _layer_name(layer) is not None})
             raise RuntimeError(f"Partitioning 'type:{layername}' found no valid layers to partition: "
                                f"the regex matches none of the layer types {names}")
         return idxs
@@ -435,7 +437,8 @@ class PipelineModule(ds_module.PipelineModule):
             x = inputs[0] if len(inputs) == 1 else inputs
             for idx, layer in enumerate(self.forward_funcs[start:end]):
                 # DeepSpeed numbers it idx + _local_start (not idx + start); with virtual stages: the layer's number
-                self.curr_layer = idx + self._local_start if self.virtual_stages == 1 else self._layer_index[start + idx]
+                self.curr_layer = (idx + self._local_start if self.virtual_stages == 1
+                                   else self._layer_index[start + idx])
                 if self.seed_layers:
                     seed = self.base_seed * micro_offset + self.curr_layer
                     (self.seed_fn or ds_utils.set_random_seed)(seed)

@@ -27,7 +27,9 @@ from deepspeed.runtime.pipe import schedule as _ds
 from ._native import _C
 
 ScheduleError = _C.ScheduleError
-SCHEDULE_KINDS = tuple(_C.SCHEDULE_KINDS)
+# Every fact about a kind (its layout, chunks, split backward, whether the
+# engine trains with it) is C++'s: _C.ScheduleKind.
+SCHEDULE_KINDS = tuple(kind.config_name for kind in _C.ScheduleKind.__members__.values())
 
 
 # ---------------------------------------------------------------- instructions
@@ -98,8 +100,9 @@ class RecvGrad(BufferOpInstruction, _ds.RecvGrad):
 _OP_CLASSES = {cls.__name__: cls for cls in (
     LoadMicroBatch, ForwardPass, BackwardPass, BackwardInput, BackwardWeight, SendActivation, RecvActivation,
     SendGrad, RecvGrad, ReduceTiedGrads, ReduceGrads, OptimizerStep)}
-_OP_BY_CODE = [_OP_CLASSES[name] for name in _C.OP_NAMES]
-OP_NAMES = tuple(_C.OP_NAMES)
+OPS = tuple(_C.Op.__members__.values())  # by op code: .name, .letter, .label, .is_compute, .is_transfer
+OP_NAMES = tuple(op.name for op in OPS)
+_OP_BY_CODE = [_OP_CLASSES[name] for name in OP_NAMES]
 
 
 def _instruction(code, buffer_id, micro_batch, chunk):
@@ -280,13 +283,15 @@ class ComputeOrder:
         self.rows = [[str(token).strip() for token in row if str(token).strip()] for row in rows]
         if not self.rows:
             raise ValueError("a compute order needs one row of actions per rank; got none")
-        found = [_micro_batch(token) for row in self.rows for token in row]
+        # (rank, virtual stage, letter, micro-batch) of every token, parsed by C++.
+        actions = [(rank, *_C.parse_action_token(token, rank)) for rank, row in enumerate(self.rows) for token in row]
+        found = [micro_batch for _, _, _, micro_batch in actions]
         self.micro_batches = micro_batches if micro_batches is not None else (max(found) + 1 if found else 0)
-        self.chunks = max((_stage_index(token) for row in self.rows for token in row), default=0) // self.stages + 1
+        self.chunks = max((stage for _, stage, _, _ in actions), default=0) // self.stages + 1
+        self._letters = {letter for _, _, letter, _ in actions}
         if layout is None:  # the layout whose placement the rows follow ("interleaved" when both fit)
             layout = "interleaved" if self.chunks == 1 or all(
-                _stage_index(token) % self.stages == rank for rank, row in enumerate(self.rows) for token in row) \
-                else "v"
+                stage % self.stages == rank for rank, stage, _, _ in actions) else "v"
         if layout not in ("interleaved", "v"):
             raise ValueError(f"layout must be 'interleaved' or 'v', got {layout!r}")
         self.layout = layout
@@ -297,7 +302,7 @@ class ComputeOrder:
 
     @classmethod
     def builtin(cls, kind, micro_batches, stages, chunks=1):
-        layout = "v" if kind == "zb-v" else "interleaved"
+        layout = _C.ScheduleKind.parse(kind).layout.config_name
         return cls(_C.compute_order(kind, micro_batches, stages, chunks, layout), micro_batches, layout)
 
     @classmethod
@@ -352,7 +357,7 @@ class ComputeOrder:
     @property
     def splits_backward(self):
         """True when any backward is split into I and W (as in zb-h1)."""
-        return any(_letter(token) in "IW" for row in self.rows for token in row)
+        return bool(self._letters & {_C.Op.BackwardInput.letter, _C.Op.BackwardWeight.letter})
 
     def steps(self, stage_id):
         """Rank `stage_id`'s instruction stream, with the transfers added."""
@@ -375,24 +380,6 @@ class ComputeOrder:
         return f"ComputeOrder({self.stages} ranks, {self.micro_batches} micro-batches{chunks})"
 
 
-def _stage_index(token):
-    digits = token[:len(token) - len(token.lstrip("0123456789"))]
-    if not digits:
-        raise ValueError(f"action {token!r} is not STAGE LETTER MICRO_BATCH (like 0F3)")
-    return int(digits)
-
-
-def _letter(token):
-    return token.lstrip("0123456789")[:1]
-
-
-def _micro_batch(token):
-    tail = token.lstrip("0123456789")[1:]
-    if not tail.isdigit():
-        raise ValueError(f"action {token!r} is not STAGE LETTER MICRO_BATCH (like 0F3)")
-    return int(tail)
-
-
 def load_schedule(value):
     """A `"pipeline": {"schedule": ...}` value as a ComputeOrder when it is one
     or names a CSV file of one; None for a built-in kind name."""
@@ -403,6 +390,58 @@ def load_schedule(value):
     return None
 
 
+# ---------------------------------------------------------------- command line
+def main(argv=None):
+    """The command line: simulate a schedule (or a compute order), print its
+    timeline and figures, and optionally draw it."""
+    import argparse
+
+    from .timeline import plot_timeline, summary, text_timeline
+    parser = argparse.ArgumentParser(prog="python -m deepspeed_pipe_ext.schedule", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", default="1f1b", help=f"one of: {', '.join(SCHEDULE_KINDS)}")
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=8)
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="model chunks per rank (interleaved-1f1b: 2 or more; zb-v: 2, the default for it)")
+    parser.add_argument("--forward", type=float, default=1.0, help="forward cost of a stage per micro-batch")
+    parser.add_argument("--backward-input", type=float, default=1.0, help="input-gradient cost")
+    parser.add_argument("--backward-weight", type=float, default=1.0, help="weight-gradient cost")
+    parser.add_argument("--send-latency", type=float, default=0.0)
+    parser.add_argument("--plot", metavar="PNG", help="also draw the timeline into this file (needs matplotlib)")
+    parser.add_argument("--order", metavar="CSV", help="simulate (and draw) a hand-written compute order read from "
+                        "this file instead of --kind: one row of actions per rank, like 0F0,0F1,0B0,...")
+    parser.add_argument("--export-order", metavar="CSV",
+                        help="write --kind's compute order in that CSV form to this file and stop")
+    args = parser.parse_args(argv)
+    if args.chunks is None:  # the fewest the kind runs (zb-v: 2)
+        args.chunks = _C.ScheduleKind.parse(args.kind).min_chunks if args.kind in SCHEDULE_KINDS else 1
+    try:
+        if args.export_order:
+            with open(args.export_order, "w") as f:
+                f.write(ComputeOrder.builtin(args.kind, args.micro_batches, args.stages, args.chunks).to_csv())
+            print(f"wrote {args.kind}'s compute order ({args.stages} ranks, {args.micro_batches} micro-batches) to "
+                  f"{args.export_order}")
+            return
+        costs = (args.forward, args.backward_input, args.backward_weight, args.send_latency)
+        if args.order:
+            order = ComputeOrder.read(args.order)
+            args.kind, args.stages, args.micro_batches = args.order, order.stages, order.micro_batches
+            args.chunks = order.chunks
+            result = order.simulate(*costs)
+        else:
+            result = simulate(args.kind, args.micro_batches, args.stages, args.chunks, *costs)
+    except (ValueError, OSError, ScheduleError) as err:
+        parser.exit(2, f"error: {err}\n")
+    chunks = f", chunks={args.chunks}" if args.chunks > 1 else ""
+    print(f"{args.kind}: stages={args.stages}, micro_batches={args.micro_batches}{chunks}")
+    print(text_timeline(result, args.chunks))
+    print(summary(result))
+    if args.plot:
+        plot_timeline(result, args.plot, title=f"{args.kind}, {args.stages} stages, {args.micro_batches} micro-batches"
+                      f"{chunks}: bubble {result['bubble_fraction']:.3f}")
+        print(f"wrote {args.plot}")
+
+
 if __name__ == "__main__":
-    from .timeline import main
     main()

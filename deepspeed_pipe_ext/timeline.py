@@ -1,14 +1,10 @@
-"""Seeing a schedule: a text timeline (one row per stage) and a picture.
-
-    python -m deepspeed_pipe_ext.schedule --kind zb-h1 --stages 4 --micro-batches 8 [--plot out.png]
-"""
-import argparse
+"""Seeing a schedule: a text timeline (one row per stage), a Chrome trace and
+a picture (`python -m deepspeed_pipe_ext.schedule` draws them)."""
 import math
 import textwrap
 
 from . import schedule as _schedule
 
-_LETTERS = {"ForwardPass": "F", "BackwardPass": "B", "BackwardInput": "B", "BackwardWeight": "W"}
 _COLORS = {"ForwardPass": "#4C72B0", "BackwardPass": "#55A868", "BackwardInput": "#55A868",
            "BackwardWeight": "#C44E52"}
 
@@ -20,7 +16,7 @@ def _resolution(timeline):
 
 def text_timeline(result, chunks=1):
     """One row per stage; each cell is the smallest op's duration: op letter and
-    micro-batch ('F3', 'B3', 'W3'; chunk as a suffix letter when chunks > 1),
+    micro-batch ('F3', 'B3', 'I3', 'W3'; chunk as a suffix letter when chunks > 1),
     '.' where the stage idles."""
     unit = _resolution(result["timeline"])
     width = max(1, math.ceil(result["makespan"] / unit - 1e-9))
@@ -28,7 +24,7 @@ def text_timeline(result, chunks=1):
     for stage in result["timeline"]:
         row = ["."] * width
         for start, end, code, mb, chunk in stage:
-            label = _LETTERS[_schedule.OP_NAMES[code]] + str(mb)
+            label = _schedule.OPS[code].letter + str(mb)
             if chunks > 1:
                 label += "abcdefghijklmnopqrstuvwxyz"[chunk % 26]
             first = int(round(start / unit))
@@ -76,17 +72,13 @@ def write_chrome_trace(stage_timelines, path):
     for stage, ops in enumerate(stage_timelines):
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": stage, "args": {"name": f"stage {stage}"}})
         for start, end, code, mb, chunk in ops:
-            name = f"pipe stage {stage} {_TRACE_NAMES[_schedule.OP_NAMES[code]]} mb {mb}" + \
+            name = f"pipe stage {stage} {_schedule.OPS[code].label} mb {mb}" + \
                 (f" chunk {chunk}" if chunk else "")
             events.append({"name": name, "ph": "X", "pid": 0, "tid": stage, "ts": (start - t0) * 1e6,
                            "dur": (end - start) * 1e6, "args": {"micro_batch": mb, "chunk": chunk}})
     with open(path, "w") as f:
         json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
     return path
-
-
-_TRACE_NAMES = {"ForwardPass": "forward", "BackwardPass": "backward", "BackwardInput": "backward input",
-                "BackwardWeight": "backward weight"}
 
 
 def plot_timeline(result, path, title="", xlabel="time (units of the given op costs)"):
@@ -119,61 +111,9 @@ def plot_timeline(result, path, title="", xlabel="time (units of the given op co
     title = title or f"bubble fraction {result['bubble_fraction']:.3f}"
     ax.set_title("\n".join(textwrap.wrap(title, width=int(width * 13))), fontsize=10)
     used = {_schedule.OP_NAMES[code] for ops in timeline for _, _, code, _, _ in ops}
-    legend = [Patch(color=_COLORS[n], label=label) for n, label in
-              (("ForwardPass", "forward"), ("BackwardPass", "backward"), ("BackwardInput", "backward (input)"),
-               ("BackwardWeight", "backward (weight)")) if n in used]
+    legend = [Patch(color=_COLORS[op.name], label=op.label) for op in _schedule.OPS
+              if op.is_compute and op.name in used]
     ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     # "tight" takes the canvas to what was drawn: nothing cut, no empty margin.
     fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m deepspeed_pipe_ext.schedule", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", default="1f1b", help=f"one of: {', '.join(_schedule.SCHEDULE_KINDS)}")
-    parser.add_argument("--stages", type=int, default=4)
-    parser.add_argument("--micro-batches", type=int, default=8)
-    parser.add_argument("--chunks", type=int, default=None,
-                        help="model chunks per rank (interleaved-1f1b: 2 or more; zb-v: 2, the default for it)")
-    parser.add_argument("--forward", type=float, default=1.0, help="forward cost of a stage per micro-batch")
-    parser.add_argument("--backward-input", type=float, default=1.0, help="input-gradient cost")
-    parser.add_argument("--backward-weight", type=float, default=1.0, help="weight-gradient cost")
-    parser.add_argument("--send-latency", type=float, default=0.0)
-    parser.add_argument("--plot", metavar="PNG", help="also draw the timeline into this file (needs matplotlib)")
-    parser.add_argument("--order", metavar="CSV", help="simulate (and draw) a hand-written compute order read from "
-                        "this file instead of --kind: one row of actions per rank, like 0F0,0F1,0B0,...")
-    parser.add_argument("--export-order", metavar="CSV",
-                        help="write --kind's compute order in that CSV form to this file and stop")
-    args = parser.parse_args(argv)
-    if args.chunks is None:
-        args.chunks = 2 if args.kind == "zb-v" else 1
-    try:
-        if args.export_order:
-            with open(args.export_order, "w") as f:
-                f.write(_schedule.ComputeOrder.builtin(args.kind, args.micro_batches, args.stages, args.chunks).to_csv())
-            print(f"wrote {args.kind}'s compute order ({args.stages} ranks, {args.micro_batches} micro-batches) to "
-                  f"{args.export_order}")
-            return
-        costs = (args.forward, args.backward_input, args.backward_weight, args.send_latency)
-        if args.order:
-            order = _schedule.ComputeOrder.read(args.order)
-            args.kind, args.stages, args.micro_batches = args.order, order.stages, order.micro_batches
-            args.chunks = order.chunks
-            result = order.simulate(*costs)
-        else:
-            result = _schedule.simulate(args.kind, args.micro_batches, args.stages, args.chunks, *costs)
-    except (ValueError, OSError, _schedule.ScheduleError) as err:
-        parser.exit(2, f"error: {err}\n")
-    chunks = f", chunks={args.chunks}" if args.chunks > 1 else ""
-    print(f"{args.kind}: stages={args.stages}, micro_batches={args.micro_batches}{chunks}")
-    print(text_timeline(result, args.chunks))
-    print(summary(result))
-    if args.plot:
-        plot_timeline(result, args.plot, title=f"{args.kind}, {args.stages} stages, {args.micro_batches} micro-batches"
-                      f"{chunks}: bubble {result['bubble_fraction']:.3f}")
-        print(f"wrote {args.plot}")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,11 +29,11 @@ struct RankOps {
     bool done = false;
   };
   std::vector<Operation> ops;
-  std::vector<std::vector<int32_t>> items;  // item -> its operations
-  std::vector<int32_t> item_remaining;      // operations of the item not yet done
+  std::vector<std::vector<int32_t>> items;        // item -> its operations
+  std::vector<int32_t> item_remaining;            // operations of the item not yet done
   std::map<int32_t, std::deque<int32_t>> queues;  // peer -> items in issue order, not yet done
-  int64_t pc = 0;                                  // next trace event
-  int32_t issued = 0;                              // operations issued so far
+  int64_t pc = 0;                                 // next trace event
+  int32_t issued = 0;                             // operations issued so far
 };
 
 std::string describe_op(int32_t rank, const RankOps::Operation& o) {
@@ -252,9 +252,8 @@ CommCheck check_nccl_order(const std::vector<CommTrace>& traces, bool one_stream
       const auto& head = R.ops[R.items[q.front()].front()];
       const int32_t peer = head.peer;
       const auto other = ranks[peer].queues.find(queue_of(r));
-      stuck << " Its queue" << (one_stream_per_rank ? "" : " with rank " + std::to_string(peer))
-            << " is headed by its " << kind_name(head.kind) << " rank " << head.peer
-            << (head.label.empty() ? "" : " [" + head.label + "]");
+      stuck << " Its queue" << (one_stream_per_rank ? "" : " with rank " + std::to_string(peer)) << " is headed by its "
+            << kind_name(head.kind) << " rank " << head.peer << (head.label.empty() ? "" : " [" + head.label + "]");
       if (R.items[q.front()].size() > 1) stuck << " (a batch of " << R.items[q.front()].size() << ")";
       if (other == ranks[peer].queues.end() || other->second.empty()) {
         stuck << "; rank " << peer << " has issued nothing pending towards it.";
@@ -266,8 +265,10 @@ CommCheck check_nccl_order(const std::vector<CommTrace>& traces, bool one_stream
     }
   }
   if (!all_done) {
-    return fail("deadlock under NCCL's ordering (per pair of ranks, operations run in issue order and a send "
-                "completes only with its receive):" + stuck.str());
+    return fail(
+        "deadlock under NCCL's ordering (per pair of ranks, operations run in issue order and a send "
+        "completes only with its receive):" +
+        stuck.str());
   }
   return result;
 }
@@ -276,10 +277,15 @@ int32_t transfer_peer(const Instruction& in, int64_t stage_id, int64_t stages, C
   int64_t delta;
   switch (in.op) {
     case Op::RecvActivation:
-    case Op::SendGrad: delta = -1; break;
+    case Op::SendGrad:
+      delta = -1;
+      break;
     case Op::SendActivation:
-    case Op::RecvGrad: delta = +1; break;
-    default: return -1;
+    case Op::RecvGrad:
+      delta = +1;
+      break;
+    default:
+      return -1;
   }
   if (layout == ChunkLayout::Interleaved) {  // wraps from the last rank to the first
     return static_cast<int32_t>(((stage_id + delta) % stages + stages) % stages);
@@ -295,9 +301,6 @@ bool is_p2p_transfer(const Instruction& in, int64_t stage_id, int64_t stages, Ch
 
 namespace {
 
-bool is_transfer(Op op) {
-  return op == Op::SendActivation || op == Op::RecvActivation || op == Op::SendGrad || op == Op::RecvGrad;
-}
 bool is_recv(Op op) { return op == Op::RecvActivation || op == Op::RecvGrad; }
 
 // A channel: one kind of transfer with one peer and chunk.
@@ -357,12 +360,11 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
     }
   }
   for (auto& [peer, items] : pair_order) {
-    std::stable_sort(items.begin(), items.end(),
-                     [&](int32_t a, int32_t b) { return message_seq[a] < message_seq[b]; });
+    std::stable_sort(items.begin(), items.end(), [&](int32_t a, int32_t b) { return message_seq[a] < message_seq[b]; });
   }
-  std::map<int32_t, size_t> next;            // peer -> next item of pair_order to issue
-  std::map<ChannelKey, int32_t> posted;      // channel -> receives posted, not yet consumed
-  std::map<ChannelKey, bool> shapes_known;   // a receive on the channel has completed
+  std::map<int32_t, size_t> next;           // peer -> next item of pair_order to issue
+  std::map<ChannelKey, int32_t> posted;     // channel -> receives posted, not yet consumed
+  std::map<ChannelKey, bool> shapes_known;  // a receive on the channel has completed
   auto head = [&](int32_t peer) -> int32_t {
     const auto& items = pair_order[peer];
     return next[peer] < items.size() ? items[next[peer]] : -1;
@@ -374,7 +376,8 @@ TransferPlan plan_in_pair_order(const Steps& steps, int64_t stage_id, int64_t st
     const ChannelKey key = channel_of(flat[r].instr, stage_id, stages, layout);
     // Unknown shapes: the meta now (it comes first on the wire), then the data posted.
     const bool after_meta = !postable(r);
-    plan.before[at].push_back({after_meta ? TransferAction::Kind::PostRecvAfterMeta : TransferAction::Kind::PostRecv, r});
+    plan.before[at].push_back(
+        {after_meta ? TransferAction::Kind::PostRecvAfterMeta : TransferAction::Kind::PostRecv, r});
     if (after_meta) shapes_known[key] = true;
     ++posted[key];
     ++next[peer];
@@ -451,7 +454,8 @@ std::vector<TransferPlan> plan_transfers(const std::vector<Steps>& streams, int6
   std::vector<TransferPlan> plans;
   plans.reserve(streams.size());
   if (order != TransferOrder::PairOrder) {
-    for (int64_t s = 0; s < stages; ++s) plans.push_back(plan_in_program_order(streams[s], s, stages, order, dynamic_shapes, layout));
+    for (int64_t s = 0; s < stages; ++s)
+      plans.push_back(plan_in_program_order(streams[s], s, stages, order, dynamic_shapes, layout));
     return plans;
   }
   // One global order of messages: the order a simulation sends them in. It
@@ -495,8 +499,8 @@ std::vector<TransferPlan> plan_transfers(const ScheduleSpec& spec, TransferOrder
   return plan_transfers(streams, spec.micro_batches, spec.chunks, buffers, order, dynamic_shapes, spec.layout);
 }
 
-CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_id, int64_t stages,
-                   bool dynamic_shapes, ChunkLayout layout) {
+CommTrace trace_of(const Steps& steps, const TransferPlan& plan, int64_t stage_id, int64_t stages, bool dynamic_shapes,
+                   ChunkLayout layout) {
   const auto flat = flatten(steps);
   const int32_t n = static_cast<int32_t>(flat.size());
   CommTrace trace;
@@ -577,8 +581,7 @@ CommCheck check_schedule_transfers(const ScheduleSpec& spec, TransferOrder order
   std::vector<CommTrace> traces;
   traces.reserve(streams.size());
   for (size_t s = 0; s < streams.size(); ++s) {
-    traces.push_back(
-        trace_of(streams[s], plans[s], static_cast<int64_t>(s), spec.stages, dynamic_shapes, spec.layout));
+    traces.push_back(trace_of(streams[s], plans[s], static_cast<int64_t>(s), spec.stages, dynamic_shapes, spec.layout));
   }
   return check_nccl_order(traces, one_stream_per_rank);
 }

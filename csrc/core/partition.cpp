@@ -49,9 +49,8 @@ Boundaries greedy_cuts(const std::vector<double>& prefix, int64_t num_parts, dou
     // Largest end with prefix[end] - prefix[start] <= limit. The difference is
     // non-decreasing in `end` because prefix is non-decreasing and rounding is
     // monotone, so a binary search is exact.
-    auto first_over = std::upper_bound(
-        prefix.begin() + start, prefix.end(), limit,
-        [&](double lim, double value) { return lim < value - prefix[start]; });
+    auto first_over = std::upper_bound(prefix.begin() + start, prefix.end(), limit,
+                                       [&](double lim, double value) { return lim < value - prefix[start]; });
     int64_t end = static_cast<int64_t>(first_over - prefix.begin()) - 1;
     end = std::min(end, n - parts_left_after);
     end = std::max(end, start);

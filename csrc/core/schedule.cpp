@@ -10,22 +10,31 @@ namespace dpe::core {
 
 namespace {
 
-constexpr const char* kOpNames[kNumOps] = {
-    "LoadMicroBatch", "ForwardPass", "BackwardPass", "BackwardInput", "BackwardWeight", "SendActivation",
-    "RecvActivation", "SendGrad",    "RecvGrad",     "ReduceTiedGrads", "ReduceGrads", "OptimizerStep"};
-
-struct KindName {
-  ScheduleKind kind;
-  const char* name;
+// In Op's order.
+constexpr OpInfo kOps[kNumOps] = {
+    {"LoadMicroBatch", "", "load", false, false},
+    {"ForwardPass", "F", "forward", true, false},
+    {"BackwardPass", "B", "backward", true, false},
+    {"BackwardInput", "I", "backward input", true, false},
+    {"BackwardWeight", "W", "backward weight", true, false},
+    {"SendActivation", "", "send activation", false, true},
+    {"RecvActivation", "", "recv activation", false, true},
+    {"SendGrad", "", "send grad", false, true},
+    {"RecvGrad", "", "recv grad", false, true},
+    {"ReduceTiedGrads", "", "reduce tied grads", false, false},
+    {"ReduceGrads", "", "reduce grads", false, false},
+    {"OptimizerStep", "", "optimizer step", false, false},
 };
-constexpr KindName kKindNames[] = {
-    {ScheduleKind::Train1F1B, "1f1b"},
-    {ScheduleKind::Inference, "inference"},
-    {ScheduleKind::DataParallel, "data-parallel"},
-    {ScheduleKind::GPipe, "gpipe"},
-    {ScheduleKind::Interleaved1F1B, "interleaved-1f1b"},
-    {ScheduleKind::ZeroBubbleH1, "zb-h1"},
-    {ScheduleKind::ZeroBubbleV, "zb-v"},
+
+// In ScheduleKind's order.
+constexpr ScheduleKindInfo kKinds[kNumScheduleKinds] = {
+    {ScheduleKind::Train1F1B, "1f1b", ChunkLayout::Interleaved, 1, 1, false, true},
+    {ScheduleKind::Inference, "inference", ChunkLayout::Interleaved, 1, 0, false, false},
+    {ScheduleKind::DataParallel, "data-parallel", ChunkLayout::Interleaved, 1, 1, false, false},
+    {ScheduleKind::GPipe, "gpipe", ChunkLayout::Interleaved, 1, 1, false, true},
+    {ScheduleKind::Interleaved1F1B, "interleaved-1f1b", ChunkLayout::Interleaved, 2, 0, false, true},
+    {ScheduleKind::ZeroBubbleH1, "zb-h1", ChunkLayout::Interleaved, 1, 1, true, true},
+    {ScheduleKind::ZeroBubbleV, "zb-v", ChunkLayout::V, 2, 2, true, true},
 };
 
 Instruction buffered(Op op, int64_t buffer, int64_t micro_batch, int64_t chunk = 0) {
@@ -198,9 +207,10 @@ std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector
   };
   for (int64_t t = 0; remaining > 0; ++t) {
     if (t > time_limit) {
-      throw std::invalid_argument(std::string("no ") + schedule_kind_name(s.kind) + " schedule exists for micro_batches=" +
-                                  std::to_string(M) + ", stages=" + std::to_string(S) + ", chunks=" +
-                                  std::to_string(V) + ": use more micro-batches or fewer chunks");
+      throw std::invalid_argument(std::string("no ") + schedule_kind_name(s.kind) +
+                                  " schedule exists for micro_batches=" + std::to_string(M) +
+                                  ", stages=" + std::to_string(S) + ", chunks=" + std::to_string(V) +
+                                  ": use more micro-batches or fewer chunks");
     }
     for (int64_t i = 0; i < S; ++i) {
       if (busy_until[i] > t) continue;
@@ -321,7 +331,9 @@ std::vector<ComputeOrder> interleaved_orders(const ScheduleSpec& s) {
     plans[i].max_in_flight = warmup + 1;
     ComputeOrder& order = fixed[i];
     int64_t f = 0, b = 0;
-    auto push = [&](Compute what, const std::pair<int64_t, int64_t>& mc) { order.push_back({what, mc.first, mc.second}); };
+    auto push = [&](Compute what, const std::pair<int64_t, int64_t>& mc) {
+      order.push_back({what, mc.first, mc.second});
+    };
     for (; f < warmup; ++f) push(Compute::F, base.forwards[f]);
     for (; f < total; ++f, ++b) {
       push(Compute::F, base.forwards[f]);
@@ -406,8 +418,9 @@ Steps lower(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& order, 
     auto found = buffer_of.find({op.micro_batch, op.chunk});
     if (found == buffer_of.end()) {
       throw std::invalid_argument("rank " + std::to_string(stage_id) + ", action " + std::to_string(steps.size()) +
-                                  " (" + format_action(op, S, stage_id, s.layout) + "): a backward pass of micro-batch " +
-                                  std::to_string(op.micro_batch) + " without its forward before it (or after its "
+                                  " (" + format_action(op, S, stage_id, s.layout) +
+                                  "): a backward pass of micro-batch " + std::to_string(op.micro_batch) +
+                                  " without its forward before it (or after its "
                                   "backward already finished); every micro-batch runs F, then B (or I, then W)");
     }
     return found->second;
@@ -496,12 +509,17 @@ Steps lower_for(const ScheduleSpec& s, int64_t stage_id, const ComputeOrder& ord
 
 }  // namespace
 
-const char* op_name(Op op) { return kOpNames[static_cast<int>(op)]; }
+const char* op_name(Op op) { return kOps[static_cast<int>(op)].name; }
+
+const OpInfo& op_info(Op op) { return kOps[static_cast<int>(op)]; }
+
+const ScheduleKindInfo& schedule_kind_info(ScheduleKind kind) { return kKinds[static_cast<int>(kind)]; }
 
 ChunkLayout parse_chunk_layout(const std::string& name) {
   if (name == "interleaved") return ChunkLayout::Interleaved;
   if (name == "v") return ChunkLayout::V;
-  throw std::invalid_argument("unknown virtual stage layout '" + name + "': choose 'interleaved' (rank r holds "
+  throw std::invalid_argument("unknown virtual stage layout '" + name +
+                              "': choose 'interleaved' (rank r holds "
                               "virtual stages r, r + stages, ...) or 'v' (rank r holds r and 2 * stages - 1 - r)");
 }
 
@@ -520,9 +538,7 @@ int64_t rank_of_virtual(int64_t virtual_stage, int64_t stages, ChunkLayout layou
   return upward ? stages - 1 - offset : offset;
 }
 
-ChunkLayout layout_of(ScheduleKind kind) {
-  return kind == ScheduleKind::ZeroBubbleV ? ChunkLayout::V : ChunkLayout::Interleaved;
-}
+ChunkLayout layout_of(ScheduleKind kind) { return schedule_kind_info(kind).layout; }
 
 std::vector<Located> flatten(const Steps& steps) {
   std::vector<Located> flat;
@@ -538,27 +554,25 @@ std::string describe_step(int64_t step, const Instruction& in) {
   return s;
 }
 
-bool op_has_buffer(Op op) {
-  return op != Op::ReduceTiedGrads && op != Op::ReduceGrads && op != Op::OptimizerStep;
-}
+bool op_has_buffer(Op op) { return op != Op::ReduceTiedGrads && op != Op::ReduceGrads && op != Op::OptimizerStep; }
 
 ScheduleKind parse_schedule_kind(const std::string& name) {
-  for (const auto& k : kKindNames)
+  for (const auto& k : kKinds)
     if (name == k.name) return k.kind;
   std::string names;
-  for (const auto& k : kKindNames) names += (names.empty() ? "" : ", ") + std::string(k.name);
+  for (const auto& k : kKinds) names += (names.empty() ? "" : ", ") + std::string(k.name);
   throw std::invalid_argument("unknown schedule kind '" + name + "': choose one of " + names);
 }
 
 const char* schedule_kind_name(ScheduleKind kind) {
-  for (const auto& k : kKindNames)
+  for (const auto& k : kKinds)
     if (k.kind == kind) return k.name;
   return "?";
 }
 
 std::vector<std::string> schedule_kind_names() {
   std::vector<std::string> out;
-  for (const auto& k : kKindNames) out.push_back(k.name);
+  for (const auto& k : kKinds) out.push_back(k.name);
   return out;
 }
 
@@ -570,9 +584,10 @@ void validate(const ScheduleSpec& s) {
   if (s.chunks < 1) throw std::invalid_argument("chunks must be >= 1, got " + std::to_string(s.chunks));
   if (s.kind == ScheduleKind::ZeroBubbleV) {
     if (s.chunks != 2 || s.layout != ChunkLayout::V) {
-      throw std::invalid_argument("zb-v runs two model chunks per rank in the 'v' layout (virtual_stages=2, "
-                                  "virtual_layout='v'), got chunks=" + std::to_string(s.chunks) + " in the '" +
-                                  chunk_layout_name(s.layout) + "' layout");
+      throw std::invalid_argument(
+          "zb-v runs two model chunks per rank in the 'v' layout (virtual_stages=2, "
+          "virtual_layout='v'), got chunks=" +
+          std::to_string(s.chunks) + " in the '" + chunk_layout_name(s.layout) + "' layout");
     }
     if (s.stages < 2) throw std::invalid_argument("zb-v needs at least 2 stages, got " + std::to_string(s.stages));
     return;
@@ -582,9 +597,10 @@ void validate(const ScheduleSpec& s) {
                                 schedule_kind_name(s.kind) + "' needs the 'interleaved' layout");
   }
   if (s.chunks > 1 && s.kind != ScheduleKind::Interleaved1F1B && s.kind != ScheduleKind::Inference) {
-    throw std::invalid_argument(std::string("chunks=") + std::to_string(s.chunks) + " needs the interleaved-1f1b "
-                                "or zb-v schedule (or inference); '" + schedule_kind_name(s.kind) +
-                                "' runs one model chunk per stage");
+    throw std::invalid_argument(std::string("chunks=") + std::to_string(s.chunks) +
+                                " needs the interleaved-1f1b "
+                                "or zb-v schedule (or inference); '" +
+                                schedule_kind_name(s.kind) + "' runs one model chunk per stage");
   }
 }
 
@@ -648,11 +664,20 @@ std::vector<ComputeOrder> compute_orders_of(const std::vector<Steps>& streams) {
     for (const auto& step : streams[i]) {
       for (const auto& in : step) {
         switch (in.op) {
-          case Op::ForwardPass: orders[i].push_back({Compute::F, in.micro_batch, in.chunk}); break;
-          case Op::BackwardPass: orders[i].push_back({Compute::B, in.micro_batch, in.chunk}); break;
-          case Op::BackwardInput: orders[i].push_back({Compute::BInput, in.micro_batch, in.chunk}); break;
-          case Op::BackwardWeight: orders[i].push_back({Compute::W, in.micro_batch, in.chunk}); break;
-          default: break;
+          case Op::ForwardPass:
+            orders[i].push_back({Compute::F, in.micro_batch, in.chunk});
+            break;
+          case Op::BackwardPass:
+            orders[i].push_back({Compute::B, in.micro_batch, in.chunk});
+            break;
+          case Op::BackwardInput:
+            orders[i].push_back({Compute::BInput, in.micro_batch, in.chunk});
+            break;
+          case Op::BackwardWeight:
+            orders[i].push_back({Compute::W, in.micro_batch, in.chunk});
+            break;
+          default:
+            break;
         }
       }
     }
@@ -697,25 +722,26 @@ std::vector<Steps> lower_compute_orders(const std::vector<ComputeOrder>& orders,
 }
 
 std::string format_action(const ComputeOp& op, int64_t stages, int64_t rank, ChunkLayout layout) {
-  static constexpr char kLetters[] = {'F', 'B', 'I', 'W'};
-  return std::to_string(virtual_stage_of(rank, op.chunk, stages, layout)) + kLetters[static_cast<int>(op.what)] +
+  return std::to_string(virtual_stage_of(rank, op.chunk, stages, layout)) + compute_letter(op.what) +
          std::to_string(op.micro_batch);
 }
 
-ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank, ChunkLayout layout) {
+ActionToken parse_action_token(const std::string& token, int64_t rank) {
   auto bad = [&](const std::string& why) {
     return std::invalid_argument("rank " + std::to_string(rank) + ": action '" + token + "' " + why);
   };
   size_t i = 0;
   while (i < token.size() && token[i] >= '0' && token[i] <= '9') ++i;
   if (i == 0 || i + 2 > token.size()) {
-    throw bad("is not STAGE LETTER MICRO_BATCH (like 0F3: stage 0, forward, micro-batch 3; letters F forward, B "
-              "full backward, I input backward, W weight backward)");
+    throw bad(
+        "is not STAGE LETTER MICRO_BATCH (like 0F3: stage 0, forward, micro-batch 3; letters F forward, B "
+        "full backward, I input backward, W weight backward)");
   }
   static const std::string kLetters = "FBIW";
   const size_t what = kLetters.find(token[i]);
   if (what == std::string::npos) {
-    throw bad("has the pass '" + std::string(1, token[i]) + "': use F (forward), B (full backward), I (input "
+    throw bad("has the pass '" + std::string(1, token[i]) +
+              "': use F (forward), B (full backward), I (input "
               "backward) or W (weight backward); transfers are added by the runtime");
   }
   const std::string digits = token.substr(i + 1);
@@ -723,14 +749,25 @@ ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank, C
     throw bad("does not end in a micro-batch number");
   }
   if (i > 9) throw bad("has a stage index that is too large");
-  const int64_t stage = std::stoll(token.substr(0, i)), micro_batch = std::stoll(digits);
+  return ActionToken{std::stoll(token.substr(0, i)), static_cast<Compute>(what), std::stoll(digits)};
+}
+
+const char* compute_letter(Compute what) {
+  static const char* const kLetters[] = {"F", "B", "I", "W"};
+  return kLetters[static_cast<int>(what)];
+}
+
+ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank, ChunkLayout layout) {
+  const ActionToken parsed = parse_action_token(token, rank);
+  const int64_t stage = parsed.virtual_stage;
   if (rank_of_virtual(stage, stages, layout) != rank) {
-    throw bad("names stage " + std::to_string(stage) + ", which does not run on rank " + std::to_string(rank) +
-              " of " + std::to_string(stages) + " (it runs on rank " +
-              std::to_string(rank_of_virtual(stage, stages, layout)) + " in the '" + chunk_layout_name(layout) +
-              "' layout)");
+    throw std::invalid_argument("rank " + std::to_string(rank) + ": action '" + token + "' names stage " +
+                                std::to_string(stage) + ", which does not run on rank " + std::to_string(rank) +
+                                " of " + std::to_string(stages) + " (it runs on rank " +
+                                std::to_string(rank_of_virtual(stage, stages, layout)) + " in the '" +
+                                chunk_layout_name(layout) + "' layout)");
   }
-  return ComputeOp{static_cast<Compute>(what), micro_batch, chunk_of_virtual(stage, stages)};
+  return ComputeOp{parsed.what, parsed.micro_batch, chunk_of_virtual(stage, stages)};
 }
 
 }  // namespace dpe::core

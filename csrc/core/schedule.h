@@ -29,6 +29,19 @@ constexpr int kNumOps = 12;
 const char* op_name(Op op);
 bool op_has_buffer(Op op);  // false for the reductions and the optimizer step
 
+// What an op is, for every tool that shows one: its name ("BackwardInput"),
+// its letter in action tokens and timelines ("F", "B", "I", "W"; empty for
+// ops that are not compute passes), its profiler label ("backward input"),
+// and whether it is a compute pass or a point-to-point transfer.
+struct OpInfo {
+  const char* name;
+  const char* letter;
+  const char* label;
+  bool is_compute;
+  bool is_transfer;
+};
+const OpInfo& op_info(Op op);
+
 struct Instruction {
   Op op;
   int32_t buffer_id = -1;    // -1 for instructions without a buffer
@@ -53,13 +66,13 @@ std::vector<Located> flatten(const Steps& steps);
 std::string describe_step(int64_t step, const Instruction& in);
 
 enum class ScheduleKind : uint8_t {
-  Train1F1B,       // DeepSpeed's TrainSchedule, instruction for instruction
-  Inference,       // DeepSpeed's InferenceSchedule
-  DataParallel,    // DeepSpeed's DataParallelSchedule
-  GPipe,           // all forwards, then all backwards
-  Interleaved1F1B, // Megatron's virtual pipeline stages, `chunks` per rank
-  ZeroBubbleH1,    // ZB-H1: backward split into B and W, W fills the bubbles
-  ZeroBubbleV,     // ZB-V: two chunks per rank in a V, split backward
+  Train1F1B,        // DeepSpeed's TrainSchedule, instruction for instruction
+  Inference,        // DeepSpeed's InferenceSchedule
+  DataParallel,     // DeepSpeed's DataParallelSchedule
+  GPipe,            // all forwards, then all backwards
+  Interleaved1F1B,  // Megatron's virtual pipeline stages, `chunks` per rank
+  ZeroBubbleH1,     // ZB-H1: backward split into B and W, W fills the bubbles
+  ZeroBubbleV,      // ZB-V: two chunks per rank in a V, split backward
 };
 
 // Where a rank's model chunks sit in the pipeline of stages * chunks virtual
@@ -81,6 +94,23 @@ ChunkLayout layout_of(ScheduleKind kind);
 ScheduleKind parse_schedule_kind(const std::string& name);  // throws, listing the names
 const char* schedule_kind_name(ScheduleKind kind);
 std::vector<std::string> schedule_kind_names();
+constexpr int kNumScheduleKinds = 7;
+
+// What a schedule kind is, the one place every check and tool reads it from:
+// the layout its chunks sit in, how many model chunks per rank it runs
+// (max_chunks 0: no upper bound), whether it splits the backward into B and
+// W (then the loss backward is the executor's own), and whether the engine
+// trains with it (inference and data-parallel are DeepSpeed's other
+// instruction streams, not training schedules one picks).
+struct ScheduleKindInfo {
+  ScheduleKind kind;
+  const char* name;
+  ChunkLayout layout;
+  int64_t min_chunks, max_chunks;
+  bool splits_backward;
+  bool trains;
+};
+const ScheduleKindInfo& schedule_kind_info(ScheduleKind kind);
 
 struct ScheduleSpec {
   ScheduleKind kind = ScheduleKind::Train1F1B;
@@ -126,6 +156,15 @@ std::vector<Steps> lower_compute_orders(const std::vector<ComputeOrder>& orders,
 // backward, W weight backward), the micro-batch: "0F3", "1I0".
 std::string format_action(const ComputeOp& op, int64_t stages, int64_t rank,
                           ChunkLayout layout = ChunkLayout::Interleaved);
+// One action token's syntax alone (no placement): its virtual stage, pass and
+// micro-batch; throws std::invalid_argument naming the rank and the token.
+struct ActionToken {
+  int64_t virtual_stage;
+  Compute what;
+  int64_t micro_batch;
+};
+ActionToken parse_action_token(const std::string& token, int64_t rank = 0);
+const char* compute_letter(Compute what);  // "F", "B", "I", "W"
 // Parses one action of `rank`'s row; throws std::invalid_argument naming the
 // rank, the token and what is wrong with it.
 ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank,

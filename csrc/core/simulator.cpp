@@ -45,13 +45,15 @@ class Simulator {
       pass_costs_.assign(S_, std::vector<OpCosts>(V_, per_chunk));
     }
     if (static_cast<int64_t>(pass_costs_.size()) != S_) {
-      throw std::invalid_argument("pass costs for " + std::to_string(pass_costs_.size()) + " stages, the schedule has " +
-                                  std::to_string(S_));
+      throw std::invalid_argument("pass costs for " + std::to_string(pass_costs_.size()) +
+                                  " stages, the schedule has " + std::to_string(S_));
     }
     for (const auto& stage : pass_costs_) {
       if (static_cast<int64_t>(stage.size()) != V_) {
-        throw std::invalid_argument("pass costs for " + std::to_string(stage.size()) + " chunks on a stage, the "
-                                    "schedule has " + std::to_string(V_) + " per stage");
+        throw std::invalid_argument("pass costs for " + std::to_string(stage.size()) +
+                                    " chunks on a stage, the "
+                                    "schedule has " +
+                                    std::to_string(V_) + " per stage");
       }
       for (const auto& c : stage) {
         if (!(c.forward >= 0 && c.backward_input >= 0 && c.backward_weight >= 0)) {
@@ -150,8 +152,8 @@ class Simulator {
     }
     if (in.chunk < 0 || in.chunk >= V_) fail(stage, step, in, "chunk out of range [0, " + std::to_string(V_) + ")");
     if (in.buffer_id < 0 || in.buffer_id >= stages_[stage].num_buffers) {
-      fail(stage, step, in, "buffer id out of range: the stage has " + std::to_string(stages_[stage].num_buffers) +
-                                " buffers");
+      fail(stage, step, in,
+           "buffer id out of range: the stage has " + std::to_string(stages_[stage].num_buffers) + " buffers");
     }
   }
 
@@ -195,7 +197,7 @@ class Simulator {
   }
 
   // Runs a pass of in.chunk on `stage` costing `cost` (of OpCosts: forward, backward_input, or both backwards).
-  void compute(int64_t stage, const Instruction& in, double OpCosts::*cost, double OpCosts::*also = nullptr) {
+  void compute(int64_t stage, const Instruction& in, double OpCosts::* cost, double OpCosts::* also = nullptr) {
     StageState& st = stages_[stage];
     const OpCosts& c = pass_costs_[stage][in.chunk];
     const double seconds = c.*cost + (also ? c.*also : 0.0);
@@ -217,10 +219,10 @@ class Simulator {
     if (q.empty()) return false;
     const Message msg = q.front();
     if (msg.micro_batch != in.micro_batch || msg.chunk != src_chunk) {
-      fail(i, at.step, in, std::string("the next ") + (kind == Channel::Activation ? "activation" : "gradient") +
-                               " from stage " + std::to_string(src) + " is for micro-batch " +
-                               std::to_string(msg.micro_batch) + " (chunk " + std::to_string(msg.chunk) +
-                               "): sends and receives are out of order");
+      fail(i, at.step, in,
+           std::string("the next ") + (kind == Channel::Activation ? "activation" : "gradient") + " from stage " +
+               std::to_string(src) + " is for micro-batch " + std::to_string(msg.micro_batch) + " (chunk " +
+               std::to_string(msg.chunk) + "): sends and receives are out of order");
     }
     q.pop_front();
     stages_[i].time = std::max(stages_[i].time, msg.arrival);
@@ -325,9 +327,9 @@ class Simulator {
     const StageState& st = stages_[i];
     for (int64_t k = 0; k < M_ * V_; ++k) {
       if (!st.w_done[k]) {
-        fail(i, at.step, at.instr, what + " before micro-batch " + std::to_string(k / V_) +
-                                       (V_ > 1 ? " chunk " + std::to_string(k % V_) : "") +
-                                       " finished its backward pass");
+        fail(i, at.step, at.instr,
+             what + " before micro-batch " + std::to_string(k / V_) +
+                 (V_ > 1 ? " chunk " + std::to_string(k % V_) : "") + " finished its backward pass");
       }
     }
   }
@@ -358,9 +360,10 @@ class Simulator {
     for (int64_t i = 0; i < S_; ++i) {
       const StageState& st = stages_[i];
       for (int64_t k = 0; k < M_ * V_; ++k) {
-        const std::string which = "micro-batch " + std::to_string(k / V_) +
-                                  (V_ > 1 ? " chunk " + std::to_string(k % V_) : "");
-        if (!st.fwd_done[k]) throw ScheduleError("stage " + std::to_string(i) + " never runs the forward pass of " + which);
+        const std::string which =
+            "micro-batch " + std::to_string(k / V_) + (V_ > 1 ? " chunk " + std::to_string(k % V_) : "");
+        if (!st.fwd_done[k])
+          throw ScheduleError("stage " + std::to_string(i) + " never runs the forward pass of " + which);
         if (training_ && !st.w_done[k]) {
           throw ScheduleError("stage " + std::to_string(i) + " never finishes the backward pass of " + which);
         }

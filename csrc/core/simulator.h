@@ -39,15 +39,15 @@ struct TimedOp {
 
 struct SimulationResult {
   double makespan = 0;
-  std::vector<double> busy;                // compute time per stage
-  std::vector<double> idle_fraction;       // 1 - busy / makespan, per stage
-  std::vector<int64_t> peak_activations;   // most micro-batches between F and B (input grad) at once
-  std::vector<int64_t> peak_buffers;       // most buffers holding a live micro-batch at once
+  std::vector<double> busy;                    // compute time per stage
+  std::vector<double> idle_fraction;           // 1 - busy / makespan, per stage
+  std::vector<int64_t> peak_activations;       // most micro-batches between F and B (input grad) at once
+  std::vector<int64_t> peak_buffers;           // most buffers holding a live micro-batch at once
   std::vector<std::vector<TimedOp>> timeline;  // compute ops per stage
   // Per stage, per instruction in flat order: its place in one global order of
   // execution (a receive comes after its send; each stage's order is kept).
   std::vector<std::vector<int64_t>> sequence;
-  double bubble_fraction() const;          // the largest idle fraction of any stage
+  double bubble_fraction() const;  // the largest idle fraction of any stage
 };
 
 // Simulates the given streams (one per stage), whose chunks sit in `layout`.

@@ -18,18 +18,12 @@ double monotonic_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-bool is_compute(core::Op op) {
-  return op == core::Op::ForwardPass || op == core::Op::BackwardPass || op == core::Op::BackwardInput ||
-         op == core::Op::BackwardWeight;
-}
+bool is_compute(core::Op op) { return core::op_info(op).is_compute; }
 
 // How torch.profiler shows a pass or transfer: "pipe stage 1 forward mb 3"
 // (built only while a profiler records).
 std::string profiler_label(int64_t stage, const core::Instruction& in) {
-  static const char* const names[core::kNumOps] = {
-      "load",       "forward",    "backward",   "backward input",    "backward weight", "send activation",
-      "recv activation", "send grad", "recv grad", "reduce tied grads", "reduce grads",  "optimizer step"};
-  std::string label = "pipe stage " + std::to_string(stage) + " " + names[static_cast<int>(in.op)];
+  std::string label = "pipe stage " + std::to_string(stage) + " " + core::op_info(in.op).label;
   if (in.micro_batch >= 0) label += " mb " + std::to_string(in.micro_batch);
   if (in.chunk > 0) label += " chunk " + std::to_string(in.chunk);  // virtual stages
   return label;
@@ -64,38 +58,27 @@ Activation as_stage_inputs(const Activation& received) {
 }
 }  // namespace
 
-Executor::Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int tag_base,
-                   bool release_sent_outputs, int64_t wrapper_references, int64_t chunks, core::ChunkLayout layout)
+Executor::Executor(P2P* p2p, const core::StageProgram& program, RunOptions options, int64_t wrapper_references)
     : p2p_(p2p),
-      stage_id_(stage_id),
-      num_stages_(num_stages),
-      chunks_(chunks),
-      layout_(layout),
-      activation_tag_(tag_base),
-      grad_tag_(tag_base + 1),
-      release_sent_outputs_(release_sent_outputs),
+      program_(program),
+      split_(options.split),
+      split_activations_(options.split != nullptr && options.split_activations),
+      split_grads_(options.split != nullptr && options.split_grads),
+      stage_id_(program.stage),
+      num_stages_(program.stages),
+      chunks_(program.chunks),
+      layout_(program.layout),
+      release_sent_outputs_(options.release_sent_outputs),
       wrapper_references_(wrapper_references) {
-  TORCH_CHECK(num_stages == 1 || p2p != nullptr, "a pipeline of ", num_stages, " stages needs p2p");
-  TORCH_CHECK(chunks >= 1 && (chunks == 1 || num_stages >= 2), "virtual stages (", chunks,
-              " model chunks per rank) need at least 2 pipeline stages, got ", num_stages);
+  TORCH_CHECK(num_stages_ == 1 || p2p != nullptr, "a pipeline of ", num_stages_, " stages needs p2p");
+  TORCH_CHECK(chunks_ >= 1 && (chunks_ == 1 || num_stages_ >= 2), "virtual stages (", chunks_,
+              " model chunks per rank) need at least 2 pipeline stages, got ", num_stages_);
+  TORCH_CHECK(p2p == nullptr || p2p->size() == num_stages_, "stage ", stage_id_, ": the program is for ", num_stages_,
+              " stages, but the p2p group has ", p2p->size(), " ranks");
 }
 
 int Executor::peer_of(const core::Instruction& in) const {
   return core::transfer_peer(in, stage_id_, num_stages_, layout_);  // stage ids are the ranks of the pipe group
-}
-
-int Executor::tag_of(const core::Instruction& in) const {
-  // Sender and receiver agree on the receiving chunk: that of the next
-  // virtual stage for an activation, of the previous one for a gradient.
-  const bool activation = in.op == core::Op::SendActivation || in.op == core::Op::RecvActivation;
-  const int64_t receiver_chunk = core::chunk_of_virtual(receiving_virtual_stage(in), num_stages_);
-  return static_cast<int>((activation ? activation_tag_ : grad_tag_) + 4 * receiver_chunk);
-}
-
-int64_t Executor::receiving_virtual_stage(const core::Instruction& in) const {
-  if (in.op == core::Op::SendActivation) return virtual_stage(in) + 1;
-  if (in.op == core::Op::SendGrad) return virtual_stage(in) - 1;
-  return virtual_stage(in);
 }
 
 std::string Executor::where(const core::Instruction& in) const { return core::describe_step(step_, in); }
@@ -108,8 +91,19 @@ Describe lazily(int64_t step, const core::Instruction& in) {
 }
 }  // namespace
 
-void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int64_t num_buffers,
-                   const StageCallbacks& cb) {
+void Executor::run(const StageCallbacks& cb) {
+  try {
+    run_steps(cb);
+  } catch (P2PError& err) {
+    if (err.position().empty()) err.set_position(position());
+    throw;
+  }
+}
+
+void Executor::run_steps(const StageCallbacks& cb) {
+  const core::Steps& steps = program_.steps;
+  const core::TransferPlan& plan = program_.plan;
+  const int64_t num_buffers = program_.num_buffers;
   clear_buffers();
   inputs_.resize(num_buffers);
   outputs_.resize(num_buffers);
@@ -120,16 +114,12 @@ void Executor::run(const core::Steps& steps, const core::TransferPlan& plan, int
   timeline_.clear();
   usage_ = BufferUsage{};
   flat_ = core::flatten(steps);
-  TORCH_CHECK(plan.before.size() == flat_.size() + 1, "stage ", stage_id_,
-              ": the transfer plan does not belong to this program (", plan.before.size() - 1, " instructions planned, ",
-              flat_.size(), " in the program)");
   size_t p = 0;
   for (const auto& step : steps) {
     for (const auto& in : step) {
       for (const auto& action : plan.before[p]) take_action(action);
-      TORCH_CHECK(!core::op_has_buffer(in.op) || (in.buffer_id >= 0 && in.buffer_id < num_buffers), "stage ",
-                  stage_id_, ", ", where(in),
-                  ": buffer ", in.buffer_id, " outside the ", num_buffers, " allocated");
+      TORCH_CHECK(!core::op_has_buffer(in.op) || (in.buffer_id >= 0 && in.buffer_id < num_buffers), "stage ", stage_id_,
+                  ", ", where(in), ": buffer ", in.buffer_id, " outside the ", num_buffers, " allocated");
       const double start = is_compute(in.op) ? monotonic_seconds() : 0.0;
       {
         RECORD_USER_SCOPE(profiler_label(stage_id_, in));
@@ -182,7 +172,7 @@ void Executor::hand_over(const core::Instruction& in, Activation value) {
   // Detached aliases, as a receiver gets them: the receiving chunk's leaves are its own.
   for (auto& t : value.tensors) t = t.detach();
   value.owned = true;
-  handed_over_[{in.op == core::Op::SendGrad, receiving_virtual_stage(in), in.micro_batch}] = std::move(value);
+  handed_over_[{in.op == core::Op::SendGrad, program_.receiving_virtual_stage(in), in.micro_batch}] = std::move(value);
 }
 
 Activation Executor::take_over(const core::Instruction& in) {
@@ -277,10 +267,12 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       for (const auto& t : inputs_[b].tensors) x.tensors.push_back(t.clone());
       if (last_virtual(in)) {
         auto labels = labels_.find(in.micro_batch);
-        TORCH_CHECK(labels != labels_.end(), "stage ", stage_id_, ", ", where(in), ": the loss stage has no labels for "
+        TORCH_CHECK(labels != labels_.end(), "stage ", stage_id_, ", ", where(in),
+                    ": the loss stage has no labels for "
                     "this micro-batch (no LoadMicroBatch before it)");
-        losses_[b] = cb.forward_loss(x, labels->second);
+        Held loss = cb.forward_loss(x, labels->second);
         labels_.erase(labels);
+        if (program_.traffic == core::Traffic::Train) losses_[b] = std::move(loss);  // for its backward
       } else {
         outputs_[b] = cb.forward(x, in.chunk);
       }
@@ -298,8 +290,8 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       for (const auto& t : outputs_[b].tensors) {
         if (t.is_floating_point()) outs.push_back(t);
       }
-      TORCH_CHECK(outs.size() == grads.tensors.size(), "stage ", stage_id_, ", ", where(in), ": received ", grads.tensors.size(),
-                  " gradients for ", outs.size(), " floating-point outputs");
+      TORCH_CHECK(outs.size() == grads.tensors.size(), "stage ", stage_id_, ", ", where(in), ": received ",
+                  grads.tensors.size(), " gradients for ", outs.size(), " floating-point outputs");
       // Copied unless they are ours: p2p reuses its receive buffers on the next receive.
       for (auto& g : grads.tensors) grad_tensors.push_back(grads.owned ? std::move(g) : g.clone());
       output_grads_[b] = std::move(grad_tensors);
@@ -357,7 +349,8 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       Activation grads{{}, true};
       for (const auto& t : inputs_[b].tensors) {
         if (!t.is_floating_point()) continue;
-        TORCH_CHECK(t.grad().defined(), "stage ", stage_id_, ", ", where(in), ": an input activation received no gradient; every "
+        TORCH_CHECK(t.grad().defined(), "stage ", stage_id_, ", ", where(in),
+                    ": an input activation received no gradient; every "
                     "floating-point tensor a stage receives must be used by its layers (or made an integer/bool "
                     "tensor)");
         grads.tensors.push_back(t.grad());

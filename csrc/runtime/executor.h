@@ -14,6 +14,8 @@
 
 #include "core/comm_order.h"
 #include "core/schedule.h"
+#include "core/stage_program.h"
+#include "runtime/errors.h"
 #include "runtime/p2p.h"
 #include "runtime/split_backward.h"
 #include "runtime/tensor_parallel_split.h"
@@ -78,38 +80,35 @@ struct BufferUsage {
   int64_t peak_bytes = 0;
 };
 
+// How a run treats its transfers, beyond what the program says.
+struct RunOptions {
+  // A stage output's storage is freed once it is sent (its autograd graph is
+  // kept for the backward) if nothing else holds it.
+  bool release_sent_outputs = true;
+  // 3D parallelism: activations (and/or gradients) travel split across the
+  // stage's tensor-parallel ranks (DeepSpeed's pipe_partitioned and
+  // grad_partitioned); `split` must outlive the run.
+  const TensorParallelSplit* split = nullptr;
+  bool split_activations = false;
+  bool split_grads = false;
+};
 
 class Executor {
  public:
-  // p2p's group is the pipe-parallel group: stage s is its rank s, so each
-  // transfer's peer is the rank of the neighbouring (virtual) stage.
-  // Activations travel on tag tag_base, gradients on tag_base + 1.
-  // With release_sent_outputs, a stage output's storage is freed once it is
-  // sent (its autograd graph is kept for the backward) if nothing else holds
-  // it. `wrapper_references`: the references a tensor's Python object holds
-  // once Python code let go of it (1 where the object keeps its tensor alive,
-  // as torch's PyObject preservation does in recent releases; 0 before).
-  // With chunks > 1 (virtual stages, placed by `layout`: see
-  // core::ChunkLayout), each transfer goes to the rank of the neighbouring
-  // virtual stage, each receiving chunk has tags of its own, and a hand-over
-  // between two chunks of this rank (the turn of the V) stays in memory.
-  Executor(P2P* p2p, int64_t stage_id, int64_t num_stages, int tag_base = 0,
-           bool release_sent_outputs = true, int64_t wrapper_references = 0, int64_t chunks = 1,
-           core::ChunkLayout layout = core::ChunkLayout::Interleaved);
-  // 3D parallelism: activations (and/or gradients) travel split across the
-  // stage's tensor-parallel ranks (DeepSpeed's pipe_partitioned and
-  // grad_partitioned); `split` must outlive run().
-  void split_transfers(const TensorParallelSplit* split, bool activations, bool grads) {
-    split_ = split;
-    split_activations_ = split != nullptr && activations;
-    split_grads_ = split != nullptr && grads;
-  }
+  // Runs `program` (which must outlive the executor). p2p's group is the
+  // pipe-parallel group: stage s is its rank s, so each transfer's peer is the
+  // rank of the neighbouring virtual stage, on the tag the program gives it.
+  // `wrapper_references`: the references a tensor's Python object holds once
+  // Python code let go of it (1 where the object keeps its tensor alive, as
+  // torch's PyObject preservation does in recent releases; 0 before). With
+  // several chunks per rank, a hand-over between two chunks of this rank (the
+  // turn of the V) stays in memory.
+  Executor(P2P* p2p, const core::StageProgram& program, RunOptions options = {}, int64_t wrapper_references = 0);
 
-  // Executes every step, issuing transfers as `plan` orders them (from
-  // core::plan_transfers for this stage); throws (naming stage, step and
-  // instruction) on error.
-  void run(const core::Steps& steps, const core::TransferPlan& plan, int64_t num_buffers,
-           const StageCallbacks& callbacks);
+  // Executes every step, issuing transfers as the program's plan orders
+  // them; throws (naming stage, step and instruction) on error. A P2PError
+  // leaves with the position the schedule stood at.
+  void run(const StageCallbacks& callbacks);
   // The forward and backward passes of the last run, in order.
   const std::vector<TimedInstruction>& timeline() const { return timeline_; }
   const BufferUsage& buffer_usage() const { return usage_; }
@@ -118,6 +117,7 @@ class Executor {
   std::string position() const;
 
  private:
+  void run_steps(const StageCallbacks& cb);
   void execute(const core::Instruction& in, const StageCallbacks& cb);
   void take_action(const core::TransferAction& action);
   void send(const core::Instruction& in, Activation value);
@@ -140,20 +140,18 @@ class Executor {
   }
   // The rank (in p2p's group) and tag of a transfer instruction.
   int peer_of(const core::Instruction& in) const;
-  int tag_of(const core::Instruction& in) const;
-  // The virtual stage a transfer instruction delivers to (its own for a receive).
-  int64_t receiving_virtual_stage(const core::Instruction& in) const;
+  int tag_of(const core::Instruction& in) const { return program_.tag_of(in); }
   // A transfer between two chunks of this rank: handed over in memory.
   bool is_local(const core::Instruction& in) const { return chunks_ > 1 && peer_of(in) == stage_id_; }
   void hand_over(const core::Instruction& in, Activation value);
   Activation take_over(const core::Instruction& in);
 
   P2P* p2p_;
-  const TensorParallelSplit* split_ = nullptr;
-  bool split_activations_ = false, split_grads_ = false;
+  const core::StageProgram& program_;
+  const TensorParallelSplit* split_;
+  bool split_activations_, split_grads_;
   int64_t stage_id_, num_stages_, chunks_;
   core::ChunkLayout layout_;
-  int activation_tag_, grad_tag_;
   bool release_sent_outputs_;
   int64_t wrapper_references_;
   int64_t step_ = 0;

@@ -162,11 +162,14 @@ at::Tensor P2P::from_wire(const at::Tensor& t) const {
       << peer_label_ << " " << peer << " failed: ";
   if (closed) {
     msg << "the peer closed the connection (its process probably died; check its log): " << text;
-  } else {
-    msg << text << " (timeout " << timeout_.count() / 1000.0
-        << " s). The peer may have died, failed, or run a schedule that does not match this one.";
+    throw PeerClosed(msg.str(), self_name_, peer);
   }
-  throw std::runtime_error(msg.str());
+  msg << text << " (timeout " << timeout_.count() / 1000.0
+      << " s). The peer may have died, failed, or run a schedule that does not match this one.";
+  // gloo says a wait ran out of time in these words; anything else is a transfer error of another kind.
+  const bool timed_out = text.find("Timed out") != std::string::npos || text.find("timed out") != std::string::npos;
+  if (timed_out) throw P2PTimeout(msg.str(), self_name_, peer);
+  throw P2PError(msg.str(), self_name_, peer);
 }
 
 P2P::Started P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, const Describe& what, const char* part,
@@ -180,7 +183,7 @@ P2P::Started P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, con
   try {
     started.work = sending ? group_->send(tensors, peer, tag) : group_->recv(tensors, peer, tag);
   } catch (const std::exception& err) {  // e.g. the connection to a dead peer is already closed
-    if (!sending) {  // a posted receive reports it when it is waited for, naming what it receives
+    if (!sending) {                      // a posted receive reports it when it is waited for, naming what it receives
       started.start_error = err.what();
       return started;
     }
@@ -229,7 +232,7 @@ void P2P::stopped(const std::string& reason, int peer, const Describe& what, con
   std::ostringstream msg;
   msg << self_name_ << ": stopped " << (sending ? "sending " : "receiving ") << what() << part
       << (sending ? " to " : " from ") << peer_label_ << " " << peer << ": " << reason;
-  throw std::runtime_error(msg.str());
+  throw P2PAborted(msg.str(), self_name_, peer);
 }
 
 void P2P::send(const Activation& value, int peer, int tag, const Describe& what) {
@@ -255,8 +258,11 @@ void P2P::send(const Activation& value, int peer, int tag, const Describe& what)
   if (!nccl_) finish_channel_sends(peer, tag);
   if (send_meta) {
     std::optional<at::Tensor> wire = encode(meta.tensors, meta.is_tuple);
-    TORCH_CHECK(wire, self_name_, ": ", what(), " ", describe(meta.tensors), " has too many tensors or dimensions to "
-                "describe in ", core::kMetaWords, " words of meta; pass fewer tensors between stages (concatenate "
+    TORCH_CHECK(wire, self_name_, ": ", what(), " ", describe(meta.tensors),
+                " has too many tensors or dimensions to "
+                "describe in ",
+                core::kMetaWords,
+                " words of meta; pass fewer tensors between stages (concatenate "
                 "them, or keep constants inside the stage)");
     std::vector<at::Tensor> body{wire->to(wire_device_)};
     pending_.push_back({start(body, peer, meta_tag(tag), what, " (meta)", true), body, peer, tag, what, " (meta)"});
@@ -297,7 +303,8 @@ void P2P::post_recv_after_meta(int peer, int tag, const Describe& what) {
 
 const P2P::ChannelMeta& P2P::receive_meta(const Channel& channel, const Describe& what) {
   const int peer = channel.first;
-  std::vector<at::Tensor> body{at::empty({core::kMetaWords}, at::TensorOptions().dtype(at::kLong).device(wire_device_))};
+  std::vector<at::Tensor> body{
+      at::empty({core::kMetaWords}, at::TensorOptions().dtype(at::kLong).device(wire_device_))};
   wait(start(body, peer, meta_tag(channel.second), what, " (meta)", false), peer, what, " (meta)", false);
   ChannelMeta meta;
   meta.tensors = decode(body[0].cpu(), &meta.is_tuple);

@@ -23,6 +23,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include "core/comm_order.h"
+#include "core/tags.h"
+#include "runtime/errors.h"
 
 #include <chrono>
 #include <deque>
@@ -142,8 +144,8 @@ class P2P {
                          bool sending) const;
   [[noreturn]] void stopped(const std::string& reason, int peer, const Describe& what, const char* part,
                             bool sending) const;
-  int data_tag(int tag) const { return single_tag_ ? 0 : 2 * tag + 1; }
-  int meta_tag(int tag) const { return single_tag_ ? 0 : 2 * tag; }
+  int data_tag(int tag) const { return single_tag_ ? 0 : core::data_wire_tag(tag); }
+  int meta_tag(int tag) const { return single_tag_ ? 0 : core::meta_wire_tag(tag); }
   at::Tensor empty_wire(const TensorMeta& m) const;  // a receive buffer, on the device or pinned host memory
   at::Tensor to_wire(const at::Tensor& t) const;     // what a send hands to the backend
   at::Tensor from_wire(const at::Tensor& t) const;   // a received tensor, on the stage's device

@@ -34,7 +34,7 @@ class DeferredWeightGrads {
   // Weights whose gradient paths share a node are one group: one engine call each.
   struct Group {
     std::vector<torch::autograd::Edge> roots;  // (node, input) where B left off
-    std::vector<at::Tensor> grads;     // what flowed into them during B
+    std::vector<at::Tensor> grads;             // what flowed into them during B
     std::vector<torch::autograd::Edge> weights;
   };
   std::vector<Group> groups_;

@@ -35,8 +35,8 @@ Activation TensorParallelSplit::split(const Activation& value) const {
 }
 
 Activation TensorParallelSplit::gather(const Activation& received, const std::string& what) const {
-  TORCH_CHECK(received.tensors.size() >= 2 && received.tensors[0].scalar_type() == at::kLong, self_name_,
-              ": ", what, " arrived without the meta of a split tensor; every stage must use the same "
+  TORCH_CHECK(received.tensors.size() >= 2 && received.tensors[0].scalar_type() == at::kLong, self_name_, ": ", what,
+              " arrived without the meta of a split tensor; every stage must use the same "
               "\"pipeline\": {\"pipe_partitioned\", \"grad_partitioned\"} settings");
   const at::Tensor meta_tensor = received.tensors[0].cpu();
   const int64_t* meta = meta_tensor.data_ptr<int64_t>();

@@ -6,25 +6,29 @@
 #include <functional>
 #include <limits>
 #include <random>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "core/comm_order.h"
 #include "core/partition.h"
 #include "core/simulator.h"
+#include "core/stage_program.h"
+#include "core/tags.h"
 #include "core/topology.h"
 
 using namespace dpe::core;
 
 static int failures = 0;
 static int checks = 0;
-#define CHECK(cond)                                                          \
-  do {                                                                       \
-    ++checks;                                                                \
-    if (!(cond)) {                                                           \
-      ++failures;                                                            \
+#define CHECK(cond)                                                                 \
+  do {                                                                              \
+    ++checks;                                                                       \
+    if (!(cond)) {                                                                  \
+      ++failures;                                                                   \
       std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                        \
+    }                                                                               \
   } while (0)
 
 template <class F>
@@ -74,7 +78,8 @@ static void test_partition() {
     const int64_t n = rng() % 11, m = 1 + rng() % 6;
     std::vector<double> w(n);
     const int kind = trial % 3;
-    for (auto& x : w) x = kind == 0 ? double(rng() % 3) : kind == 1 ? double(rng() % 1000) : double(rng() % 100000) / 977.0;
+    for (auto& x : w)
+      x = kind == 0 ? double(rng() % 3) : kind == 1 ? double(rng() % 1000) : double(rng() % 100000) / 977.0;
     const Boundaries mm = partition_minmax(w, m);
     CHECK(valid_partition(mm, n, m));
     if (n >= m) CHECK(max_part_weight(w, mm) == brute_force_minmax(w, m));
@@ -134,8 +139,8 @@ static void test_schedules_property() {
             }
           } catch (const std::exception& e) {
             ++failures;
-            std::fprintf(stderr, "%s S=%lld M=%lld V=%lld: %s\n", schedule_kind_name(kind), (long long)S,
-                         (long long)M, (long long)V, e.what());
+            std::fprintf(stderr, "%s S=%lld M=%lld V=%lld: %s\n", schedule_kind_name(kind), (long long)S, (long long)M,
+                         (long long)V, e.what());
           }
         }
       }
@@ -148,7 +153,6 @@ static void test_schedules_property() {
   }
 }
 
-
 static CommEvent issue(CommKind kind, int32_t peer, const char* label, int32_t group = -1, int64_t bytes = -1) {
   return issued(kind, peer, bytes, label, /*message=*/-1, group);
 }
@@ -156,8 +160,10 @@ static CommEvent wait_for(int32_t op) { return waited(op); }
 
 // The hazard, by hand: each stage's head with the other is a receive.
 static void test_nccl_order_checker() {
-  const CommTrace stage0{issue(CommKind::Recv, 1, "grad 0"), issue(CommKind::Send, 1, "act 1"), wait_for(0), wait_for(1)};
-  const CommTrace stage1{issue(CommKind::Recv, 0, "act 1"), issue(CommKind::Send, 0, "grad 0"), wait_for(0), wait_for(1)};
+  const CommTrace stage0{issue(CommKind::Recv, 1, "grad 0"), issue(CommKind::Send, 1, "act 1"), wait_for(0),
+                         wait_for(1)};
+  const CommTrace stage1{issue(CommKind::Recv, 0, "act 1"), issue(CommKind::Send, 0, "grad 0"), wait_for(0),
+                         wait_for(1)};
   const CommCheck hang = check_nccl_order({stage0, stage1});
   CHECK(!hang.ok);
   CHECK(hang.report.find("deadlock") != std::string::npos);
@@ -169,11 +175,14 @@ static void test_nccl_order_checker() {
   CHECK(grouped.ok);
   CHECK(grouped.operations == 4);
   // Send first on one side: in order, no hang.
-  const CommTrace send_first{issue(CommKind::Send, 1, "act 1"), issue(CommKind::Recv, 1, "grad 0"), wait_for(1), wait_for(0)};
+  const CommTrace send_first{issue(CommKind::Send, 1, "act 1"), issue(CommKind::Recv, 1, "grad 0"), wait_for(1),
+                             wait_for(0)};
   CHECK(check_nccl_order({send_first, stage1}).ok);
   // A wait before the send blocks it: waiting for the receive first hangs even in order on the peer.
-  const CommTrace wait_first{issue(CommKind::Recv, 1, "grad 0"), wait_for(0), issue(CommKind::Send, 1, "act 1"), wait_for(1)};
-  const CommTrace peer_wait_first{issue(CommKind::Recv, 0, "act 1"), wait_for(0), issue(CommKind::Send, 0, "grad 0"), wait_for(1)};
+  const CommTrace wait_first{issue(CommKind::Recv, 1, "grad 0"), wait_for(0), issue(CommKind::Send, 1, "act 1"),
+                             wait_for(1)};
+  const CommTrace peer_wait_first{issue(CommKind::Recv, 0, "act 1"), wait_for(0), issue(CommKind::Send, 0, "grad 0"),
+                                  wait_for(1)};
   CHECK(!check_nccl_order({wait_first, peer_wait_first}).ok);
   // Matched by order: sizes must agree.
   const CommCheck sizes = check_nccl_order({{issue(CommKind::Send, 1, "meta", -1, 16), wait_for(0)},
@@ -203,9 +212,10 @@ static void test_nccl_order_checker() {
   CHECK(check_nccl_order(relay).ok);
   CHECK(!check_nccl_order(relay, /*one_stream_per_rank=*/true).ok);
   // Operations with different peers do not order each other: a relay 0 -> 1 -> 2 with 2 -> 0 back.
-  const CommCheck ring = check_nccl_order({{issue(CommKind::Recv, 2, "back"), issue(CommKind::Send, 1, "a"), wait_for(0)},
-                                           {issue(CommKind::Recv, 0, "a"), wait_for(0), issue(CommKind::Send, 2, "b")},
-                                           {issue(CommKind::Recv, 1, "b"), wait_for(0), issue(CommKind::Send, 0, "back")}});
+  const CommCheck ring =
+      check_nccl_order({{issue(CommKind::Recv, 2, "back"), issue(CommKind::Send, 1, "a"), wait_for(0)},
+                        {issue(CommKind::Recv, 0, "a"), wait_for(0), issue(CommKind::Send, 2, "b")},
+                        {issue(CommKind::Recv, 1, "b"), wait_for(0), issue(CommKind::Send, 0, "back")}});
   CHECK(ring.ok);
 }
 
@@ -235,7 +245,8 @@ static void test_schedule_transfers_under_nccl() {
             }
           } catch (const std::exception& e) {
             ++failures;
-            std::fprintf(stderr, "%s S=%lld M=%lld: %s\n", schedule_kind_name(kind), (long long)S, (long long)M, e.what());
+            std::fprintf(stderr, "%s S=%lld M=%lld: %s\n", schedule_kind_name(kind), (long long)S, (long long)M,
+                         e.what());
           }
         }
       }
@@ -253,7 +264,8 @@ static void test_schedule_transfers_under_nccl() {
         for (int64_t M = 1; M <= 24; ++M) {
           for (bool dynamic : {false, true}) {
             try {
-              const CommCheck c = check_schedule_transfers(ScheduleSpec{kind, M, S, V}, TransferOrder::PairOrder, dynamic);
+              const CommCheck c =
+                  check_schedule_transfers(ScheduleSpec{kind, M, S, V}, TransferOrder::PairOrder, dynamic);
               ++interleaved_checked;
               // With dynamic shapes some deadlock under NCCL's rules: the runtime runs this same check on
               // them (StageProgram) and refuses them. Fixed shapes must all pass.
@@ -276,13 +288,14 @@ static void test_schedule_transfers_under_nccl() {
               (long long)refused);
   CHECK(interleaved_checked == 2 * 7 * 3 * 24 * 2 && refused == 0);
   // The hazard: posting receives ahead of sends to the same peer (the executor's old order) hangs 1F1B.
-  const CommCheck old = check_schedule_transfers(ScheduleSpec{ScheduleKind::Train1F1B, 4, 2, 1},
-                                                 TransferOrder::AsSoonAsChannelFree);
+  const CommCheck old =
+      check_schedule_transfers(ScheduleSpec{ScheduleKind::Train1F1B, 4, 2, 1}, TransferOrder::AsSoonAsChannelFree);
   CHECK(!old.ok);
   CHECK(old.report.find("RecvGrad") != std::string::npos && old.report.find("RecvActivation") != std::string::npos);
   // Program order is enough for DeepSpeed's 1F1B, not for zb-h1 (both stages send first).
   CHECK(check_schedule_transfers(ScheduleSpec{ScheduleKind::Train1F1B, 8, 4, 1}, TransferOrder::ProgramOrder).ok);
-  const CommCheck zb = check_schedule_transfers(ScheduleSpec{ScheduleKind::ZeroBubbleH1, 4, 2, 1}, TransferOrder::ProgramOrder);
+  const CommCheck zb =
+      check_schedule_transfers(ScheduleSpec{ScheduleKind::ZeroBubbleH1, 4, 2, 1}, TransferOrder::ProgramOrder);
   CHECK(!zb.ok && zb.report.find("SendGrad") != std::string::npos);
   // Pair order still posts receives ahead of compute: 1F1B's stage 0 posts every gradient after the first
   // right after the activation send before it; stage 1 sends each gradient right before its next receive.
@@ -339,10 +352,10 @@ static void test_compute_orders() {
   for (const char* bad : {"", "F0", "0F", "0X1", "0F1x", "1F0", "0F-1", "99999999999F0", "0F99999999999"}) {
     CHECK(throws_invalid([bad] { parse_action(bad, 2, 0); }));
   }
-  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::B, 0, 0}}}, 1); }));          // no forward
+  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::B, 0, 0}}}, 1); }));  // no forward
   CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::F, 0, 0}, ComputeOp{Compute::F, 0, 0}}}, 1); }));
-  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::F, 2, 0}}}, 2); }));          // micro-batch 2 of 2
-  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::F, 0, 1}}}, 1); }));          // a second chunk
+  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::F, 2, 0}}}, 2); }));  // micro-batch 2 of 2
+  CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::F, 0, 1}}}, 1); }));  // a second chunk
   CHECK(throws_invalid([] { lower_compute_orders({{ComputeOp{Compute::F, 0, 2}}, {}}, 1, nullptr, 2); }));
   std::mt19937 rng(7);
   const std::string alphabet = "0123456789FBIWX-";
@@ -510,10 +523,12 @@ static void test_zero_bubble_v() {
   CHECK(parse_chunk_layout("v") == ChunkLayout::V && throws_invalid([] { parse_chunk_layout("w"); }));
   // Measured costs per stage and chunk: a uniform table is the uniform simulation; doubling every cost
   // doubles the makespan; the wrong table shape is refused.
-  for (const ScheduleSpec& spec : {zbv_spec(ScheduleKind::ZeroBubbleV, 8, 4), ScheduleSpec{ScheduleKind::Train1F1B, 8, 4, 1}}) {
+  for (const ScheduleSpec& spec :
+       {zbv_spec(ScheduleKind::ZeroBubbleV, 8, 4), ScheduleSpec{ScheduleKind::Train1F1B, 8, 4, 1}}) {
     const OpCosts whole{2.0, 1.0, 3.0, 0.0};
     const double v = static_cast<double>(spec.chunks);
-    std::vector<std::vector<OpCosts>> table(spec.stages, std::vector<OpCosts>(spec.chunks, OpCosts{2.0 / v, 1.0 / v, 3.0 / v, 0.0}));
+    std::vector<std::vector<OpCosts>> table(spec.stages,
+                                            std::vector<OpCosts>(spec.chunks, OpCosts{2.0 / v, 1.0 / v, 3.0 / v, 0.0}));
     CHECK(simulate(spec, table, 0.0).makespan == simulate(spec, whole).makespan);
     for (auto& stage : table)
       for (auto& c : stage) c = OpCosts{c.forward * 2, c.backward_input * 2, c.backward_weight * 2, 0.0};
@@ -523,7 +538,84 @@ static void test_zero_bubble_v() {
   }
 }
 
+// Stage programs: what they say of their place in the pipeline, and tags on
+// which every send meets its receive.
+static void test_stage_programs() {
+  CHECK(channel_tag(Traffic::Train, false, 0) == 0 && channel_tag(Traffic::Train, true, 0) == 1);
+  CHECK(channel_tag(Traffic::Eval, false, 0) == 2 && channel_tag(Traffic::Eval, true, 0) == 3);
+  CHECK(channel_tag(Traffic::Train, false, 1) == 4 && meta_wire_tag(5) == 10 && data_wire_tag(5) == 11);
+
+  struct Case {
+    ScheduleKind kind;
+    int64_t stages, chunks, micro_batches;
+  };
+  const Case cases[] = {{ScheduleKind::Train1F1B, 2, 1, 4},       {ScheduleKind::GPipe, 3, 1, 5},
+                        {ScheduleKind::ZeroBubbleH1, 4, 1, 8},    {ScheduleKind::Interleaved1F1B, 2, 2, 4},
+                        {ScheduleKind::Interleaved1F1B, 3, 3, 6}, {ScheduleKind::ZeroBubbleV, 2, 2, 6},
+                        {ScheduleKind::ZeroBubbleV, 4, 2, 8},     {ScheduleKind::Inference, 3, 1, 4},
+                        {ScheduleKind::Inference, 2, 2, 4}};
+  for (const auto& c : cases) {
+    ScheduleSpec spec;
+    spec.kind = c.kind;
+    spec.stages = c.stages;
+    spec.chunks = c.chunks;
+    spec.micro_batches = c.micro_batches;
+    spec.layout = layout_of(c.kind);
+    // (sender, receiver, gradient?, micro-batch, tag) of every message, seen from each side.
+    std::multiset<std::tuple<int64_t, int64_t, bool, int32_t, int>> sent, received;
+    int64_t loss_holders = 0;
+    for (int64_t s = 0; s < c.stages; ++s) {
+      const StageProgram p = program_for_schedule(spec, s, false);
+      CHECK(p.stage == s && p.stages == c.stages && p.chunks == c.chunks && p.layout == spec.layout);
+      CHECK(p.traffic == (c.kind == ScheduleKind::Inference ? Traffic::Eval : Traffic::Train));
+      CHECK(p.plan.before.size() == flatten(p.steps).size() + 1);
+      loss_holders += p.holds_loss();
+      for (const auto& step : p.steps) {
+        for (const auto& in : step) {
+          if (!is_p2p_transfer(in, s, c.stages, p.layout)) continue;
+          const int64_t peer = transfer_peer(in, s, c.stages, p.layout);
+          const bool gradient = in.op == Op::SendGrad || in.op == Op::RecvGrad;
+          const bool sending = in.op == Op::SendActivation || in.op == Op::SendGrad;
+          CHECK(p.tag_of(in) ==
+                channel_tag(p.traffic, gradient, chunk_of_virtual(p.receiving_virtual_stage(in), c.stages)));
+          (sending ? sent : received)
+              .insert({sending ? s : peer, sending ? peer : s, gradient, in.micro_batch, p.tag_of(in)});
+        }
+      }
+    }
+    CHECK(loss_holders == 1);
+    CHECK(sent == received);
+    CHECK(!sent.empty() || c.stages == 1);
+  }
+  // The loss sits on the rank holding the last virtual stage: rank 0 in the V.
+  ScheduleSpec v;
+  v.kind = ScheduleKind::ZeroBubbleV;
+  v.stages = 2;
+  v.chunks = 2;
+  v.micro_batches = 4;
+  v.layout = ChunkLayout::V;
+  CHECK(program_for_schedule(v, 0, false).holds_loss() && !program_for_schedule(v, 1, false).holds_loss());
+  CHECK(throws_invalid([&] { program_for_schedule(v, 2, false); }));
+  const std::vector<ComputeOrder> orders = {{{Compute::F, 0, 0}, {Compute::B, 0, 0}},
+                                            {{Compute::F, 0, 0}, {Compute::B, 0, 0}}};
+  const StageProgram from_order = program_for_compute_order(orders, 1, 1, false, 1, ChunkLayout::Interleaved);
+  CHECK(from_order.holds_loss() && from_order.traffic == Traffic::Train && from_order.what == "the compute order");
+  CHECK(throws_invalid([&] { program_for_compute_order(orders, 1, 2, false, 1, ChunkLayout::Interleaved); }));
+  // Facts of kinds and ops, as Python reads them.
+  CHECK(schedule_kind_info(ScheduleKind::ZeroBubbleV).layout == ChunkLayout::V);
+  CHECK(schedule_kind_info(ScheduleKind::ZeroBubbleH1).splits_backward);
+  CHECK(!schedule_kind_info(ScheduleKind::Inference).trains);
+  for (int k = 0; k < kNumScheduleKinds; ++k) {
+    const auto kind = static_cast<ScheduleKind>(k);
+    CHECK(schedule_kind_info(kind).kind == kind);
+    CHECK(parse_schedule_kind(schedule_kind_name(kind)) == kind);
+  }
+  CHECK(std::string(op_info(Op::BackwardInput).letter) == "I" && op_info(Op::BackwardInput).is_compute);
+  CHECK(op_info(Op::SendGrad).is_transfer && !op_info(Op::ReduceGrads).is_transfer);
+}
+
 int main() {
+  test_stage_programs();
   test_partition();
   test_zero_bubble_v();
   test_compute_orders();

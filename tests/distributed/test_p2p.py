@@ -1,0 +1,38 @@
+"""C++ point-to-point transfers over c10d (gloo): tuples, dtypes, meta
+caching, shape changes and timeouts."""
+from . import p2p_cases
+from .distributed import run_ranks
+
+
+def test_tuples_keep_dtypes_and_values():
+    assert all(run_ranks(p2p_cases.transfer_tuples, 2))
+
+
+def test_shape_change():
+    (error, _), (_, shapes) = run_ranks(p2p_cases.shape_change_is_refused, 2)
+    assert "activation changed from (Float[2, 3]) to (Float[2, 4])" in error
+    assert "dynamic_shape=True" in error
+    assert shapes == [(3, 2), (5, 2), (2, 2)]
+
+
+def test_missing_send_times_out_with_a_clear_error():
+    _, (message, waited) = run_ranks(p2p_cases.timeout_names_the_peer, 2)
+    assert "stage 1: receiving RecvActivation(micro-batch 0) (meta) from rank 0 failed" in message
+    assert waited < 30
+
+
+def test_posted_receives_own_their_buffers_and_one_send_per_channel_is_in_flight():
+    sender, receiver = run_ranks(p2p_cases.posted_receives_and_sends_in_flight, 2)
+    assert sender["pending"] <= 3 and sender["pending_after_wait"] == 0
+    assert receiver["posted_before_meta"] is False
+    assert receiver["posted"] == [True] * 5
+    assert receiver["values"] == [([float(s)] * 3, s) for s in range(6)]
+    assert receiver["distinct_storages"] == 5
+
+
+def test_abort_from_another_thread_ends_the_wait_in_progress_and_every_later_one():
+    (messages, waited), _ = run_ranks(p2p_cases.abort_wakes_a_blocked_receive, 2)
+    assert messages[0] == ("stage 0: stopped receiving RecvActivation(micro-batch 0) (meta) from stage 1: "
+                           "global rank 1 failed: ValueError: boom"), messages[0]
+    assert messages[1].startswith("stage 0: stopped receiving RecvActivation(micro-batch 1)"), messages[1]
+    assert waited < 10  # the receive's own timeout is 30 s

@@ -1,0 +1,1 @@
+"""Tests of the GPU check (benchmarks/gpu_check.py): on the CPU, its dry run."""

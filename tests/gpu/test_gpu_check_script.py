@@ -1,0 +1,34 @@
+"""The GPU check (benchmarks/gpu_check.py) must be ready to run in one call
+on a GPU machine: its --cpu-dry-run runs the same code on the CPU over gloo."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--cpu-dry-run", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    sections = {k: v for k, v in results.items() if k != "environment"}
+    assert len(sections) == 6
+    failed = {k: v.get("error") for k, v in sections.items() if not v["ok"]}
+    assert not failed, failed
+    s1 = next(v for k, v in sections.items() if k.startswith("S=1"))
+    assert s1["all_equal"] and all(s1[p]["weights_bitwise_equal"] for p in ("fp32", "bf16", "fp16", "bf16-zero1"))
+    s2 = next(v for k, v in sections.items() if k.startswith("S=2"))
+    assert s2["losses_equal"] and s2["loss_falls"] and all(s2["gpipe_zbh1_losses_equal"].values())
+    tp = next(v for k, v in sections.items() if k.startswith("PP=2 x TP=2"))
+    assert tp["split_equals_unsplit"] and all(tp["gpipe_zbh1_equal"].values()) and tp["loss_falls"]
+    split_bytes, unsplit_bytes = (tp["stage0_activation_send_bytes"]["split"],
+                                  tp["stage0_activation_send_bytes"]["unsplit"])
+    assert min(split_bytes) * 2 == max(unsplit_bytes), tp["stage0_activation_send_bytes"]  # the share, and its shape
+    faults = next(v for k, v in sections.items() if k.startswith("a failed batch"))
+    assert faults["all_stopped_within_5s"], faults
+    assert any("send activation" in n for n in s2["profiled_labels"]["0"])
+    assert (tmp_path / "s2_stage0_trace.json").stat().st_size > 1000
+    assert "==== summary ====" in done.stdout and "FAIL" not in done.stdout

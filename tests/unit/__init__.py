@@ -1,0 +1,1 @@
+"""Single-process tests: no ranks, no training subprocesses (`make test-fast`)."""
