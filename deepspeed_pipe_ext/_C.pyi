@@ -7,7 +7,17 @@ import torch
 from torch.distributed import ProcessGroup
 
 # ---------------------------------------------------------------- schedule facts (csrc/core/schedule.h)
-class Op:
+class _Enum:
+    """What every bound enum has (pybind11's enum_)."""
+    __members__: dict[str, Any]
+    def __init__(self, value: int) -> None: ...
+    def __int__(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class Op(_Enum):
     """An instruction of the schedule IR."""
     LoadMicroBatch: Op
     ForwardPass: Op
@@ -21,13 +31,6 @@ class Op:
     ReduceTiedGrads: Op
     ReduceGrads: Op
     OptimizerStep: Op
-    __members__: dict[str, Op]
-    def __init__(self, value: int) -> None: ...
-    def __int__(self) -> int: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def value(self) -> int: ...
     @property
     def letter(self) -> str: ...
     @property
@@ -37,18 +40,15 @@ class Op:
     @property
     def is_transfer(self) -> bool: ...
 
-class ChunkLayout:
+class ChunkLayout(_Enum):
     Interleaved: ChunkLayout
     V: ChunkLayout
-    __members__: dict[str, ChunkLayout]
-    @property
-    def name(self) -> str: ...
     @property
     def config_name(self) -> str: ...
     @staticmethod
     def parse(name: str) -> ChunkLayout: ...
 
-class ScheduleKind:
+class ScheduleKind(_Enum):
     Train1F1B: ScheduleKind
     Inference: ScheduleKind
     DataParallel: ScheduleKind
@@ -56,9 +56,6 @@ class ScheduleKind:
     Interleaved1F1B: ScheduleKind
     ZeroBubbleH1: ScheduleKind
     ZeroBubbleV: ScheduleKind
-    __members__: dict[str, ScheduleKind]
-    @property
-    def name(self) -> str: ...
     @property
     def config_name(self) -> str: ...
     @property
@@ -74,16 +71,14 @@ class ScheduleKind:
     @staticmethod
     def parse(name: str) -> ScheduleKind: ...
 
-class TransferOrder:
+class TransferOrder(_Enum):
     PairOrder: TransferOrder
     ProgramOrder: TransferOrder
     AsSoonAsChannelFree: TransferOrder
-    __members__: dict[str, TransferOrder]
 
-class Traffic:
+class Traffic(_Enum):
     Train: Traffic
     Eval: Traffic
-    __members__: dict[str, Traffic]
 
 Kind = Union[ScheduleKind, str]  # a bound enum, or its config name ("zb-v")
 Layout = Union[ChunkLayout, str, None]  # None or "": the schedule's own

@@ -157,6 +157,11 @@ class PipelineEngine(DSPipelineEngine):
         self.dynamic_shape = self.module.dynamic_shape
         self.total_additional_losses = None
         self.agg_additional_losses = None
+        # DeepSpeed's names for the last batch's per-micro-batch losses (or outputs), and for eval_batch's
+        # return_logits state, which it keeps only while the batch runs.
+        self.fwd_outputs = []
+        self.eval_return_logits = False
+        self.outputs = None
         # Failures travel: a batch that fails on any rank stops every rank, and none steps on it.
         board = None
         if dist.get_world_size() > 1:
@@ -424,6 +429,7 @@ class PipelineEngine(DSPipelineEngine):
             self._stage_run = None
         # (start, end, op code, micro_batch, chunk) per compute pass, monotonic seconds: see timeline.py.
         self.last_timeline, self.last_buffer_usage = result["timeline"], result["buffer_usage"]
+        self.fwd_outputs = run.losses
         return run
 
     def _plain_engine_path(self):

@@ -135,11 +135,7 @@ core::CommTrace trace_from_python(const std::vector<std::tuple<std::string, int,
 }
 
 py::dict check_to_python(const core::CommCheck& c) {
-  py::dict d;
-  d["ok"] = c.ok;
-  d["operations"] = c.operations;
-  d["report"] = c.report;
-  return d;
+  return py::dict(py::arg("ok") = c.ok, py::arg("operations") = c.operations, py::arg("report") = c.report);
 }
 
 py::object activation_to_python(const runtime::Activation& a) {

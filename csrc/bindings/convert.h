@@ -21,6 +21,13 @@ namespace dpe::bindings {
 
 namespace py = pybind11;
 
+// Runs `work` with the GIL released (C++ work that touches no Python object).
+template <class Work>
+auto without_gil(Work&& work) {
+  py::gil_scoped_release release;
+  return work();
+}
+
 // An argument given as the bound enum or as its name ("zb-v", "v", "pair").
 core::ScheduleKind kind_arg(const py::handle& value);
 // None or "" is the schedule's own layout (`fallback`).

@@ -128,11 +128,7 @@ void bind_schedules(py::module_& m) {
       [](const py::object& kind, int64_t micro_batches, int64_t stages, int64_t stage_id, int64_t chunks,
          const py::object& layout) {
         const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
-        core::Steps steps;
-        {
-          py::gil_scoped_release release;
-          steps = core::generate_steps(spec, stage_id);
-        }
+        const auto steps = without_gil([&] { return core::generate_steps(spec, stage_id); });
         return steps_to_python(steps);
       },
       py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("stage_id"), py::arg("chunks") = 1,
@@ -141,11 +137,7 @@ void bind_schedules(py::module_& m) {
       "schedule_all_steps",
       [](const py::object& kind, int64_t micro_batches, int64_t stages, int64_t chunks, const py::object& layout) {
         const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
-        std::vector<core::Steps> all;
-        {
-          py::gil_scoped_release release;
-          all = core::generate_all_steps(spec);
-        }
+        const auto all = without_gil([&] { return core::generate_all_steps(spec); });
         py::list out;
         for (const auto& steps : all) out.append(steps_to_python(steps));
         return out;
@@ -218,11 +210,7 @@ void bind_simulator(py::module_& m) {
          double backward_input, double backward_weight, double send_latency, const py::object& layout) {
         const auto spec = make_spec(kind, micro_batches, stages, chunks, layout);
         const auto costs = make_costs(forward, backward_input, backward_weight, send_latency);
-        core::SimulationResult r;
-        {
-          py::gil_scoped_release release;
-          r = core::simulate(spec, costs);
-        }
+        const auto r = without_gil([&] { return core::simulate(spec, costs); });
         return result_to_python(r);
       },
       py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks") = 1, py::arg("forward") = 1.0,
@@ -240,11 +228,7 @@ void bind_simulator(py::module_& m) {
           for (const auto& [forward, backward_input, backward_weight] : stage)
             table.back().push_back(core::OpCosts{forward, backward_input, backward_weight, 0.0});
         }
-        core::SimulationResult r;
-        {
-          py::gil_scoped_release release;
-          r = core::simulate(spec, table, send_latency);
-        }
+        const auto r = without_gil([&] { return core::simulate(spec, table, send_latency); });
         return result_to_python(r);
       },
       py::arg("kind"), py::arg("micro_batches"), py::arg("stages"), py::arg("chunks"), py::arg("pass_costs"),
@@ -273,12 +257,10 @@ void bind_simulator(py::module_& m) {
         const auto placed = layout_arg(layout, core::ChunkLayout::Interleaved);
         const auto all =
             core::lower_compute_orders(orders_from_python(rows, placed), micro_batches, &buffers, chunks, placed);
-        core::SimulationResult r;
-        {
-          py::gil_scoped_release release;
-          r = core::simulate(all, micro_batches, chunks, buffers,
-                             make_costs(forward, backward_input, backward_weight, send_latency), placed);
-        }
+        const auto r = without_gil([&] {
+          return core::simulate(all, micro_batches, chunks, buffers,
+                                make_costs(forward, backward_input, backward_weight, send_latency), placed);
+        });
         return result_to_python(r);
       },
       py::arg("rows"), py::arg("micro_batches"), py::arg("forward") = 1.0, py::arg("backward_input") = 1.0,
@@ -293,11 +275,7 @@ void bind_transfer_checks(py::module_& m) {
          bool one_stream_per_rank) {
         std::vector<core::CommTrace> traces;
         for (const auto& r : ranks) traces.push_back(trace_from_python(r));
-        core::CommCheck result;
-        {
-          py::gil_scoped_release release;
-          result = core::check_nccl_order(traces, one_stream_per_rank);
-        }
+        const auto result = without_gil([&] { return core::check_nccl_order(traces, one_stream_per_rank); });
         return check_to_python(result);
       },
       "Replays every rank's trace (rank i: traces[i], as P2P.trace records it) under NCCL's point-to-point "
@@ -310,11 +288,8 @@ void bind_transfer_checks(py::module_& m) {
          bool one_stream_per_rank, int64_t chunks) {
         const auto spec = make_spec(kind, micro_batches, stages, chunks, py::none());
         const auto o = transfer_order_arg(order);
-        core::CommCheck result;
-        {
-          py::gil_scoped_release release;
-          result = core::check_schedule_transfers(spec, o, dynamic_shapes, one_stream_per_rank);
-        }
+        const auto result =
+            without_gil([&] { return core::check_schedule_transfers(spec, o, dynamic_shapes, one_stream_per_rank); });
         return check_to_python(result);
       },
       "Plans every stage's transfers as the executor would ('pair'), or in another order, and checks them "

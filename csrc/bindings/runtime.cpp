@@ -78,11 +78,7 @@ void bind_p2p(py::module_& m) {
       .def(
           "recv",
           [](P2P& self, int peer, int tag, const std::string& what) {
-            runtime::Activation a;
-            {
-              py::gil_scoped_release release;
-              a = self.recv(peer, tag, [&what] { return what; });
-            }
+            const auto a = without_gil([&] { return self.recv(peer, tag, [&what] { return what; }); });
             return activation_to_python(a);
           },
           py::arg("peer"), py::arg("tag"), py::arg("what"))
@@ -117,11 +113,7 @@ void bind_p2p(py::module_& m) {
           "split",
           [](const TensorParallelSplit& self, py::object value) {
             auto a = activation_from_python(value, "a split value");
-            runtime::Activation out;
-            {
-              py::gil_scoped_release release;
-              out = self.split(a);
-            }
+            const auto out = without_gil([&] { return self.split(a); });
             return activation_to_python(out);
           },
           py::arg("value"), "What this rank sends instead of `value`: (meta, its share of the first tensor, the rest).")
@@ -129,11 +121,7 @@ void bind_p2p(py::module_& m) {
           "gather",
           [](const TensorParallelSplit& self, py::object received) {
             auto a = activation_from_python(received, "a received split value");
-            runtime::Activation out;
-            {
-              py::gil_scoped_release release;
-              out = self.gather(a, "a split value");
-            }
+            const auto out = without_gil([&] { return self.gather(a, "a split value"); });
             return activation_to_python(out);
           },
           py::arg("received"), "The value every rank of the group split (a collective of the group).");

@@ -34,19 +34,17 @@ StageProgram make(std::vector<Steps> all, std::vector<int64_t> buffers, int64_t 
     const CommCheck check = check_nccl_order(traces);
     if (!check.ok) throw std::invalid_argument(what + ": its transfers would hang under NCCL's rules: " + check.report);
   }
-  StageProgram program;
-  program.stages = stages;
-  program.stage = stage;
-  program.chunks = chunks;
-  program.layout = layout;
-  program.micro_batches = micro_batches;
-  program.dynamic_shapes = dynamic_shapes;
-  program.traffic = traffic;
-  program.steps = std::move(all[stage]);
-  program.num_buffers = buffers[stage];
-  program.plan = std::move(plans[stage]);
-  program.what = what;
-  return program;
+  return StageProgram{stages,
+                      stage,
+                      chunks,
+                      layout,
+                      micro_batches,
+                      dynamic_shapes,
+                      traffic,
+                      std::move(all[stage]),
+                      buffers[stage],
+                      std::move(plans[stage]),
+                      what};
 }
 
 }  // namespace

@@ -11,7 +11,7 @@ from deepspeed_pipe_ext._native import _C
 
 STUB = pathlib.Path(deepspeed_pipe_ext.__file__).with_name("_C.pyi")
 # Names the stub defines for typing only.
-TYPE_ONLY = {"Kind", "Layout", "Instruction", "Steps", "Timeline", "TraceEvent", "Value", "StageCallbacks"}
+TYPE_ONLY = {"_Enum", "Kind", "Layout", "Instruction", "Steps", "Timeline", "TraceEvent", "Value", "StageCallbacks"}
 
 
 def stub_declarations():
