@@ -3,6 +3,8 @@
     import deepspeed_pipe_ext
     net = deepspeed_pipe_ext.PipelineModule(layers=..., num_stages=2, loss_fn=...)
 """
+import types as _types
+
 from . import engine, partition, topology
 from ._failures import CollectiveFailed, CollectivePeerClosed, CollectiveTimeout, RemoteFailure
 from ._native import _C
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> _types.ModuleType:
     # Imported on first use, so `python -m deepspeed_pipe_ext.schedule` does
     # not find the module already imported by the package.
     if name == "schedule":

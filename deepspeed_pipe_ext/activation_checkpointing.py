@@ -6,6 +6,9 @@ accelerator) RNG state of the first forward restored, so dropout draws the
 same masks. The two functions mirror DeepSpeed's
 `deepspeed.checkpointing.checkpoint` (reentrant) and `non_reentrant_checkpoint`.
 """
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 
 from ._native import _C
@@ -32,14 +35,14 @@ def _run(function, args, params, reentrant):
     return outputs[0] if returned_tensor else tuple(outputs)
 
 
-def checkpoint(function, *args):
+def checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     """Reentrant checkpoint (DeepSpeed's default): gradients reach the
     function's parameters through a nested backward, and reach the rest of the
     graph only through inputs that require grad."""
     return _run(function, args, (), reentrant=True)
 
 
-def non_reentrant_checkpoint(function, *args, params=()):
+def non_reentrant_checkpoint(function: Callable[..., Any], *args: Any, params: Iterable[torch.Tensor] = ()) -> Any:
     """Non-reentrant checkpoint: `params` (those of them that require grad)
     are inputs of the checkpoint node, so their gradients flow through the
     outer graph and no input needs to require grad. Gradients of parameters

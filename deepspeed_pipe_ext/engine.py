@@ -19,6 +19,8 @@ PipelineModule too).
 """
 import time
 import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -187,7 +189,7 @@ class PipelineEngine(DSPipelineEngine):
             board.agree_built()
 
     # ------------------------------------------------------------------ DeepSpeed's pipeline API
-    def train_batch(self, data_iter=None):
+    def train_batch(self, data_iter: Iterator[Any] | None = None) -> torch.Tensor:
         """Train on the next `gradient_accumulation_steps` micro-batches; returns
         the loss averaged over micro-batches and data-parallel ranks."""
         if not torch.is_grad_enabled():
@@ -222,8 +224,13 @@ class PipelineEngine(DSPipelineEngine):
                   flush=True)
         self._elapsed_since_print = 0.0
 
-    def eval_batch(self, data_iter, return_logits=False, compute_loss=True, reduce_output='avg', bcast_loss=True,
-                   num_micro_batches=None):
+    def eval_batch(self,
+                   data_iter: Iterator[Any] | None,
+                   return_logits: bool = False,
+                   compute_loss: bool = True,
+                   reduce_output: str | None = 'avg',
+                   bcast_loss: bool = True,
+                   num_micro_batches: int | None = None) -> Any:
         """Forward `num_micro_batches` (default: gradient_accumulation_steps)
         micro-batches without gradients; returns the reduced loss (and the
         last micro-batch's outputs with return_logits)."""
@@ -246,10 +253,10 @@ class PipelineEngine(DSPipelineEngine):
             return eval_output, run.logits
         return eval_output
 
-    def is_first_stage(self):
+    def is_first_stage(self) -> bool:
         return self.stage_id == 0
 
-    def is_last_stage(self):
+    def is_last_stage(self) -> bool:
         return self.stage_id == self.num_stages - 1
 
     def _loss_stage_id(self):
@@ -271,13 +278,13 @@ class PipelineEngine(DSPipelineEngine):
     def is_gradient_accumulation_boundary(self):
         return self._force_grad_boundary
 
-    def set_train_batch_size(self, train_batch_size):
+    def set_train_batch_size(self, train_batch_size: int) -> None:
         """Changes the global batch size by changing the number of micro-batches
         (gradient accumulation steps); the micro-batch size stays."""
         DeepSpeedEngine.set_train_batch_size(self, train_batch_size)
         self.micro_batches = self.gradient_accumulation_steps()
 
-    def set_has_attention_mask(self, value):
+    def set_has_attention_mask(self, value: bool) -> None:
         """DeepSpeed's engine needs to know that a bool attention mask travels
         between stages; ours carries every dtype as it is and only records it."""
         if not isinstance(value, bool):
@@ -333,19 +340,22 @@ class PipelineEngine(DSPipelineEngine):
         return grad
 
     # ------------------------------------------------------------------ checkpoints (DeepSpeed's pipeline layout)
-    def module_state_dict(self, exclude_frozen_parameters=False):
+    def module_state_dict(self, exclude_frozen_parameters: bool = False) -> None:
         """Called by DeepSpeedEngine.save_checkpoint: the weights go to per-layer files."""
         from . import _checkpoint_files
         return _checkpoint_files.save_module_layers(self, exclude_frozen_parameters)
 
-    def load_module_state_dict(self, checkpoint, strict=True, custom_load_fn=None, fetch_z3_params=False,
-                               z3_params_to_fetch=None, allowed_missing_keys=None):
+    def load_module_state_dict(self, checkpoint: dict[str, Any], strict: bool = True,
+                               custom_load_fn: Callable[..., Any] | None = None, fetch_z3_params: bool = False,
+                               z3_params_to_fetch: Any = None, allowed_missing_keys: Any = None) -> None:
         """Called by DeepSpeedEngine.load_checkpoint: the weights come from per-layer files."""
         from . import _checkpoint_files
         return _checkpoint_files.load_module_layers(self, checkpoint, strict=strict, custom_load_fn=custom_load_fn)
 
-    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
-                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False,
+                        custom_load_fn: Callable[..., Any] | None = None) -> tuple[str | None, dict[str, Any] | None]:
         """DeepSpeedEngine.load_checkpoint, after checking the files this engine will read."""
         from . import _checkpoint_files
         _checkpoint_files.check_before_load(self, load_dir, tag, load_optimizer_states=load_optimizer_states,
@@ -356,34 +366,23 @@ class PipelineEngine(DSPipelineEngine):
                                        load_module_only=load_module_only, custom_load_fn=custom_load_fn)
 
     # ------------------------------------------------------------------ DeepSpeed's data API
-    @property
-    def data_iterator(self):
-        return self._loader.data_iterator
+    # DeepSpeed's attribute names for what the MicroBatchLoader owns.
+    data_iterator = property(lambda self: self._loader.data_iterator,
+                             lambda self, iterator: setattr(self._loader, "data_iterator", iterator))
+    batch_fn = property(lambda self: self._loader.batch_fn, lambda self, fn: setattr(self._loader, "batch_fn", fn))
 
-    @data_iterator.setter
-    def data_iterator(self, iterator):
-        self._loader.data_iterator = iterator
-
-    @property
-    def batch_fn(self):
-        return self._loader.batch_fn
-
-    @batch_fn.setter
-    def batch_fn(self, fn):
-        self._loader.batch_fn = fn
-
-    def set_dataloader(self, loader):
+    def set_dataloader(self, loader: Iterable[Any]) -> None:
         if self._loader.loads_data:
-            self.training_dataloader = loader
+            self.training_dataloader: Iterable[Any] | None = loader
             self.data_iterator = iter(self.training_dataloader)
 
-    def set_dataiterator(self, iterator):
+    def set_dataiterator(self, iterator: Iterator[Any] | None) -> None:
         """Micro-batches come from `iterator` (only the first and the loss stages read it)."""
         if self._loader.loads_data:
             self.training_dataloader = None
             self.data_iterator = iterator
 
-    def set_batch_fn(self, fn):
+    def set_batch_fn(self, fn: Callable[[Any], Any] | None) -> None:
         """Post-process each loaded batch with `fn`."""
         self.batch_fn = fn
 
@@ -394,7 +393,7 @@ class PipelineEngine(DSPipelineEngine):
         self.set_dataloader(RepeatingLoader(self.deepspeed_io(dataset, data_sampler=sampler)))
 
     # ------------------------------------------------------------------ DeepSpeed's loss API
-    def get_additional_losses(self):
+    def get_additional_losses(self) -> dict[str, torch.Tensor] | None:
         """The module's auxiliary losses (get_additional_losses(), e.g. MoE's)
         of the last batch: averaged over micro-batches and data-parallel ranks,
         on every stage; None when the module has none."""
@@ -605,8 +604,16 @@ class PipelineEngine(DSPipelineEngine):
             self._force_grad_boundary = False
 
 
-def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
-               dist_init_required=None, collate_fn=None, config=None, config_params=None):
+def initialize(args: Any = None,
+               model: DSPipelineModule | None = None,
+               optimizer: torch.optim.Optimizer | Callable[..., Any] | None = None,
+               model_parameters: Iterable[Any] | None = None,
+               training_data: torch.utils.data.Dataset | None = None,
+               lr_scheduler: Any = None,
+               dist_init_required: bool | None = None,
+               collate_fn: Callable[..., Any] | None = None,
+               config: str | dict[str, Any] | None = None,
+               config_params: str | dict[str, Any] | None = None) -> tuple[PipelineEngine, Any, Any, Any]:
     """deepspeed.initialize for a PipelineModule, returning our PipelineEngine:
     (engine, optimizer, training_dataloader, lr_scheduler)."""
     if not isinstance(model, DSPipelineModule):

@@ -9,13 +9,14 @@ equivalent nn.Sequential(*layers): keys "<layer index>.<name>", so
 """
 import argparse
 import sys
+from collections.abc import Sequence
 
 import torch
 
 from ._checkpoint_files import CheckpointError, to_sequential_state_dict
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepspeed_pipe_ext.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint_dir", help="the directory given to save_checkpoint")

@@ -9,7 +9,9 @@ import os
 import re
 import statistics
 import time
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,7 +44,7 @@ class LayerSpec(ds_module.LayerSpec):
     """Describes a layer to build only on the stage that owns it:
     `LayerSpec(nn.Linear, 4, 8)` builds `nn.Linear(4, 8)` there."""
 
-    def __init__(self, typename, *module_args, **module_kwargs):
+    def __init__(self, typename: type[nn.Module], *module_args: Any, **module_kwargs: Any) -> None:
         _check_module_type(typename)
         self.typename = typename
         self.module_args = module_args
@@ -54,7 +56,13 @@ class TiedLayerSpec(ds_module.TiedLayerSpec):
     """A layer whose module (and the weights named by `tied_weight_attr`) is
     shared by every layer with the same `key`, across stages."""
 
-    def __init__(self, key, typename, *module_args, forward_fn=None, tied_weight_attr=['weight'], **module_kwargs):
+    def __init__(self,
+                 key: str,
+                 typename: type[nn.Module],
+                 *module_args: Any,
+                 forward_fn: Callable[..., Any] | None = None,
+                 tied_weight_attr: str | Iterable[str] = ['weight'],
+                 **module_kwargs: Any) -> None:
         LayerSpec.__init__(self, typename, *module_args, **module_kwargs)
         self.key = key
         self.forward_fn = forward_fn
@@ -93,23 +101,23 @@ class PipelineModule(ds_module.PipelineModule):
     virtual_layout = "interleaved"
 
     def __init__(self,
-                 layers,
-                 num_stages=None,
-                 topology=None,
-                 loss_fn=None,
-                 seed_layers=False,
-                 seed_fn=None,
-                 base_seed=1234,
-                 partition_method='parameters',
-                 activation_checkpoint_interval=0,
-                 activation_checkpoint_func=checkpointing.checkpoint,
-                 checkpointable_layers=None,
-                 dynamic_shape=False,
+                 layers: Iterable[nn.Module | ds_module.LayerSpec | Callable[..., Any]],
+                 num_stages: int | None = None,
+                 topology: Any = None,
+                 loss_fn: Callable[..., Any] | None = None,
+                 seed_layers: bool = False,
+                 seed_fn: Callable[[int], Any] | None = None,
+                 base_seed: int = 1234,
+                 partition_method: str | Sequence[int] = 'parameters',
+                 activation_checkpoint_interval: int = 0,
+                 activation_checkpoint_func: Callable[..., Any] = checkpointing.checkpoint,
+                 checkpointable_layers: list[str] | None = None,
+                 dynamic_shape: bool = False,
                  *,
-                 profile_inputs=None,
-                 profile_repeats=3,
-                 virtual_stages=1,
-                 virtual_layout="interleaved"):
+                 profile_inputs: Any = None,
+                 profile_repeats: int = 3,
+                 virtual_stages: int = 1,
+                 virtual_layout: str = "interleaved") -> None:
         # DeepSpeed's __init__ is not called: everything it sets is set here,
         # with our topology, grid and partition solver.
         nn.Module.__init__(self)
@@ -170,13 +178,13 @@ class PipelineModule(ds_module.PipelineModule):
         self._local_stop = None
         self._partition_layers(method=partition_method)
 
-        self.forward_funcs = []
-        self.fwd_map = {}
+        self.forward_funcs: list[Callable[..., Any]] = []
+        self.fwd_map: dict[str, int] = {}
         self.tied_modules = nn.ModuleDict()
-        self.tied_weight_attrs = {}
+        self.tied_weight_attrs: dict[str, list[str]] = {}
         self.activation_checkpoint_interval = activation_checkpoint_interval
         self.activation_checkpoint_func = activation_checkpoint_func
-        self.is_checkpointable_results = []
+        self.is_checkpointable_results: list[bool] = []
         self.is_checkpointable_results_interval = None
 
         self._build()
@@ -236,18 +244,18 @@ class PipelineModule(ds_module.PipelineModule):
                               for c in range(self.virtual_stages)]
         self._set_bounds(start=self._chunk_bounds[0][0], stop=self._chunk_bounds[-1][1])
 
-    def chunk_bounds(self, chunk):
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         """[start, stop) of this rank's model chunk `chunk` in the whole pipeline's layer numbering."""
         return self._chunk_bounds[chunk]
 
-    def part_of(self, chunk, stage_id=None):
+    def part_of(self, chunk: int, stage_id: int | None = None) -> int:
         """The part (virtual stage) that model chunk `chunk` of `stage_id` (default: this rank's) holds."""
         stage = self.stage_id if stage_id is None else stage_id
         return _C.virtual_stage_of(stage, chunk, self.num_stages, self.virtual_layout)
 
-    def place_of(self, part):
+    def place_of(self, part: int) -> tuple[int, int]:
         """(stage, chunk) that holds part `part`."""
-        return tuple(_C.place_of_virtual(part, self.num_stages, self.virtual_layout))
+        return tuple(_C.place_of_virtual(part, self.num_stages, self.virtual_layout))  # type: ignore[return-value]
 
     def _part_name(self, part):
         if self.virtual_stages == 1:
@@ -255,7 +263,7 @@ class PipelineModule(ds_module.PipelineModule):
         stage, chunk = self.place_of(part)
         return f"part {part} (stage {stage}, chunk {chunk})"
 
-    def stage_owner(self, layer_idx):
+    def stage_owner(self, layer_idx: int) -> int:
         """The stage (rank along the pipe axis) that builds layer `layer_idx`."""
         if not 0 <= layer_idx < self._num_layers:
             raise ValueError(f"layer {layer_idx} is outside the {self._num_layers} layers")
@@ -267,14 +275,14 @@ class PipelineModule(ds_module.PipelineModule):
     # DeepSpeed names a layer's file by _local_start + its index among this
     # rank's layers; with virtual stages those are not contiguous, so hand it
     # the offset that gives the layer's number in the whole pipeline.
-    def ckpt_layer_path(self, ckpt_dir, local_layer_idx):
+    def ckpt_layer_path(self, ckpt_dir: str, local_layer_idx: int) -> str:
         """DeepSpeed's file for a layer of this rank, by its number in the whole pipeline."""
         return super().ckpt_layer_path(ckpt_dir, self._layer_index[local_layer_idx] - self._local_start)
 
-    def ckpt_layer_path_list(self, ckpt_dir, local_layer_idx):
+    def ckpt_layer_path_list(self, ckpt_dir: str, local_layer_idx: int) -> list[str]:
         return super().ckpt_layer_path_list(ckpt_dir, self._layer_index[local_layer_idx] - self._local_start)
 
-    def global_layer_index(self, local_idx):
+    def global_layer_index(self, local_idx: int) -> int:
         """The number in the whole pipeline of this rank's `local_idx`-th layer."""
         return self._layer_index[local_idx]
 
@@ -336,7 +344,7 @@ class PipelineModule(ds_module.PipelineModule):
         self.layer_costs = costs[0]
         return self.layer_costs
 
-    def describe_partition(self):
+    def describe_partition(self) -> str:
         """A text table of the partition: each stage's layers (each chunk's, with
         virtual stages) and weight, and the bottleneck."""
         weights = self.partition_weights
@@ -350,7 +358,7 @@ class PipelineModule(ds_module.PipelineModule):
             total = sum(weights[start:stop]) if weights is not None else None
             stage, chunk = self.place_of(part)
             if totals is not None:
-                totals[stage] += total
+                totals[stage] += total  # type: ignore[operator]  # weights, so total, are not None here
             names = ", ".join(f"{i}:{_layer_name(self._layer_specs[i]) or type(self._layer_specs[i]).__name__}"
                               for i in range(start, stop))
             weight = "" if total is None else f" weight={total:g}"
@@ -362,7 +370,7 @@ class PipelineModule(ds_module.PipelineModule):
             lines.append(f"  bottleneck: stage {worst} ({totals[worst] / mean:.3f}x the mean stage)")
         return "\n".join(lines)
 
-    def forward(self, forward_input, chunk=None):
+    def forward(self, forward_input: Any, chunk: int | None = None) -> Any:
         """This stage's layers on `forward_input`; with virtual stages, those
         of model chunk `chunk` (this rank's part chunk * stages + stage)."""
         if self.virtual_stages > 1 or chunk not in (None, 0):
@@ -520,7 +528,7 @@ class PipelineModule(ds_module.PipelineModule):
                 weight = self._recursive_getattr(comm['module'], attr_name)
                 dist.broadcast(weight.data, src=min(comm['ranks']), group=comm['group'])
 
-    def allreduce_tied_weight_gradients(self):
+    def allreduce_tied_weight_gradients(self) -> None:
         """Sum the gradients of tied weights over the stages that share them."""
         for key, comm in self.tied_comms.items():
             for attr_name in comm['weight_attr']:

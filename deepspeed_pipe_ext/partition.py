@@ -4,6 +4,8 @@
 `deepspeed.runtime.utils` returns for the same input. `partition_minmax` is the
 exact partition that minimises the heaviest stage.
 """
+from collections.abc import Iterable
+
 from ._native import _C
 
 __all__ = ["partition_uniform", "partition_balanced", "partition_minmax", "max_part_weight"]
@@ -30,17 +32,17 @@ def _as_weights(weights):
         raise TypeError(f"weights must be a sequence of numbers: {err}") from None
 
 
-def partition_uniform(num_items, num_parts):
+def partition_uniform(num_items: int, num_parts: int) -> list[int]:
     """Boundaries (num_parts + 1 ints) giving each part the same number of items."""
     return _C.partition_uniform(_check_count(num_items, "num_items"), _check_count(num_parts, "num_parts"))
 
 
-def partition_balanced(weights, num_parts):
+def partition_balanced(weights: Iterable[float], num_parts: int) -> list[int]:
     """DeepSpeed's balanced partition: minimises (heaviest part - lightest part)."""
     return _C.partition_balanced(_as_weights(weights), _check_count(num_parts, "num_parts"))
 
 
-def partition_minmax(weights, num_parts):
+def partition_minmax(weights: Iterable[float], num_parts: int) -> list[int]:
     """The contiguous partition whose heaviest part is as light as possible.
 
     Every part is non-empty when there are at least as many items as parts.
@@ -48,7 +50,7 @@ def partition_minmax(weights, num_parts):
     return _C.partition_minmax(_as_weights(weights), _check_count(num_parts, "num_parts"))
 
 
-def max_part_weight(weights, parts):
+def max_part_weight(weights: Iterable[float], parts: Iterable[int]) -> float:
     """The weight of the heaviest part of `parts`."""
     values = _as_weights(weights)
     _C.check_weights(values)

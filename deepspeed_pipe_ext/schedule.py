@@ -21,12 +21,17 @@ the engine runs it (`"pipeline": {"schedule": "order.csv"}` or
 import csv
 import io
 import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Self
 
 from deepspeed.runtime.pipe import schedule as _ds
 
 from ._native import _C
 
 ScheduleError = _C.ScheduleError
+# What each built-in schedule is (C++'s facts): ScheduleKind.parse("zb-v").layout.config_name == "v",
+# .min_chunks / .max_chunks (0: no bound) model chunks per rank, .splits_backward, .trains.
+ScheduleKind = _C.ScheduleKind
 # Every fact about a kind (its layout, chunks, split backward, whether the
 # engine trains with it) is C++'s: _C.ScheduleKind.
 SCHEDULE_KINDS = tuple(kind.config_name for kind in _C.ScheduleKind.__members__.values())
@@ -43,7 +48,7 @@ class PipeInstruction(_ds.PipeInstruction):
 
 class BufferOpInstruction(_ds.BufferOpInstruction):
 
-    def __init__(self, buffer_id, micro_batch=None, chunk=0, **kwargs):
+    def __init__(self, buffer_id: int, micro_batch: int | None = None, chunk: int = 0, **kwargs: Any) -> None:
         super().__init__(buffer_id=buffer_id, **kwargs)
         self.micro_batch = micro_batch
         self.chunk = chunk
@@ -123,9 +128,9 @@ def _instruction(code, buffer_id, micro_batch, chunk):
 class PipeSchedule:
     """A stage's schedule: iterate it for one list of instructions per step."""
 
-    kind = None  # the C++ generator's name
+    kind: str | None = None  # the C++ generator's name
 
-    def __init__(self, micro_batches, stages, stage_id, chunks=1, layout=""):
+    def __init__(self, micro_batches: int, stages: int, stage_id: int, chunks: int = 1, layout: str = "") -> None:
         self.micro_batches = micro_batches
         self.stages = stages
         self.stage_id = stage_id
@@ -133,50 +138,52 @@ class PipeSchedule:
         self.layout = layout  # of the chunks ("interleaved" | "v"); "" for the schedule's own
         self.prev_stage = stage_id - 1
         self.next_stage = stage_id + 1
-        self._raw = _C.schedule_steps(self.kind, micro_batches, stages, stage_id, chunks, layout)  # validates
+        # kind is None only on PipeSchedule itself, which is no schedule (the binding refuses it).
+        self._raw = _C.schedule_steps(self.kind,  # type: ignore[arg-type]
+                                      micro_batches, stages, stage_id, chunks, layout)  # validates
 
-    def steps(self):
+    def steps(self) -> Iterator[list[_ds.PipeInstruction]]:
         for step in self._raw:
             yield [_instruction(*cmd) for cmd in step]
 
-    def raw_steps(self):
+    def raw_steps(self) -> list[list[tuple[int, int, int, int]]]:
         """Steps as (op code, buffer_id, micro_batch, chunk) tuples; `OP_NAMES[code]` names the op."""
         return self._raw
 
-    def num_pipe_buffers(self):
-        return _C.num_pipe_buffers(self.kind, self.micro_batches, self.stages, self.stage_id, self.chunks,
-                                   self.layout)
+    def num_pipe_buffers(self) -> int:
+        return _C.num_pipe_buffers(self.kind, self.micro_batches, self.stages, self.stage_id,  # type: ignore[arg-type]
+                                   self.chunks, self.layout)
 
     @property
-    def stage(self):
+    def stage(self) -> int:
         return self.stage_id
 
     @property
-    def num_stages(self):
+    def num_stages(self) -> int:
         return self.stages
 
     @property
-    def num_micro_batches(self):
+    def num_micro_batches(self) -> int:
         return self.micro_batches
 
     @property
-    def is_first_stage(self):
+    def is_first_stage(self) -> bool:
         return self.stage_id == 0
 
     @property
-    def is_last_stage(self):
+    def is_last_stage(self) -> bool:
         return self.stage_id == self.stages - 1
 
-    def __iter__(self):
-        self.it = None
+    def __iter__(self) -> Self:
+        self.it: Iterator[list[_ds.PipeInstruction]] | None = None
         return self
 
-    def __next__(self):
+    def __next__(self) -> list[_ds.PipeInstruction]:
         if self.it is None:
             self.it = self.steps()
         return next(self.it)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         chunks = f", chunks={self.chunks}" if self.chunks != 1 else ""
         return (f"{type(self).__name__}(micro_batches={self.micro_batches}, stages={self.stages}, "
                 f"stage_id={self.stage_id}{chunks})")
@@ -208,7 +215,7 @@ class Interleaved1F1BSchedule(PipeSchedule):
     Best with micro_batches a multiple of stages."""
     kind = "interleaved-1f1b"
 
-    def __init__(self, micro_batches, stages, stage_id, chunks=2):
+    def __init__(self, micro_batches: int, stages: int, stage_id: int, chunks: int = 2) -> None:
         super().__init__(micro_batches, stages, stage_id, chunks)
 
 
@@ -226,7 +233,7 @@ class ZeroBubbleVSchedule(PipeSchedule):
     bubble, with at most 1F1B's first-stage activations on every rank."""
     kind = "zb-v"
 
-    def __init__(self, micro_batches, stages, stage_id, chunks=2):
+    def __init__(self, micro_batches: int, stages: int, stage_id: int, chunks: int = 2) -> None:
         super().__init__(micro_batches, stages, stage_id, chunks)
 
 
@@ -234,7 +241,8 @@ SCHEDULE_CLASSES = {cls.kind: cls for cls in (TrainSchedule, InferenceSchedule, 
                                               Interleaved1F1BSchedule, ZeroBubbleH1Schedule, ZeroBubbleVSchedule)}
 
 
-def get_schedule(kind, micro_batches, stages, stage_id, chunks=1, layout=""):
+def get_schedule(kind: str, micro_batches: int, stages: int, stage_id: int, chunks: int = 1,
+                 layout: str = "") -> PipeSchedule:
     """The schedule object for a kind name (see SCHEDULE_KINDS)."""
     if kind not in SCHEDULE_CLASSES:
         raise ValueError(f"unknown schedule kind {kind!r}: choose one of {', '.join(SCHEDULE_KINDS)}")
@@ -252,8 +260,9 @@ class SimulationResult(dict):
     __getattr__ = dict.__getitem__
 
 
-def simulate(kind, micro_batches, stages, chunks=1, forward=1.0, backward_input=1.0, backward_weight=1.0,
-             send_latency=0.0, layout=""):
+def simulate(kind: str | _C.ScheduleKind, micro_batches: int, stages: int, chunks: int = 1, forward: float = 1.0,
+             backward_input: float = 1.0, backward_weight: float = 1.0, send_latency: float = 0.0,
+             layout: str = "") -> SimulationResult:
     """Checks and measures the whole pipeline's schedule under per-micro-batch
     stage costs (BackwardPass costs backward_input + backward_weight; with
     chunks > 1 each chunk costs 1/chunks). Raises ScheduleError if invalid."""
@@ -261,7 +270,9 @@ def simulate(kind, micro_batches, stages, chunks=1, forward=1.0, backward_input=
                                         backward_weight, send_latency, layout))
 
 
-def simulate_measured(kind, micro_batches, stages, pass_costs, chunks=1, send_latency=0.0, layout=""):
+def simulate_measured(kind: str | _C.ScheduleKind, micro_batches: int, stages: int,
+                      pass_costs: Sequence[Sequence[tuple[float, float, float]]], chunks: int = 1,
+                      send_latency: float = 0.0, layout: str = "") -> SimulationResult:
     """simulate() with costs measured per stage and chunk: pass_costs[stage][chunk]
     = (forward, backward_input, backward_weight) of one micro-batch's pass of
     that chunk (a full backward costs both). Raises ScheduleError if invalid."""
@@ -279,7 +290,8 @@ class ComputeOrder:
     one the rows fit. Built-in schedules export theirs with
     `ComputeOrder.builtin(kind, micro_batches, stages)`."""
 
-    def __init__(self, rows, micro_batches=None, layout=None):
+    def __init__(self, rows: Iterable[Iterable[str]], micro_batches: int | None = None,
+                 layout: str | None = None) -> None:
         self.rows = [[str(token).strip() for token in row if str(token).strip()] for row in rows]
         if not self.rows:
             raise ValueError("a compute order needs one row of actions per rank; got none")
@@ -301,12 +313,13 @@ class ComputeOrder:
         return _C.lower_compute_order(self.rows, self.micro_batches, self.chunks, self.layout)
 
     @classmethod
-    def builtin(cls, kind, micro_batches, stages, chunks=1):
+    def builtin(cls, kind: str, micro_batches: int, stages: int, chunks: int = 1) -> Self:
         layout = _C.ScheduleKind.parse(kind).layout.config_name
         return cls(_C.compute_order(kind, micro_batches, stages, chunks, layout), micro_batches, layout)
 
     @classmethod
-    def from_pipe_schedule(cls, schedule_class, micro_batches, stages):
+    def from_pipe_schedule(cls, schedule_class: type[_ds.PipeSchedule] | type[PipeSchedule], micro_batches: int,
+                           stages: int) -> Self:
         """The compute passes of a DeepSpeed-style schedule: a subclass of
         DeepSpeed's PipeSchedule (or ours), constructed for every stage,
         whose instructions (DeepSpeed's classes, or ours for split backward
@@ -336,51 +349,52 @@ class ComputeOrder:
         return cls(rows, micro_batches)
 
     @classmethod
-    def from_csv(cls, text, micro_batches=None):
+    def from_csv(cls, text: str, micro_batches: int | None = None) -> Self:
         """Rows of comma-separated tokens, one row per rank (empty cells skipped)."""
         return cls(list(csv.reader(io.StringIO(text))), micro_batches)
 
     @classmethod
-    def read(cls, path, micro_batches=None):
+    def read(cls, path: str | os.PathLike[str], micro_batches: int | None = None) -> Self:
         with open(path, newline="") as f:
             return cls.from_csv(f.read(), micro_batches)
 
-    def to_csv(self):
+    def to_csv(self) -> str:
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows(self.rows)
         return out.getvalue()
 
     @property
-    def stages(self):
+    def stages(self) -> int:
         return len(self.rows)
 
     @property
-    def splits_backward(self):
+    def splits_backward(self) -> bool:
         """True when any backward is split into I and W (as in zb-h1)."""
         return bool(self._letters & {_C.Op.BackwardInput.letter, _C.Op.BackwardWeight.letter})
 
-    def steps(self, stage_id):
+    def steps(self, stage_id: int) -> list[list[_ds.PipeInstruction]]:
         """Rank `stage_id`'s instruction stream, with the transfers added."""
         streams, _ = self._lowered()
         return [[_instruction(*cmd) for cmd in step] for step in streams[stage_id]]
 
-    def simulate(self, forward=1.0, backward_input=1.0, backward_weight=1.0, send_latency=0.0):
+    def simulate(self, forward: float = 1.0, backward_input: float = 1.0, backward_weight: float = 1.0,
+                 send_latency: float = 0.0) -> SimulationResult:
         """Proves and measures the order as simulate() does a built-in kind;
         raises ScheduleError naming the rank, step and instruction that
         cannot proceed."""
         return SimulationResult(_C.simulate_compute_order(self.rows, self.micro_batches, forward, backward_input,
                                                           backward_weight, send_latency, self.chunks, self.layout))
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, ComputeOrder) and (self.rows, self.micro_batches, self.layout) == (
             other.rows, other.micro_batches, other.layout)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         chunks = f", {self.chunks} chunks per rank ({self.layout})" if self.chunks > 1 else ""
         return f"ComputeOrder({self.stages} ranks, {self.micro_batches} micro-batches{chunks})"
 
 
-def load_schedule(value):
+def load_schedule(value: object) -> ComputeOrder | None:
     """A `"pipeline": {"schedule": ...}` value as a ComputeOrder when it is one
     or names a CSV file of one; None for a built-in kind name."""
     if isinstance(value, ComputeOrder):
@@ -391,7 +405,7 @@ def load_schedule(value):
 
 
 # ---------------------------------------------------------------- command line
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     """The command line: simulate a schedule (or a compute order), print its
     timeline and figures, and optionally draw it."""
     import argparse

@@ -1,7 +1,10 @@
 """Seeing a schedule: a text timeline (one row per stage), a Chrome trace and
 a picture (`python -m deepspeed_pipe_ext.schedule` draws them)."""
 import math
+import os
 import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import schedule as _schedule
 
@@ -14,7 +17,7 @@ def _resolution(timeline):
     return min(durations) if durations else 1.0
 
 
-def text_timeline(result, chunks=1):
+def text_timeline(result: Mapping[str, Any], chunks: int = 1) -> str:
     """One row per stage; each cell is the smallest op's duration: op letter and
     micro-batch ('F3', 'B3', 'I3', 'W3'; chunk as a suffix letter when chunks > 1),
     '.' where the stage idles."""
@@ -39,7 +42,7 @@ def text_timeline(result, chunks=1):
     return "\n".join(lines)
 
 
-def summary(result):
+def summary(result: Mapping[str, Any]) -> str:
     lines = [f"makespan {result['makespan']:g}   bubble fraction {result['bubble_fraction']:.4f} (the idlest stage)"]
     for stage, (idle, act, buf) in enumerate(zip(result["idle_fraction"], result["peak_activations"],
                                                  result["peak_buffers"])):
@@ -47,7 +50,7 @@ def summary(result):
     return "\n".join(lines)
 
 
-def measured_result(stage_timelines):
+def measured_result(stage_timelines: Sequence[Sequence[tuple[float, float, int, int, int]]]) -> dict[str, Any]:
     """A simulator-shaped result from the executor's measured timelines (one
     list per stage, as PipelineEngine.last_timeline), in milliseconds from
     the earliest start."""
@@ -61,7 +64,8 @@ def measured_result(stage_timelines):
             "bubble_fraction": max(idle) if idle else 0.0}
 
 
-def write_chrome_trace(stage_timelines, path):
+def write_chrome_trace(stage_timelines: Sequence[Sequence[tuple[float, float, int, int, int]]],
+                       path: str | os.PathLike[str]) -> str | os.PathLike[str]:
     """Write measured timelines (one list per stage, as PipelineEngine.last_timeline
     gathered from every rank) as a Chrome / Perfetto trace: one track per stage,
     one slice per pass, named as torch.profiler shows them ("pipe stage 1
@@ -81,7 +85,8 @@ def write_chrome_trace(stage_timelines, path):
     return path
 
 
-def plot_timeline(result, path, title="", xlabel="time (units of the given op costs)"):
+def plot_timeline(result: Mapping[str, Any], path: str | os.PathLike[str], title: str = "",
+                  xlabel: str = "time (units of the given op costs)") -> None:
     """Draw the timeline with matplotlib (an optional dependency) into `path`."""
     try:
         import matplotlib

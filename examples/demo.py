@@ -77,7 +77,7 @@ def worker(args):
     layers += [dpe.LayerSpec(nn.Linear, hidden, 10)]
     net = dpe.PipelineModule(layers=layers, num_stages=args.stages, loss_fn=nn.CrossEntropyLoss(),
                              partition_method="parameters-minmax", virtual_stages=args.virtual_stages,
-                             virtual_layout="v" if args.schedule == "zb-v" else "interleaved")
+                             virtual_layout=dpe.schedule.ScheduleKind.parse(args.schedule).layout.config_name)
     if rank == 0:
         print(net.describe_partition(), flush=True)
 
@@ -185,14 +185,17 @@ def main():
     args = parser.parse_args()
     if args.steps is None:
         args.steps = 600 if args.model == "gpt" else 60
-    if args.schedule == "zb-v":
-        if args.virtual_stages not in (None, 2):
-            parser.error("--schedule zb-v runs two model chunks per rank: leave out --virtual-stages or give 2")
-        args.virtual_stages = 2
-    elif args.virtual_stages is None:
-        args.virtual_stages = 1
-    if args.schedule != "zb-v" and (args.virtual_stages > 1) != (args.schedule == "interleaved-1f1b"):
-        parser.error("--schedule interleaved-1f1b and --virtual-stages 2 (or more) go together")
+    from deepspeed_pipe_ext.schedule import ScheduleKind  # what each schedule runs: chunks per rank, layout
+    try:
+        kind = ScheduleKind.parse(args.schedule)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.virtual_stages is None:
+        args.virtual_stages = kind.min_chunks
+    if args.virtual_stages < kind.min_chunks or 0 < kind.max_chunks < args.virtual_stages:
+        count = (f"{kind.min_chunks} or more" if kind.max_chunks == 0 else str(kind.min_chunks)
+                 if kind.max_chunks == kind.min_chunks else f"{kind.min_chunks} to {kind.max_chunks}")
+        parser.error(f"--schedule {args.schedule} runs {count} model chunk(s) per rank (--virtual-stages)")
     if args.virtual_stages > 1 and args.model != "mlp":
         parser.error("--virtual-stages is for the mlp model")
     if args.tensor_parallel > 1 and args.model != "gpt":
