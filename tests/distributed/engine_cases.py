@@ -443,10 +443,23 @@ def fp16_both(rank, world_size, num_stages, fp16_configs, steps=6):
     final loss scale (larger labels, larger gradients: overflows).
     DeepSpeed refuses fp16 where its accelerator reports no fp16 support (this
     CPU); the half-precision arithmetic itself runs on the CPU, so both engines
-    are told it is supported."""
-    from deepspeed import initialize as ds_initialize
+    are told it is supported (until this function returns: it may share its
+    processes with other cases)."""
     from deepspeed.accelerator import get_accelerator
-    get_accelerator().is_fp16_supported = lambda: True
+    accelerator = get_accelerator()
+    previous = vars(accelerator).get("is_fp16_supported")  # None: the class's method
+    accelerator.is_fp16_supported = lambda: True
+    try:
+        return _fp16_runs(fp16_configs, num_stages, steps)
+    finally:
+        if previous is None:
+            del accelerator.is_fp16_supported
+        else:
+            accelerator.is_fp16_supported = previous
+
+
+def _fp16_runs(fp16_configs, num_stages, steps):
+    from deepspeed import initialize as ds_initialize
     out = []
     for fp16, label_scale in fp16_configs:
         runs = []

@@ -1,10 +1,12 @@
 """The C++ activation checkpoint in the pipeline engine, on real processes:
 DeepSpeed's numbers, and the same numbers as without checkpointing (the
-checkpoint functions alone: tests/unit/test_activation_checkpointing.py)."""
+checkpoint functions alone: tests/unit/test_activation_checkpointing.py).
+The cases of one world size share a process group (distributed.py
+`shared_ranks`)."""
 import pytest
 
 from . import engine_cases
-from .distributed import run_ranks
+from .distributed import on_ranks, shared_ranks
 from .test_engine import check_parity
 
 
@@ -18,19 +20,21 @@ from .test_engine import check_parity
     ("dropout_mlp", 2, 2, 1, True, "zb-h1"),
     ("dropout_transformer", 2, 2, 1, False, "zb-h1"),
 ])
+@shared_ranks(lambda model, world_size, num_stages, interval, reentrant, schedule: on_ranks(
+    engine_cases.train_checkpointed, world_size, model, num_stages, interval, reentrant, schedule, timeout=400))
 def test_engine_checkpointing_matches_deepspeed_and_no_checkpointing(model, world_size, num_stages, interval,
-                                                                    reentrant, schedule):
-    results = run_ranks(engine_cases.train_checkpointed, world_size, model, num_stages, interval, reentrant,
-                        schedule, timeout=400)
+                                                                    reentrant, schedule, shared_results):
+    results = shared_results
     check_parity([(theirs, ours) for theirs, ours, _ in results])
     # Checkpointing changes memory, not arithmetic: the same run without it gives the same numbers.
     check_parity([(plain, ours) for _, ours, plain in results])
 
 
-def test_eval_resets_deepspeeds_contiguous_checkpoint_buffers_after_each_forward():
+@shared_ranks(lambda: on_ranks(engine_cases.eval_with_contiguous_checkpointing, 2, timeout=300))
+def test_eval_resets_deepspeeds_contiguous_checkpoint_buffers_after_each_forward(shared_results):
     # DeepSpeed's TestPipeModuleSequential configures partitioned, contiguous checkpoint buffers and evaluates:
     # with more eval forwards than buffers, an engine that does not reset them overruns (IndexError).
-    results = run_ranks(engine_cases.eval_with_contiguous_checkpointing, 2, timeout=300)
+    results = shared_results
     for (theirs_engine, theirs), (ours_engine, ours) in results:
         assert theirs_engine.startswith("deepspeed.") and ours_engine.startswith("deepspeed_pipe_ext."), \
             (theirs_engine, ours_engine)

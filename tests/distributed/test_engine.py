@@ -1,10 +1,13 @@
 """Our PipelineEngine (C++ executor) against DeepSpeed's PipelineEngine:
-losses, weights and eval outputs on the same seeds and data."""
+losses, weights and eval outputs on the same seeds and data.
+
+The tests marked `shared_ranks` run their cases in one process group per world
+size (distributed.py); the tests about failures start their own ranks."""
 import pytest
 import torch
 
 from . import engine_cases
-from .distributed import run_ranks
+from .distributed import on_ranks, run_ranks, shared_ranks
 
 
 def assert_close(a, b, what):
@@ -31,23 +34,29 @@ def check_parity(results):
 
 
 @pytest.mark.parametrize("world_size,num_stages", [(2, 1), (2, 2), (4, 4), (4, 2)])
-def test_training_matches_deepspeed(world_size, num_stages):
-    check_parity(run_ranks(engine_cases.train_both, world_size, num_stages, timeout=400))
+@shared_ranks(lambda world_size, num_stages: on_ranks(engine_cases.train_both, world_size, num_stages, timeout=400))
+def test_training_matches_deepspeed(world_size, num_stages, shared_results):
+    check_parity(shared_results)
 
 
-def test_zero1_gradient_clipping_and_lr_schedule_match_deepspeed():
-    extra = {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.5,
-             "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.05,
-                                                          "warmup_num_steps": 5}}}
-    check_parity(run_ranks(engine_cases.train_both, 4, 2, 20, 4, 3, extra, timeout=400))
+ZERO1_CLIPPING_LR_SCHEDULE = {"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+                              "gradient_clipping": 0.5,
+                              "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.05,
+                                                                           "warmup_num_steps": 5}}}
+
+
+@shared_ranks(lambda: on_ranks(engine_cases.train_both, 4, 2, 20, 4, 3, ZERO1_CLIPPING_LR_SCHEDULE, timeout=400))
+def test_zero1_gradient_clipping_and_lr_schedule_match_deepspeed(shared_results):
+    check_parity(shared_results)
 
 
 @pytest.mark.parametrize("world_size,num_stages", [(2, 2), (4, 4)])
-def test_gpipe_schedule_matches_deepspeed(world_size, num_stages):
+@shared_ranks(lambda world_size, num_stages: on_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3,
+                                                      {"pipeline": {"schedule": "gpipe"}}, True, timeout=400))
+def test_gpipe_schedule_matches_deepspeed(world_size, num_stages, shared_results):
     """GPipe runs every forward before any backward: the same arithmetic as
     DeepSpeed's 1F1B (gradients accumulate in the same micro-batch order)."""
-    results = run_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3, {"pipeline": {"schedule": "gpipe"}},
-                        True, timeout=400)
+    results = shared_results
     check_parity([r[:2] for r in results])
     for rank, (_, _, timeline, usage) in enumerate(results):
         assert timeline == "F" * 4 + "B" * 4, (rank, timeline)
@@ -64,12 +73,13 @@ def expected_passes(kind, micro_batches, num_stages, stage_id):
 
 
 @pytest.mark.parametrize("world_size,num_stages", [(2, 2), (4, 4), (4, 2)])
-def test_zero_bubble_schedule_matches_deepspeed(world_size, num_stages):
+@shared_ranks(lambda world_size, num_stages: on_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3,
+                                                      {"pipeline": {"schedule": "zb-h1"}}, True, timeout=400))
+def test_zero_bubble_schedule_matches_deepspeed(world_size, num_stages, shared_results):
     """ZB-H1 splits each backward into B (input gradients, sent at once) and W
     (weight gradients, deferred into bubbles): the same gradients as
     DeepSpeed's 1F1B, summed in the same micro-batch order."""
-    results = run_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3, {"pipeline": {"schedule": "zb-h1"}},
-                        True, timeout=400)
+    results = shared_results
     check_parity([r[:2] for r in results])
     for rank, (_, _, passes, usage) in enumerate(results):
         stage = rank // (world_size // num_stages)  # DeepSpeed's topology: the pipe axis outermost
@@ -80,30 +90,40 @@ def test_zero_bubble_schedule_matches_deepspeed(world_size, num_stages):
 
 
 @pytest.mark.parametrize("model,world_size,num_stages", [("transformer", 2, 2), ("transformer", 4, 4), ("tied", 2, 2)])
-def test_zero_bubble_schedule_on_tuple_activations_and_tied_weights(model, world_size, num_stages):
-    check_parity(run_ranks(engine_cases.train_model_both, world_size, model, num_stages, 20, 4,
-                           {"pipeline": {"schedule": "zb-h1"}}, timeout=400))
+@shared_ranks(lambda model, world_size, num_stages: on_ranks(engine_cases.train_model_both, world_size, model,
+                                                             num_stages, 20, 4, {"pipeline": {"schedule": "zb-h1"}},
+                                                             timeout=400))
+def test_zero_bubble_schedule_on_tuple_activations_and_tied_weights(model, world_size, num_stages, shared_results):
+    check_parity(shared_results)
+
+
+def bf16_case(world_size, num_stages, zero_stage):
+    extra = {"bf16": {"enabled": True}, "zero_optimization": {"stage": zero_stage},
+             "zero_allow_untested_optimizer": True}
+    return on_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3, extra, timeout=400)
 
 
 @pytest.mark.parametrize("world_size,num_stages,zero_stage", [(2, 2, 0), (4, 2, 1)])
-def test_bf16_matches_deepspeed(world_size, num_stages, zero_stage):
+@shared_ranks(bf16_case)
+def test_bf16_matches_deepspeed(world_size, num_stages, zero_stage, shared_results):
     """bf16 weights and activations, DeepSpeed's BF16_Optimizer (fp32 master
     weights and gradients) on both engines."""
-    extra = {"bf16": {"enabled": True}, "zero_optimization": {"stage": zero_stage},
-             "zero_allow_untested_optimizer": True}
-    check_parity(run_ranks(engine_cases.train_both, world_size, num_stages, 20, 4, 3, extra, timeout=400))
+    check_parity(shared_results)
 
 
-def test_gradient_accumulation_scaling_matches_deepspeed():
-    for theirs, ours in run_ranks(engine_cases.gradient_accumulation, 2):
+@shared_ranks(lambda: on_ranks(engine_cases.gradient_accumulation, 2))
+def test_gradient_accumulation_scaling_matches_deepspeed(shared_results):
+    for theirs, ours in shared_results:
         assert ours[0] == pytest.approx(theirs[0], rel=1e-7)
         assert ours[1] == pytest.approx(theirs[1], rel=1e-7)
 
 
 @pytest.mark.parametrize("model,world_size,num_stages", [("transformer", 2, 2), ("transformer", 4, 4),
                                                          ("tied", 2, 2), ("tied", 4, 2), ("tied_unused", 2, 2)])
-def test_models_match_deepspeed(model, world_size, num_stages):
-    check_parity(run_ranks(engine_cases.train_model_both, world_size, model, num_stages, timeout=400))
+@shared_ranks(lambda model, world_size, num_stages: on_ranks(engine_cases.train_model_both, world_size, model,
+                                                             num_stages, timeout=400))
+def test_models_match_deepspeed(model, world_size, num_stages, shared_results):
+    check_parity(shared_results)
 
 
 @pytest.mark.parametrize("die", [False, True])
@@ -156,13 +176,15 @@ def test_bad_configurations_and_calls():
     assert per_rank[1]["progress"] == ""
 
 
-def test_deepspeed_initialize_picks_the_engine():
-    for rank_result in run_ranks(engine_cases.engine_selection, 2):
+@shared_ranks(lambda: on_ranks(engine_cases.engine_selection, 2))
+def test_deepspeed_initialize_picks_the_engine(shared_results):
+    for rank_result in shared_results:
         assert rank_result == {k: True for k in rank_result}, rank_result
 
 
-def test_sent_outputs_release_their_storage():
-    stage0, stage1 = run_ranks(engine_cases.released_outputs, 2)
+@shared_ranks(lambda: on_ranks(engine_cases.released_outputs, 2))
+def test_sent_outputs_release_their_storage(shared_results):
+    stage0, stage1 = shared_results
     for rank in (stage0, stage1):
         assert rank[True][0] == rank[False][0]  # bitwise the same losses
         assert all(torch.equal(a, b) for a, b in zip(rank[True][1], rank[False][1]))
@@ -183,12 +205,13 @@ FP16_CONFIGS = [  # (DeepSpeed's fp16 config, label scale)
 
 
 @pytest.mark.parametrize("world_size,num_stages", [(2, 2), (4, 2)])
-def test_fp16_loss_scaling_matches_deepspeed(world_size, num_stages):
+@shared_ranks(lambda world_size, num_stages: on_ranks(engine_cases.fp16_both, world_size, num_stages, FP16_CONFIGS))
+def test_fp16_loss_scaling_matches_deepspeed(world_size, num_stages, shared_results):
     """Ours takes DeepSpeed's fp16 path (its loss scaler and fp16 optimizer wrapper): the same losses,
     weights, skipped steps and loss scale as DeepSpeed's PipelineEngine. On this CPU DeepSpeed's fp16
     wrapper of a torch optimizer moves the weights by less than fp16 resolves once the scale is large,
     so overflow handling and training progress are checked on a GPU (benchmarks/gpu_check.py)."""
-    for rank, per_config in enumerate(run_ranks(engine_cases.fp16_both, world_size, num_stages, FP16_CONFIGS)):
+    for rank, per_config in enumerate(shared_results):
         for (fp16, _), (theirs, ours) in zip(FP16_CONFIGS, per_config):
             assert ours[0] == "deepspeed_pipe_ext.engine" and theirs[0] == "deepspeed.runtime.pipe.engine"
             assert_close(ours[1], theirs[1], f"rank {rank} fp16 {fp16} losses")
@@ -199,8 +222,9 @@ def test_fp16_loss_scaling_matches_deepspeed(world_size, num_stages):
         assert unscaled[1][-1] < unscaled[1][0]  # fp16 training makes progress
 
 
-def test_torch_profiler_names_every_pass_and_transfer():
-    stage0, stage1 = run_ranks(engine_cases.profiled_pass_names, 2)
+@shared_ranks(lambda: on_ranks(engine_cases.profiled_pass_names, 2))
+def test_torch_profiler_names_every_pass_and_transfer(shared_results):
+    stage0, stage1 = shared_results
     assert {"pipe stage 0 forward mb 0", "pipe stage 0 forward mb 1", "pipe stage 0 send activation mb 1",
             "pipe stage 0 recv grad mb 0", "pipe stage 0 backward mb 1", "pipe stage 0 load mb 0",
             "pipe stage 0 optimizer step"} <= set(stage0), stage0
@@ -247,26 +271,32 @@ def test_failed_batches_never_step_and_later_batches_refuse():
     assert stage1["stalled"]["error"][1] == "stalled before the loss broadcast"
 
 
-def test_a_hand_written_schedule_from_a_csv_file_matches_deepspeed(tmp_path):
-    """1F1B with two more warm-up forwards on stage 0 than any built-in
-    schedule runs, written as a torch.distributed.pipelining-style CSV."""
+def hand_written_schedule_case(tmp_path):
     path = tmp_path / "warm.csv"
     path.write_text("0F0,0F1,0F2,0B0,0F3,0B1,0B2,0B3\n1F0,1B0,1F1,1B1,1F2,1B2,1F3,1B3\n")
-    results = run_ranks(engine_cases.train_both, 2, 2, 20, 4, 3, {"pipeline": {"schedule": str(path)}}, True,
-                        timeout=400)
+    return on_ranks(engine_cases.train_both, 2, 2, 20, 4, 3, {"pipeline": {"schedule": str(path)}}, True, timeout=400)
+
+
+@shared_ranks(hand_written_schedule_case)
+def test_a_hand_written_schedule_from_a_csv_file_matches_deepspeed(shared_results):
+    """1F1B with two more warm-up forwards on stage 0 than any built-in
+    schedule runs, written as a torch.distributed.pipelining-style CSV."""
+    results = shared_results
     check_parity([r[:2] for r in results])
     assert results[0][2] == "FFFBFBBB" and results[1][2] == "FBFBFBFB", [r[2] for r in results]
 
 
-def test_set_schedule_runs_a_compute_order_and_refuses_one_that_does_not_fit():
-    for out in run_ranks(engine_cases.set_schedule_cases, 2, timeout=300):
+@shared_ranks(lambda: on_ranks(engine_cases.set_schedule_cases, 2, timeout=300))
+def test_set_schedule_runs_a_compute_order_and_refuses_one_that_does_not_fit(shared_results):
+    for out in shared_results:
         assert out["losses_equal"], out
         assert "written for 2 ranks and 3 micro-batches" in out["wrong_size"], out
         assert "cannot run" in out["unknown"], out
         assert "ScheduleError" in out["deadlock"], out  # its own, or the quicker rank's (the same check)
 
 
-def test_a_pipe_schedule_subclass_written_with_deepspeed_instructions_runs_and_matches_deepspeed():
-    results = run_ranks(engine_cases.train_with_a_pipe_schedule_class, 2, 2, timeout=400)
+@shared_ranks(lambda: on_ranks(engine_cases.train_with_a_pipe_schedule_class, 2, 2, timeout=400))
+def test_a_pipe_schedule_subclass_written_with_deepspeed_instructions_runs_and_matches_deepspeed(shared_results):
+    results = shared_results
     check_parity([r[:2] for r in results])
     assert [r[2] for r in results] == ["FFFFBBBB"] * 2, [r[2] for r in results]

@@ -1,26 +1,32 @@
 """PipelineModule on real processes (gloo): parity with DeepSpeed's, new
-partition methods, and clear errors for bad input."""
+partition methods, and clear errors for bad input. The checks of one world
+size share a process group (distributed.py `shared_ranks`)."""
 import pytest
 
 from . import module_cases
-from .distributed import run_ranks
+from .distributed import on_ranks, shared_ranks
 
 
 @pytest.mark.parametrize("world_size,cases", [(2, 40), (4, 30)])
-def test_module_matches_deepspeed(world_size, cases):
-    checked = run_ranks(module_cases.check_parity_with_deepspeed, world_size, cases, 17 + world_size)
+@shared_ranks(lambda world_size, cases: on_ranks(module_cases.check_parity_with_deepspeed, world_size, cases,
+                                                 17 + world_size))
+def test_module_matches_deepspeed(world_size, cases, shared_results):
+    checked = shared_results
     assert min(checked) >= cases // 2, "too few cases ran to mean anything"
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_grid_and_constructor_variants_match_deepspeed(world_size):
-    assert all(run_ranks(module_cases.check_grid_matches_deepspeed, world_size))
-    assert run_ranks(module_cases.check_constructor_variants_match_deepspeed, world_size) == \
-        [3 if world_size == 2 else 5] * world_size
+@shared_ranks(lambda world_size: {"grid": on_ranks(module_cases.check_grid_matches_deepspeed, world_size),
+                                  "constructor": on_ranks(module_cases.check_constructor_variants_match_deepspeed,
+                                                          world_size)})
+def test_grid_and_constructor_variants_match_deepspeed(world_size, shared_results):
+    assert all(shared_results["grid"])
+    assert shared_results["constructor"] == [3 if world_size == 2 else 5] * world_size
 
 
-def test_bad_input_errors():
-    per_rank = run_ranks(module_cases.collect_bad_input_errors, 2)
+@shared_ranks(lambda: on_ranks(module_cases.collect_bad_input_errors, 2))
+def test_bad_input_errors(shared_results):
+    per_rank = shared_results
     assert per_rank[0].keys() == per_rank[1].keys()
     errors = per_rank[0]
     expected = {
@@ -44,8 +50,9 @@ def test_bad_input_errors():
     assert per_rank[1] == per_rank[0]
 
 
-def test_new_partition_methods():
-    out = run_ranks(module_cases.check_new_partition_methods, 2)[0]
+@shared_ranks(lambda: on_ranks(module_cases.check_new_partition_methods, 2))
+def test_new_partition_methods(shared_results):
+    out = shared_results[0]
     assert out["minmax_parts"] == out["minmax_expected"]
     assert out["minmax_weights"]
     assert out["explicit_parts"] == [0, 3, 8]
@@ -59,11 +66,12 @@ def test_new_partition_methods():
     assert "bottleneck: stage" in out["describe"]
 
 
-def test_every_partition_method_splits_virtual_stages_in_both_layouts():
+@shared_ranks(lambda: on_ranks(module_cases.check_virtual_stage_partitions, 2))
+def test_every_partition_method_splits_virtual_stages_in_both_layouts(shared_results):
     """stages x 2 parts by each method (DeepSpeed's own partition_uniform and
     partition_balanced for its methods), rank r building parts r and r + S
     (interleaved) or r and 2S-1-r (v), and nothing else."""
-    for rank, out in enumerate(run_ranks(module_cases.check_virtual_stage_partitions, 2)):
+    for rank, out in enumerate(shared_results):
         for (layout, method), case in out.items():
             assert case["parts"] == case["expected"], (layout, method, case)
             assert case["my_parts"] == ([rank, rank + 2] if layout == "interleaved" else [rank, 3 - rank])

@@ -1,15 +1,19 @@
 """C++ point-to-point transfers over c10d (gloo): tuples, dtypes, meta
-caching, shape changes and timeouts."""
+caching, shape changes and timeouts. The transfers that complete share one
+process group (distributed.py `shared_ranks`); the timeout and the abort
+start their own ranks."""
 from . import p2p_cases
-from .distributed import run_ranks
+from .distributed import on_ranks, run_ranks, shared_ranks
 
 
-def test_tuples_keep_dtypes_and_values():
-    assert all(run_ranks(p2p_cases.transfer_tuples, 2))
+@shared_ranks(lambda: on_ranks(p2p_cases.transfer_tuples, 2))
+def test_tuples_keep_dtypes_and_values(shared_results):
+    assert all(shared_results)
 
 
-def test_shape_change():
-    (error, _), (_, shapes) = run_ranks(p2p_cases.shape_change_is_refused, 2)
+@shared_ranks(lambda: on_ranks(p2p_cases.shape_change_is_refused, 2))
+def test_shape_change(shared_results):
+    (error, _), (_, shapes) = shared_results
     assert "activation changed from (Float[2, 3]) to (Float[2, 4])" in error
     assert "dynamic_shape=True" in error
     assert shapes == [(3, 2), (5, 2), (2, 2)]
@@ -21,8 +25,9 @@ def test_missing_send_times_out_with_a_clear_error():
     assert waited < 30
 
 
-def test_posted_receives_own_their_buffers_and_one_send_per_channel_is_in_flight():
-    sender, receiver = run_ranks(p2p_cases.posted_receives_and_sends_in_flight, 2)
+@shared_ranks(lambda: on_ranks(p2p_cases.posted_receives_and_sends_in_flight, 2))
+def test_posted_receives_own_their_buffers_and_one_send_per_channel_is_in_flight(shared_results):
+    sender, receiver = shared_results
     assert sender["pending"] <= 3 and sender["pending_after_wait"] == 0
     assert receiver["posted_before_meta"] is False
     assert receiver["posted"] == [True] * 5

@@ -1,11 +1,12 @@
 """Virtual pipeline stages (Megatron's interleaved 1F1B): several model
 chunks per rank, against DeepSpeed's 1F1B on the same layers. (Their stage
-programs alone, in one process: tests/unit/test_virtual_stages.py.)"""
+programs alone, in one process: tests/unit/test_virtual_stages.py.) The
+cases of one world size share a process group (distributed.py `shared_ranks`)."""
 import pytest
 import torch
 
 from . import engine_cases
-from .distributed import run_ranks
+from .distributed import on_ranks, shared_ranks
 
 
 def merged(results, which):
@@ -17,8 +18,10 @@ def merged(results, which):
 
 
 @pytest.mark.parametrize("world_size,num_stages,chunks", [(2, 2, 2), (2, 2, 3), (4, 4, 2), (4, 2, 2)])
-def test_interleaved_1f1b_matches_deepspeed(world_size, num_stages, chunks):
-    results = run_ranks(engine_cases.train_interleaved, world_size, num_stages, chunks, timeout=600)
+@shared_ranks(lambda world_size, num_stages, chunks: on_ranks(engine_cases.train_interleaved, world_size, num_stages,
+                                                              chunks, timeout=600))
+def test_interleaved_1f1b_matches_deepspeed(world_size, num_stages, chunks, shared_results):
+    results = shared_results
     for rank, (theirs, ours) in enumerate(results):
         assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6, atol=1e-7), \
             (rank, ours["losses"], theirs["losses"])
@@ -31,16 +34,21 @@ def test_interleaved_1f1b_matches_deepspeed(world_size, num_stages, chunks):
         assert torch.allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-7), key
 
 
-@pytest.mark.parametrize("model,checkpointing", [("transformer", False), ("transformer", True), ("tied", False)])
-def test_interleaved_1f1b_with_tuple_activations_tied_weights_and_checkpointing(model, checkpointing):
-    """(hidden, bool mask, int positions) between chunks; a weight tied
-    between the first rank's first chunk and the last rank's last chunk;
-    activation checkpointing inside the chunks. S=2, two chunks per rank."""
+def interleaved_model_case(model, checkpointing):
     both = {"seed_layers": True}
     if checkpointing:
         both.update(activation_checkpoint_interval=1, checkpointable_layers=["MaskedBlock"])
-    results = run_ranks(engine_cases.train_model_both, 2, model, 2, 20, 4,
-                        {"pipeline": {"schedule": "interleaved-1f1b"}}, both, {"virtual_stages": 2}, timeout=400)
+    return on_ranks(engine_cases.train_model_both, 2, model, 2, 20, 4, {"pipeline": {"schedule": "interleaved-1f1b"}},
+                    both, {"virtual_stages": 2}, timeout=400)
+
+
+@pytest.mark.parametrize("model,checkpointing", [("transformer", False), ("transformer", True), ("tied", False)])
+@shared_ranks(interleaved_model_case)
+def test_interleaved_1f1b_with_tuple_activations_tied_weights_and_checkpointing(model, checkpointing, shared_results):
+    """(hidden, bool mask, int positions) between chunks; a weight tied
+    between the first rank's first chunk and the last rank's last chunk;
+    activation checkpointing inside the chunks. S=2, two chunks per rank."""
+    results = shared_results
     weights = [{}, {}]
     for rank, (theirs, ours) in enumerate(results):
         for which, (losses, w, evals) in enumerate((theirs, ours)):
@@ -53,10 +61,15 @@ def test_interleaved_1f1b_with_tuple_activations_tied_weights_and_checkpointing(
         assert torch.allclose(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7), key
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "v"])
-def test_checkpoints_move_between_virtual_stages_one_chunk_and_deepspeed(tmp_path, layout):
+def checkpoints_case(tmp_path, layout):
     from . import checkpoint_cases
-    results = run_ranks(checkpoint_cases.virtual_stage_checkpoints, 2, str(tmp_path), layout, timeout=400)
+    return on_ranks(checkpoint_cases.virtual_stage_checkpoints, 2, str(tmp_path), layout, timeout=400)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "v"])
+@shared_ranks(checkpoints_case)
+def test_checkpoints_move_between_virtual_stages_one_chunk_and_deepspeed(layout, shared_results):
+    results = shared_results
     for rank, out in enumerate(results):
         assert out["resumed"] == out["continued"], rank  # bitwise, optimizer and LR schedule included
         for key in ("eval_ours_from_v2", "eval_deepspeed_from_v2", "eval_v2_from_deepspeed",
@@ -70,16 +83,18 @@ def test_checkpoints_move_between_virtual_stages_one_chunk_and_deepspeed(tmp_pat
 
 @pytest.mark.parametrize("extra", [{"zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True},
                                    {"bf16": {"enabled": True}}])
-def test_interleaved_1f1b_with_zero_stage_1_and_bf16_matches_deepspeed(extra):
-    results = run_ranks(engine_cases.train_interleaved, 2, 2, 2, 6, 4, 3, extra, timeout=400)
+@shared_ranks(lambda extra: on_ranks(engine_cases.train_interleaved, 2, 2, 2, 6, 4, 3, extra, timeout=400))
+def test_interleaved_1f1b_with_zero_stage_1_and_bf16_matches_deepspeed(extra, shared_results):
+    results = shared_results
     tolerance = 1e-2 if "bf16" in extra else 1e-6
     for rank, (theirs, ours) in enumerate(results):
         assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=tolerance,
                               atol=tolerance / 10), (rank, ours["losses"], theirs["losses"])
 
 
-def test_a_schedule_that_does_not_fit_the_module_is_refused_with_the_fix():
-    errors = run_ranks(engine_cases.virtual_stage_mismatches, 2, timeout=200)
+@shared_ranks(lambda: on_ranks(engine_cases.virtual_stage_mismatches, 2, timeout=200))
+def test_a_schedule_that_does_not_fit_the_module_is_refused_with_the_fix(shared_results):
+    errors = shared_results
     for out in errors:
         assert "which the interleaved-1f1b schedule runs, not '1f1b'" in out["chunks_with_1f1b"], out
         assert "runs a PipelineModule built with virtual_stages=2 (or more), virtual_layout='interleaved'" in \
@@ -105,12 +120,13 @@ def test_a_schedule_that_does_not_fit_the_module_is_refused_with_the_fix():
 
 
 @pytest.mark.parametrize("world_size,num_stages,micro_batches", [(2, 2, 4), (2, 2, 3), (4, 4, 8), (4, 2, 4)])
-def test_zb_v_matches_deepspeed(world_size, num_stages, micro_batches):
+@shared_ranks(lambda world_size, num_stages, micro_batches: on_ranks(
+    engine_cases.train_interleaved, world_size, num_stages, 2, 6, micro_batches, 3, None, False, "zb-v", timeout=600))
+def test_zb_v_matches_deepspeed(world_size, num_stages, micro_batches, shared_results):
     """ZB-V: two chunks per rank in a V (rank r holds parts r and 2S-1-r, the
     loss on rank 0, the last rank's turn handed over in memory), backward
     split into B and W; DeepSpeed's 1F1B on the same layers. S=2 x DP=2 too."""
-    results = run_ranks(engine_cases.train_interleaved, world_size, num_stages, 2, 6, micro_batches, 3, None, False,
-                        "zb-v", timeout=600)
+    results = shared_results
     for rank, (theirs, ours) in enumerate(results):
         assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6, atol=1e-7), \
             (rank, ours["losses"], theirs["losses"])
@@ -125,16 +141,27 @@ def test_zb_v_matches_deepspeed(world_size, num_stages, micro_batches):
         assert torch.allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-7), key
 
 
-def test_zb_v_with_tuple_activations_tied_weights_and_checkpointing():
-    """(hidden, bool mask, int positions) through the V, handed over in memory
-    at the turn; a weight tied between rank 0's two chunks (the first and the
-    last part); activation checkpointing inside the chunks."""
-    for model, checkpointing in (("transformer", True), ("tied", False)):
+ZB_V_MODELS = (("transformer", True), ("tied", False))  # (model, activation checkpointing)
+
+
+def zb_v_model_cases():
+    cases = {}
+    for model, checkpointing in ZB_V_MODELS:
         both = {"seed_layers": True}
         if checkpointing:
             both.update(activation_checkpoint_interval=1, checkpointable_layers=["MaskedBlock"])
-        results = run_ranks(engine_cases.train_model_both, 2, model, 2, 20, 4, {"pipeline": {"schedule": "zb-v"}},
-                            both, {"virtual_stages": 2, "virtual_layout": "v"}, timeout=400)
+        cases[model] = on_ranks(engine_cases.train_model_both, 2, model, 2, 20, 4, {"pipeline": {"schedule": "zb-v"}},
+                                both, {"virtual_stages": 2, "virtual_layout": "v"}, timeout=400)
+    return cases
+
+
+@shared_ranks(zb_v_model_cases)
+def test_zb_v_with_tuple_activations_tied_weights_and_checkpointing(shared_results):
+    """(hidden, bool mask, int positions) through the V, handed over in memory
+    at the turn; a weight tied between rank 0's two chunks (the first and the
+    last part); activation checkpointing inside the chunks."""
+    for model, _ in ZB_V_MODELS:
+        results = shared_results[model]
         weights = [{}, {}]
         for rank, (theirs, ours) in enumerate(results):
             for which, (losses, w, evals) in enumerate((theirs, ours)):
@@ -146,11 +173,12 @@ def test_zb_v_with_tuple_activations_tied_weights_and_checkpointing():
             assert torch.allclose(weights[1][key], weights[0][key], rtol=1e-6, atol=1e-7), (model, key)
 
 
-def test_zb_v_transfers_recorded_by_the_executor_pass_under_nccl_rules():
+@shared_ranks(lambda: on_ranks(engine_cases.train_interleaved, 4, 4, 2, 2, 8, 3, None, True, "zb-v", timeout=400))
+def test_zb_v_transfers_recorded_by_the_executor_pass_under_nccl_rules(shared_results):
     """Every transfer on one tag: the recorded operations replay under NCCL's
     rules, and no rank ever sends to itself (the turn stays in memory)."""
     from deepspeed_pipe_ext._native import _C
-    results = run_ranks(engine_cases.train_interleaved, 4, 4, 2, 2, 8, 3, None, True, "zb-v", timeout=400)
+    results = shared_results
     ordered = [None] * 4
     for theirs, ours in results:
         assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6, atol=1e-7)
@@ -162,24 +190,33 @@ def test_zb_v_transfers_recorded_by_the_executor_pass_under_nccl_rules():
         assert result["ok"], result["report"]
 
 
+def compute_order(source):
+    """The compute order for `source` and the module layout it runs on."""
+    from deepspeed_pipe_ext import schedule as ours
+
+    from ..schedule_helpers import torch_zbv_rows
+    if source == "torch-zbv":
+        return ours.ComputeOrder(torch_zbv_rows(2, 4), 4), "v"
+    return ours.ComputeOrder.builtin("interleaved-1f1b", 4, 2, 2), "interleaved"
+
+
+def compute_order_case(tmp_path, source):
+    order, layout = compute_order(source)
+    path = tmp_path / "order.csv"
+    path.write_text(order.to_csv())
+    return on_ranks(engine_cases.train_interleaved, 2, 2, 2, 4, 4, 3, None, False, str(path), layout, timeout=400)
+
+
 @pytest.mark.parametrize("source", ["torch-zbv", "interleaved"])
-def test_a_compute_order_over_several_chunks_runs_from_a_csv_file(tmp_path, source):
+@shared_ranks(compute_order_case)
+def test_a_compute_order_over_several_chunks_runs_from_a_csv_file(source, shared_results):
     """A compute order with two chunks per rank, in a CSV file as
     `"pipeline": {"schedule": path}`: torch.distributed.pipelining's ZBV order
     on a V-layout module, and our interleaved-1f1b order exported and read
     back on an interleaved one. DeepSpeed's losses either way."""
-    from deepspeed_pipe_ext import schedule as ours
     from deepspeed_pipe_ext._native import _C
-
-    from ..schedule_helpers import torch_zbv_rows
-    if source == "torch-zbv":
-        order, layout = ours.ComputeOrder(torch_zbv_rows(2, 4), 4), "v"
-    else:
-        order, layout = ours.ComputeOrder.builtin("interleaved-1f1b", 4, 2, 2), "interleaved"
-    path = tmp_path / "order.csv"
-    path.write_text(order.to_csv())
-    results = run_ranks(engine_cases.train_interleaved, 2, 2, 2, 4, 4, 3, None, False, str(path), layout,
-                        timeout=400)
+    order, layout = compute_order(source)  # the order the case wrote to its file
+    results = shared_results
     for rank, (theirs, ours_out) in enumerate(results):
         assert torch.allclose(torch.tensor(ours_out["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6,
                               atol=1e-7), (rank, ours_out["losses"], theirs["losses"])
@@ -189,16 +226,20 @@ def test_a_compute_order_over_several_chunks_runs_from_a_csv_file(tmp_path, sour
         assert ran == order.rows[stage], (ran, order.rows[stage])
 
 
+def tensor_parallel_case(layout):
+    from . import tensor_parallel_cases
+    return on_ranks(tensor_parallel_cases.train_virtual, 4, 6, {"gradient_clipping": 0.0}, None, layout, timeout=400)
+
+
 @pytest.mark.parametrize("layout", ["interleaved", "v"])
-def test_virtual_stages_with_tensor_parallel_split_transfers_match_deepspeed(layout):
+@shared_ranks(tensor_parallel_case)
+def test_virtual_stages_with_tensor_parallel_split_transfers_match_deepspeed(layout, shared_results):
     """PP=2 x TP=2 with two chunks per rank (one tensor-parallel layer each on
     the middle chunks), pipe_partitioned and grad_partitioned on. Without
     gradient clipping: DeepSpeed's grid counts parameters that are not
     tensor-parallel in the clipping norm on the first stage only, so with
     clipping the numbers depend on which layers the first stage holds."""
-    from . import tensor_parallel_cases
-    results = run_ranks(tensor_parallel_cases.train_virtual, 4, 6, {"gradient_clipping": 0.0}, None, layout,
-                        timeout=400)
+    results = shared_results
     merged_weights = [{}, {}]
     for rank, (theirs, ours) in enumerate(results):
         assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6, atol=1e-7), \
@@ -215,13 +256,15 @@ def test_virtual_stages_with_tensor_parallel_split_transfers_match_deepspeed(lay
 
 
 @pytest.mark.parametrize("world_size,num_stages,chunks", [(2, 2, 2), (4, 4, 2), (2, 2, 3)])
-def test_what_the_executor_issues_for_virtual_stages_passes_under_nccl_rules(world_size, num_stages, chunks):
+@shared_ranks(lambda world_size, num_stages, chunks: on_ranks(engine_cases.train_interleaved, world_size, num_stages,
+                                                              chunks, 3, 4, 3, None, True, timeout=400))
+def test_what_the_executor_issues_for_virtual_stages_passes_under_nccl_rules(world_size, num_stages, chunks,
+                                                                             shared_results):
     """Every transfer on one tag (gloo then matches in issue order, as NCCL
     does): DeepSpeed's numbers still, and the recorded operations of train and
     eval batches replay under NCCL's rules (one in-order queue per pair)."""
     from deepspeed_pipe_ext._native import _C
-    results = run_ranks(engine_cases.train_interleaved, world_size, num_stages, chunks, 3, 4, 3, None, True,
-                        timeout=400)
+    results = shared_results
     traces = {}
     for theirs, ours in results:
         assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6, atol=1e-7)
