@@ -47,7 +47,7 @@ lint: $(DEPS_STAMP)
 	$(VENV)/bin/clang-format --style=file --dry-run --Werror $$(find csrc tests/core -name '*.cpp' -o -name '*.h')
 
 # The single-process tier only (tests/unit): no ranks, no training processes;
-# well under a minute (about 20 s on a 2-core machine; `make test` takes ~15 min).
+# well under a minute (about 20 s on a 2-core machine; `make test` runs pytest for about 10 min).
 test-fast: build
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/unit
 
