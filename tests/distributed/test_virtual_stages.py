@@ -17,16 +17,21 @@ def merged(results, which):
     return out
 
 
+def assert_trains_like_deepspeed(rank, theirs, ours):
+    """Losses (falling) and eval loss within 1e-6 of DeepSpeed's."""
+    assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6, atol=1e-7), \
+        (rank, ours["losses"], theirs["losses"])
+    assert ours["losses"][-1] < ours["losses"][0]
+    assert abs(ours["eval"] - theirs["eval"]) <= 1e-6 * abs(theirs["eval"]), (rank, ours["eval"], theirs["eval"])
+
+
 @pytest.mark.parametrize("world_size,num_stages,chunks", [(2, 2, 2), (2, 2, 3), (4, 4, 2), (4, 2, 2)])
 @shared_ranks(lambda world_size, num_stages, chunks: on_ranks(engine_cases.train_interleaved, world_size, num_stages,
                                                               chunks, timeout=600))
 def test_interleaved_1f1b_matches_deepspeed(world_size, num_stages, chunks, shared_results):
     results = shared_results
     for rank, (theirs, ours) in enumerate(results):
-        assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6, atol=1e-7), \
-            (rank, ours["losses"], theirs["losses"])
-        assert ours["losses"][-1] < ours["losses"][0]
-        assert abs(ours["eval"] - theirs["eval"]) <= 1e-6 * abs(theirs["eval"]), (rank, ours["eval"], theirs["eval"])
+        assert_trains_like_deepspeed(rank, theirs, ours)
         assert sorted({p.split(".")[1] for p in ours["passes"]}) == [str(c) for c in range(chunks)], ours["passes"]
     theirs, ours = merged(results, 0), merged(results, 1)
     assert theirs.keys() == ours.keys()
@@ -128,10 +133,7 @@ def test_zb_v_matches_deepspeed(world_size, num_stages, micro_batches, shared_re
     split into B and W; DeepSpeed's 1F1B on the same layers. S=2 x DP=2 too."""
     results = shared_results
     for rank, (theirs, ours) in enumerate(results):
-        assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(theirs["losses"]), rtol=1e-6, atol=1e-7), \
-            (rank, ours["losses"], theirs["losses"])
-        assert ours["losses"][-1] < ours["losses"][0]
-        assert abs(ours["eval"] - theirs["eval"]) <= 1e-6 * abs(theirs["eval"]), (rank, ours["eval"], theirs["eval"])
+        assert_trains_like_deepspeed(rank, theirs, ours)
         kinds = {p[0] for p in ours["passes"]}
         assert kinds == {"F", "I", "W"}, ours["passes"]
         assert sorted({p.split(".")[1] for p in ours["passes"]}) == ["0", "1"], ours["passes"]
