@@ -56,6 +56,8 @@ class ScheduleKind(_Enum):
     Interleaved1F1B: ScheduleKind
     ZeroBubbleH1: ScheduleKind
     ZeroBubbleV: ScheduleKind
+    VHalf: ScheduleKind
+    VMin: ScheduleKind
     @property
     def config_name(self) -> str: ...
     @property
@@ -153,6 +155,70 @@ def check_schedule_transfers(kind: Kind, micro_batches: int, stages: int,
                              one_stream_per_rank: bool = False, chunks: int = 1) -> dict[str, Any]: ...
 
 # ---------------------------------------------------------------- stage programs (csrc/core/stage_program.h)
+class LayerCost:
+    forward: float
+    backward_input: float
+    backward_weight: float
+    saved_bytes: float
+    output_bytes: float
+    state_bytes: float
+    optimizer: float
+    has_parameters: bool
+    def __init__(self) -> None: ...
+
+class RuntimeCost:
+    pass_overhead: float
+    transfer_overhead: float
+    latency: float
+    bandwidth: float
+    def __init__(self) -> None: ...
+
+class PlanRequest:
+    layers: list[LayerCost]
+    input_bytes: float
+    stages: int
+    micro_batches: list[int]
+    memory_per_rank: float
+    base_bytes: float
+    runtime: RuntimeCost
+    kinds: list[str]
+    interleaved_chunks: list[int]
+    checkpoint_intervals: list[int]
+    def __init__(self) -> None: ...
+
+class PlanCandidate:
+    @property
+    def kind(self) -> ScheduleKind: ...
+    @property
+    def chunks(self) -> int: ...
+    @property
+    def layout(self) -> ChunkLayout: ...
+    @property
+    def checkpoint_interval(self) -> int: ...
+    @property
+    def micro_batches(self) -> int: ...
+    @property
+    def parts(self) -> list[int]: ...
+    @property
+    def step_time(self) -> float: ...
+    @property
+    def bubble(self) -> float: ...
+    @property
+    def peak_bytes(self) -> list[float]: ...
+    @property
+    def stage_compute(self) -> list[float]: ...
+    @property
+    def fits(self) -> bool: ...
+    @property
+    def unavailable(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+
+def plan_pipeline(request: PlanRequest) -> Tuple[list[PlanCandidate], int]: ...
+def evaluate_candidate(request: PlanRequest, kind: Kind, chunks: int, checkpoint_interval: int, micro_batches: int,
+                       parts: Sequence[int]) -> PlanCandidate: ...
+def v_activation_limit(kind: Kind, stages: int) -> int: ...
+
 class StageProgram:
     def __init__(self, kind: Kind, micro_batches: int, stages: int, stage_id: int, dynamic_shapes: bool = False,
                  chunks: int = 1, layout: Layout = None) -> None: ...

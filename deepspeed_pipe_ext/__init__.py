@@ -10,6 +10,7 @@ from ._failures import CollectiveFailed, CollectivePeerClosed, CollectiveTimeout
 from ._native import _C
 from .engine import PipelineEngine, initialize, run_deepspeed_pipelines_on_this_engine
 from .module import LayerSpec, PipelineError, PipelineModule, TiedLayerSpec
+from .planner import Plan, PlanError, plan
 from .topology import PipeDataParallelTopology, PipelineParallelGrid, PipeModelDataParallelTopology, ProcessTopology
 
 __version__ = "0.1.0"  # the one version string (pyproject reads it)
@@ -25,7 +26,7 @@ __all__ = [
     "run_deepspeed_pipelines_on_this_engine", "ProcessTopology", "PipeDataParallelTopology",
     "PipeModelDataParallelTopology", "PipelineParallelGrid", "partition", "schedule", "topology", "RemoteFailure",
     "P2PError", "P2PTimeout", "P2PAborted", "PeerClosed", "CollectiveFailed", "CollectiveTimeout",
-    "CollectivePeerClosed", "__version__"
+    "CollectivePeerClosed", "plan", "Plan", "PlanError", "__version__"
 ]
 
 

@@ -237,8 +237,23 @@ class ZeroBubbleVSchedule(PipeSchedule):
         super().__init__(micro_batches, stages, stage_id, chunks)
 
 
+class VHalfSchedule(ZeroBubbleVSchedule):
+    """V-Half (after Qi et al., NeurIPS 2024): zb-v's V and split backward with
+    each rank keeping at most stages + 1 chunk micro-batches between forward and
+    weight gradient: about half of 1F1B's first-stage activations, for a larger
+    bubble than zb-v's."""
+    kind = "v-half"
+
+
+class VMinSchedule(ZeroBubbleVSchedule):
+    """V-Min: as v-half, at most ceil(2 * stages / 3) + 1 chunk micro-batches
+    per rank: about a third of 1F1B's activations, for a larger bubble still."""
+    kind = "v-min"
+
+
 SCHEDULE_CLASSES = {cls.kind: cls for cls in (TrainSchedule, InferenceSchedule, DataParallelSchedule, GPipeSchedule,
-                                              Interleaved1F1BSchedule, ZeroBubbleH1Schedule, ZeroBubbleVSchedule)}
+                                              Interleaved1F1BSchedule, ZeroBubbleH1Schedule, ZeroBubbleVSchedule,
+                                              VHalfSchedule, VMinSchedule)}
 
 
 def get_schedule(kind: str, micro_batches: int, stages: int, stage_id: int, chunks: int = 1,

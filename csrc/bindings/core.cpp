@@ -77,6 +77,8 @@ void bind_schedule_facts(py::module_& m) {
       .value("Interleaved1F1B", core::ScheduleKind::Interleaved1F1B)
       .value("ZeroBubbleH1", core::ScheduleKind::ZeroBubbleH1)
       .value("ZeroBubbleV", core::ScheduleKind::ZeroBubbleV)
+      .value("VHalf", core::ScheduleKind::VHalf)
+      .value("VMin", core::ScheduleKind::VMin)
       .def_property_readonly(
           "config_name", [](core::ScheduleKind k) { return core::schedule_kind_info(k).name; },
           "The name a config gives it: \"pipeline\": {\"schedule\": ...}.")

@@ -8,5 +8,6 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deepspeed_pipe_ext's compiled core (csrc/core) and runtime (csrc/runtime)";
   dpe::bindings::bind_core(m);
+  dpe::bindings::bind_planner(m);
   dpe::bindings::bind_runtime(m);
 }

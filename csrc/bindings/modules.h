@@ -7,6 +7,7 @@
 namespace dpe::bindings {
 
 void bind_core(pybind11::module_& m);     // csrc/core (core.cpp)
+void bind_planner(pybind11::module_& m);  // csrc/core/planner (planner.cpp)
 void bind_runtime(pybind11::module_& m);  // csrc/runtime (runtime.cpp)
 
 }  // namespace dpe::bindings

@@ -35,7 +35,13 @@ constexpr ScheduleKindInfo kKinds[kNumScheduleKinds] = {
     {ScheduleKind::Interleaved1F1B, "interleaved-1f1b", ChunkLayout::Interleaved, 2, 0, false, true},
     {ScheduleKind::ZeroBubbleH1, "zb-h1", ChunkLayout::Interleaved, 1, 1, true, true},
     {ScheduleKind::ZeroBubbleV, "zb-v", ChunkLayout::V, 2, 2, true, true},
+    {ScheduleKind::VHalf, "v-half", ChunkLayout::V, 2, 2, true, true},
+    {ScheduleKind::VMin, "v-min", ChunkLayout::V, 2, 2, true, true},
 };
+
+bool is_v_training_kind(ScheduleKind kind) {
+  return layout_of(kind) == ChunkLayout::V && schedule_kind_info(kind).trains;
+}
 
 Instruction buffered(Op op, int64_t buffer, int64_t micro_batch, int64_t chunk = 0) {
   return Instruction{op, static_cast<int32_t>(buffer), static_cast<int32_t>(micro_batch), static_cast<int32_t>(chunk)};
@@ -167,6 +173,13 @@ struct RankPlan {
   bool in_flight_until_w = false;
   int64_t max_in_flight = 1;
   int64_t max_deferred_w = 0;
+  // V layout: a forward of the rank's first chunk runs only while one more
+  // micro-batch would still fit, so the second chunk's forward of a
+  // micro-batch coming back always finds room (backwards take none). The
+  // micro-batches coming back arrive in order and each finishes its second
+  // chunk on this rank before the next needs the room, so no bound of 2 or
+  // more deadlocks (the core tests run every S <= 16, M <= 64).
+  bool reserve_turn = false;
 };
 
 std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector<RankPlan>& plans, bool split) {
@@ -240,7 +253,9 @@ std::vector<ComputeOrder> list_schedule(const ScheduleSpec& s, const std::vector
         ran = true;
       }
       if (!ran && in_flight < plan.max_in_flight) {
-        if (const auto [mb, c] = next_ready(i, t, /*forward=*/true); c >= 0) {
+        auto [mb, c] = next_ready(i, t, /*forward=*/true);
+        if (plan.reserve_turn && c == 0 && in_flight + 2 > plan.max_in_flight) c = -1;
+        if (c >= 0) {
           const int64_t vs = vs_of(i, c);
           ++next_f[i];
           ++chunk_f[i][c];
@@ -390,6 +405,23 @@ std::vector<ComputeOrder> zero_bubble_v_orders(const ScheduleSpec& s) {
   return list_schedule(s, std::vector<RankPlan>(s.stages, plan), /*split=*/true);
 }
 
+// V-Half and V-Min (after Qi et al., NeurIPS 2024, "Pipeline Parallelism
+// with Controllable Memory"): zb-v's V and split backward, list-scheduled
+// under a lower bound on the chunk micro-batches a rank keeps between F and W
+// (v_activation_limit), so every rank holds about a half (a third) of 1F1B's
+// first-stage activations, plus one chunk micro-batch, for a larger bubble
+// than zb-v's. Not the paper's hand-built repeating blocks: under unit costs
+// these bubbles are larger than the paper's (the core tests print them).
+std::vector<ComputeOrder> controlled_memory_v_orders(const ScheduleSpec& s) {
+  RankPlan plan;
+  plan.ready_chunk_first = true;
+  plan.in_flight_until_w = true;
+  plan.reserve_turn = true;
+  plan.max_in_flight = v_activation_limit(s.kind, s.stages);
+  plan.max_deferred_w = 2 * s.stages;  // never reached: the in-flight bound forces W's first
+  return list_schedule(s, std::vector<RankPlan>(s.stages, plan), /*split=*/true);
+}
+
 // Inference over the V layout: the forwards of ZB-V's orders, in their order
 // (dropping passes only drops dependencies, so what ran in training runs here).
 std::vector<ComputeOrder> v_inference_orders(const ScheduleSpec& s) {
@@ -492,6 +524,9 @@ std::vector<ComputeOrder> compute_orders(const ScheduleSpec& s) {
       return zero_bubble_h1_orders(s);
     case ScheduleKind::ZeroBubbleV:
       return zero_bubble_v_orders(s);
+    case ScheduleKind::VHalf:
+    case ScheduleKind::VMin:
+      return controlled_memory_v_orders(s);
     default:
       throw std::logic_error("compute_orders: not a compute-order schedule");
   }
@@ -499,7 +534,7 @@ std::vector<ComputeOrder> compute_orders(const ScheduleSpec& s) {
 
 bool is_compute_order_kind(const ScheduleSpec& s) {
   return s.kind == ScheduleKind::GPipe || s.kind == ScheduleKind::Interleaved1F1B ||
-         s.kind == ScheduleKind::ZeroBubbleH1 || s.kind == ScheduleKind::ZeroBubbleV ||
+         s.kind == ScheduleKind::ZeroBubbleH1 || is_v_training_kind(s.kind) ||
          (s.kind == ScheduleKind::Inference && s.chunks > 1);
 }
 
@@ -539,6 +574,19 @@ int64_t rank_of_virtual(int64_t virtual_stage, int64_t stages, ChunkLayout layou
 }
 
 ChunkLayout layout_of(ScheduleKind kind) { return schedule_kind_info(kind).layout; }
+
+int64_t v_activation_limit(ScheduleKind kind, int64_t stages) {
+  switch (kind) {
+    case ScheduleKind::ZeroBubbleV:
+      return 2 * stages;
+    case ScheduleKind::VHalf:
+      return stages + 1;
+    case ScheduleKind::VMin:
+      return (2 * stages + 2) / 3 + 1;
+    default:
+      return 0;
+  }
+}
 
 std::vector<Located> flatten(const Steps& steps) {
   std::vector<Located> flat;
@@ -582,18 +630,20 @@ void validate(const ScheduleSpec& s) {
   }
   if (s.stages < 1) throw std::invalid_argument("stages must be >= 1, got " + std::to_string(s.stages));
   if (s.chunks < 1) throw std::invalid_argument("chunks must be >= 1, got " + std::to_string(s.chunks));
-  if (s.kind == ScheduleKind::ZeroBubbleV) {
+  if (is_v_training_kind(s.kind)) {
+    const std::string name = schedule_kind_name(s.kind);
     if (s.chunks != 2 || s.layout != ChunkLayout::V) {
-      throw std::invalid_argument(
-          "zb-v runs two model chunks per rank in the 'v' layout (virtual_stages=2, "
-          "virtual_layout='v'), got chunks=" +
-          std::to_string(s.chunks) + " in the '" + chunk_layout_name(s.layout) + "' layout");
+      throw std::invalid_argument(name +
+                                  " runs two model chunks per rank in the 'v' layout (virtual_stages=2, "
+                                  "virtual_layout='v'), got chunks=" +
+                                  std::to_string(s.chunks) + " in the '" + chunk_layout_name(s.layout) + "' layout");
     }
-    if (s.stages < 2) throw std::invalid_argument("zb-v needs at least 2 stages, got " + std::to_string(s.stages));
+    if (s.stages < 2) throw std::invalid_argument(name + " needs at least 2 stages, got " + std::to_string(s.stages));
     return;
   }
   if (s.layout == ChunkLayout::V && s.kind != ScheduleKind::Inference) {
-    throw std::invalid_argument(std::string("the 'v' layout of virtual stages runs the zb-v schedule; '") +
+    throw std::invalid_argument(std::string("the 'v' layout of virtual stages runs the zb-v, v-half and v-min "
+                                            "schedules; '") +
                                 schedule_kind_name(s.kind) + "' needs the 'interleaved' layout");
   }
   if (s.chunks > 1 && s.kind != ScheduleKind::Interleaved1F1B && s.kind != ScheduleKind::Inference) {

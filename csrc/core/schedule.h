@@ -73,6 +73,8 @@ enum class ScheduleKind : uint8_t {
   Interleaved1F1B,  // Megatron's virtual pipeline stages, `chunks` per rank
   ZeroBubbleH1,     // ZB-H1: backward split into B and W, W fills the bubbles
   ZeroBubbleV,      // ZB-V: two chunks per rank in a V, split backward
+  VHalf,            // V-Half: zb-v's V and split backward, half of 1F1B's peak activations
+  VMin,             // V-Min: the same, a third of 1F1B's peak activations
 };
 
 // Where a rank's model chunks sit in the pipeline of stages * chunks virtual
@@ -88,13 +90,13 @@ const char* chunk_layout_name(ChunkLayout layout);
 int64_t virtual_stage_of(int64_t rank, int64_t chunk, int64_t stages, ChunkLayout layout);
 int64_t rank_of_virtual(int64_t virtual_stage, int64_t stages, ChunkLayout layout);
 int64_t chunk_of_virtual(int64_t virtual_stage, int64_t stages);
-// The layout a schedule kind runs on (V for zb-v, else interleaved).
+// The layout a schedule kind runs on (V for zb-v, v-half and v-min, else interleaved).
 ChunkLayout layout_of(ScheduleKind kind);
 
 ScheduleKind parse_schedule_kind(const std::string& name);  // throws, listing the names
 const char* schedule_kind_name(ScheduleKind kind);
 std::vector<std::string> schedule_kind_names();
-constexpr int kNumScheduleKinds = 7;
+constexpr int kNumScheduleKinds = 9;
 
 // What a schedule kind is, the one place every check and tool reads it from:
 // the layout its chunks sit in, how many model chunks per rank it runs
@@ -116,8 +118,8 @@ struct ScheduleSpec {
   ScheduleKind kind = ScheduleKind::Train1F1B;
   int64_t micro_batches = 1;
   int64_t stages = 1;
-  int64_t chunks = 1;  // model chunks per rank; > 1 for Interleaved1F1B, ZeroBubbleV (2) and Inference
-  ChunkLayout layout = ChunkLayout::Interleaved;  // V for ZeroBubbleV (and its inference)
+  int64_t chunks = 1;  // model chunks per rank; > 1 for Interleaved1F1B, the V kinds (2) and Inference
+  ChunkLayout layout = ChunkLayout::Interleaved;  // V for the V kinds (and their inference)
 };
 
 // Throws std::invalid_argument with a message naming the bad field.
@@ -173,5 +175,12 @@ ComputeOp parse_action(const std::string& token, int64_t stages, int64_t rank,
 // Activation buffers the stage needs (DeepSpeed's num_pipe_buffers() for the
 // DeepSpeed-named schedules; the peak of live buffers for the others).
 int64_t num_pipe_buffers(const ScheduleSpec& spec, int64_t stage_id);
+
+// The most chunk micro-batches a rank of a V kind keeps between a forward and
+// its weight backward (1F1B's first stage keeps 2 * stages: `stages` whole
+// stages). zb-v: 2 * stages; v-half: stages + 1; v-min: ceil(2 * stages / 3)
+// + 1 (the one is room for a micro-batch coming back to the rank's second
+// chunk). 0 for the other kinds.
+int64_t v_activation_limit(ScheduleKind kind, int64_t stages);
 
 }  // namespace dpe::core

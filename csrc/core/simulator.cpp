@@ -35,13 +35,12 @@ class Simulator {
       : S_(static_cast<int64_t>(streams.size())),
         M_(micro_batches),
         V_(chunks),
-        costs_(costs),
         layout_(layout),
         pass_costs_(std::move(pass_costs)) {
     if (pass_costs_.empty()) {
       const double v = static_cast<double>(V_);
       const OpCosts per_chunk{costs.forward / v, costs.backward_input / v, costs.backward_weight / v,
-                              costs.send_latency};
+                              costs.send_latency, costs.transfer};
       pass_costs_.assign(S_, std::vector<OpCosts>(V_, per_chunk));
     }
     if (static_cast<int64_t>(pass_costs_.size()) != S_) {
@@ -56,7 +55,8 @@ class Simulator {
                                     std::to_string(V_) + " per stage");
       }
       for (const auto& c : stage) {
-        if (!(c.forward >= 0 && c.backward_input >= 0 && c.backward_weight >= 0)) {
+        if (!(c.forward >= 0 && c.backward_input >= 0 && c.backward_weight >= 0 && c.send_latency >= 0 &&
+              c.transfer >= 0)) {
           throw std::invalid_argument("pass costs must be >= 0");
         }
       }
@@ -136,9 +136,13 @@ class Simulator {
   int64_t key(const Instruction& in) const { return static_cast<int64_t>(in.micro_batch) * V_ + in.chunk; }
   int64_t virtual_stage(int64_t stage, int64_t chunk) const { return virtual_stage_of(stage, chunk, S_, layout_); }
   int64_t rank_of(int64_t vs) const { return rank_of_virtual(vs, S_, layout_); }
-  // When a message sent now from stage src to dst arrives.
-  double arrival(int64_t src, int64_t dst) const {
-    return stages_[src].time + (src == dst ? 0.0 : costs_.send_latency);
+  // Posts a message from `src`'s chunk to stage dst: the sender pays its
+  // transfer time, and the message arrives its latency later.
+  double send(int64_t src, int64_t chunk, int64_t dst) {
+    if (src == dst) return stages_[src].time;
+    const OpCosts& c = pass_costs_[src][chunk];
+    stages_[src].time += c.transfer;
+    return stages_[src].time + c.send_latency;
   }
 
   [[noreturn]] void fail(int64_t stage, int64_t step, const Instruction& in, const std::string& what) const {
@@ -226,6 +230,7 @@ class Simulator {
     }
     q.pop_front();
     stages_[i].time = std::max(stages_[i].time, msg.arrival);
+    if (src != i) stages_[i].time += pass_costs_[i][in.chunk].transfer;
     return true;
   }
 
@@ -267,7 +272,7 @@ class Simulator {
         if (!st.fwd_done[k]) fail(i, at.step, in, "sends an activation before computing it");
         if (vs == last_vs) fail(i, at.step, in, "the last stage has no next stage to send to");
         const int64_t dst = rank_of(vs + 1);
-        channel(i, dst, Channel::Activation).push_back({in.micro_batch, in.chunk, arrival(i, dst)});
+        channel(i, dst, Channel::Activation).push_back({in.micro_batch, in.chunk, send(i, in.chunk, dst)});
         break;
       }
       case Op::RecvGrad: {
@@ -304,7 +309,7 @@ class Simulator {
         if (!st.b_done[k]) fail(i, at.step, in, "sends a gradient before the backward pass computed it");
         if (vs == 0) fail(i, at.step, in, "the first stage has no previous stage to send gradients to");
         const int64_t dst = rank_of(vs - 1);
-        channel(i, dst, Channel::Grad).push_back({in.micro_batch, in.chunk, arrival(i, dst)});
+        channel(i, dst, Channel::Grad).push_back({in.micro_batch, in.chunk, send(i, in.chunk, dst)});
         break;
       }
       case Op::ReduceTiedGrads:
@@ -373,7 +378,6 @@ class Simulator {
   }
 
   const int64_t S_, M_, V_;
-  const OpCosts costs_;
   const ChunkLayout layout_;
   std::vector<std::vector<OpCosts>> pass_costs_;
   bool training_ = false;
@@ -404,9 +408,17 @@ SimulationResult simulate(const ScheduleSpec& spec, const std::vector<std::vecto
   if (!(send_latency >= 0)) throw std::invalid_argument("send_latency must be >= 0");
   std::vector<int64_t> buffers;
   const std::vector<Steps> streams = generate_all_steps(spec, &buffers);
-  OpCosts latency;
-  latency.send_latency = send_latency;
-  return Simulator(streams, spec.micro_batches, spec.chunks, buffers, latency, spec.layout, pass_costs).run();
+  std::vector<std::vector<OpCosts>> costs = pass_costs;
+  for (auto& stage : costs)
+    for (auto& c : stage) c.send_latency = send_latency;
+  return simulate(streams, spec.micro_batches, spec.chunks, buffers, costs, spec.layout);
+}
+
+SimulationResult simulate(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
+                          const std::vector<int64_t>& num_buffers, const std::vector<std::vector<OpCosts>>& pass_costs,
+                          ChunkLayout layout) {
+  if (micro_batches < 1 || chunks < 1) throw std::invalid_argument("micro_batches and chunks must be >= 1");
+  return Simulator(streams, micro_batches, chunks, num_buffers, OpCosts{}, layout, pass_costs).run();
 }
 
 SimulationResult simulate(const ScheduleSpec& spec, const OpCosts& costs) {

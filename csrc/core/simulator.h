@@ -21,12 +21,16 @@ class ScheduleError : public std::runtime_error {
 
 // Per micro-batch costs of one whole stage; with chunks > 1 each chunk costs
 // 1/chunks of it. BackwardPass costs backward_input + backward_weight. Sends
-// are asynchronous; a message arrives send_latency after it was sent.
+// are asynchronous; a message arrives send_latency after it was sent. Each
+// send or receive between two ranks also takes `transfer` of the rank's own
+// time (the runtime's work to post and complete it; a hand-over inside a
+// rank takes none).
 struct OpCosts {
   double forward = 1.0;
   double backward_input = 1.0;
   double backward_weight = 1.0;
   double send_latency = 0.0;
+  double transfer = 0.0;
 };
 
 struct TimedOp {
@@ -63,8 +67,14 @@ SimulationResult simulate(const ScheduleSpec& spec, const OpCosts& costs);
 
 // The costs of each pass of each chunk on each stage as measured
 // (pass_costs[stage][chunk], whole seconds of one micro-batch's pass of that
-// chunk, not divided by the chunks); send_latency from `latency`.
+// chunk, not divided by the chunks); every message's send_latency is
+// `send_latency`.
 SimulationResult simulate(const ScheduleSpec& spec, const std::vector<std::vector<OpCosts>>& pass_costs,
                           double send_latency);
+// The same with every chunk's own costs as given, its send_latency and
+// transfer included (a message takes its sender's chunk's latency).
+SimulationResult simulate(const std::vector<Steps>& streams, int64_t micro_batches, int64_t chunks,
+                          const std::vector<int64_t>& num_buffers, const std::vector<std::vector<OpCosts>>& pass_costs,
+                          ChunkLayout layout);
 
 }  // namespace dpe::core

@@ -1,6 +1,7 @@
 // Unit and randomized tests of the torch-free core, run under ASan/UBSan by
 // `make test-core`. Python tests check parity with DeepSpeed; these check the
 // core's own invariants (optimality against brute force, rank math round trips).
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -13,6 +14,7 @@
 
 #include "core/comm_order.h"
 #include "core/partition.h"
+#include "core/planner.h"
 #include "core/simulator.h"
 #include "core/stage_program.h"
 #include "core/tags.h"
@@ -614,7 +616,198 @@ static void test_stage_programs() {
   CHECK(op_info(Op::SendGrad).is_transfer && !op_info(Op::ReduceGrads).is_transfer);
 }
 
+// The most chunk micro-batches a rank holds between a forward and its weight
+// backward (or full backward), walking its compute order.
+static int64_t peak_until_w(const ComputeOrder& order) {
+  int64_t held = 0, peak = 0;
+  for (const auto& op : order) {
+    if (op.what == Compute::F) peak = std::max(peak, ++held);
+    if (op.what == Compute::W || op.what == Compute::B) --held;
+  }
+  return peak;
+}
+
+// V-Half and V-Min: valid for S <= 16 and M <= 64, within their activation
+// bound on every rank, NCCL-ordered, and between zb-v and 1F1B in time.
+static void test_controlled_memory_v() {
+  int64_t simulated = 0, nccl_checked = 0;
+  for (ScheduleKind kind : {ScheduleKind::VHalf, ScheduleKind::VMin}) {
+    for (int64_t S = 2; S <= 16; ++S) {
+      const int64_t limit = v_activation_limit(kind, S);
+      CHECK(limit >= 2 && limit <= 2 * S);
+      for (int64_t M = 1; M <= 64; ++M) {
+        const ScheduleSpec spec = zbv_spec(kind, M, S);
+        try {
+          std::vector<int64_t> buffers;
+          const auto streams = generate_all_steps(spec, &buffers);
+          const SimulationResult r = simulate(streams, M, 2, buffers, OpCosts{}, ChunkLayout::V);
+          ++simulated;
+          const auto orders = compute_orders_of(streams);
+          for (int64_t i = 0; i < S; ++i) CHECK(peak_until_w(orders[i]) <= limit);
+          // Never slower than running the micro-batches one at a time through the V.
+          CHECK(r.makespan <= 3.0 * M + 4.0 * S * M);
+          if (M >= 2 * S) {
+            const SimulationResult zbv = simulate(zbv_spec(ScheduleKind::ZeroBubbleV, M, S), OpCosts{});
+            const SimulationResult one = simulate(ScheduleSpec{ScheduleKind::Train1F1B, M, S, 1}, OpCosts{});
+            CHECK(r.makespan >= zbv.makespan - 1e-9);
+            // The price of the memory bound under unit costs (list-scheduled, not the paper's blocks):
+            // at most 1.16x (v-half) and 1.5x (v-min) of 1F1B's time over these shapes.
+            const double bound = kind == ScheduleKind::VHalf ? 1.16 : 1.5;
+            if (r.makespan > bound * one.makespan) {
+              std::fprintf(stderr, "%s S=%lld M=%lld: %g against 1f1b's %g\n", schedule_kind_name(kind), (long long)S,
+                           (long long)M, r.makespan, one.makespan);
+              ++failures;
+            }
+          }
+          if (M <= 24 || M % 8 == 0) {
+            const CommCheck c = check_schedule_transfers(spec, TransferOrder::PairOrder, false);
+            ++nccl_checked;
+            if (!c.ok) {
+              ++failures;
+              std::fprintf(stderr, "%s S=%lld M=%lld: %s\n", schedule_kind_name(kind), (long long)S, (long long)M,
+                           c.report.substr(0, 2000).c_str());
+            }
+          }
+        } catch (const std::exception& e) {
+          ++failures;
+          std::fprintf(stderr, "%s S=%lld M=%lld: %s\n", schedule_kind_name(kind), (long long)S, (long long)M,
+                       e.what());
+        }
+      }
+    }
+  }
+  CHECK(simulated == 2 * 15 * 64);
+  std::printf("v-half, v-min: %lld schedules simulated, %lld transfer plans NCCL-checked\n", (long long)simulated,
+              (long long)nccl_checked);
+  for (int64_t S : {4, 8}) {
+    const int64_t M = 4 * S;
+    auto bubble = [&](ScheduleKind kind, int64_t chunks, ChunkLayout layout) {
+      ScheduleSpec spec{kind, M, S, chunks};
+      spec.layout = layout;
+      return simulate(spec, OpCosts{}).bubble_fraction();
+    };
+    std::printf("unit-cost bubble S=%lld M=%lld: 1f1b %.3f zb-v %.3f v-half %.3f v-min %.3f\n", (long long)S,
+                (long long)M, bubble(ScheduleKind::Train1F1B, 1, ChunkLayout::Interleaved),
+                bubble(ScheduleKind::ZeroBubbleV, 2, ChunkLayout::V), bubble(ScheduleKind::VHalf, 2, ChunkLayout::V),
+                bubble(ScheduleKind::VMin, 2, ChunkLayout::V));
+  }
+  CHECK(throws_invalid([] { generate_steps(ScheduleSpec{ScheduleKind::VMin, 4, 2, 2}, 0); }));
+  CHECK(throws_invalid([] { generate_steps(zbv_spec(ScheduleKind::VHalf, 4, 1), 0); }));
+}
+
+static PlanRequest uniform_request(int64_t layers, int64_t stages, int64_t micro_batches) {
+  PlanRequest r;
+  r.stages = stages;
+  r.micro_batches = {micro_batches};
+  r.input_bytes = 10;
+  for (int64_t i = 0; i < layers; ++i) {
+    LayerCost l;
+    l.forward = l.backward_input = l.backward_weight = 1;
+    l.saved_bytes = 100;
+    l.output_bytes = 10;
+    l.state_bytes = 1000;
+    l.has_parameters = true;
+    r.layers.push_back(l);
+  }
+  return r;
+}
+
+static const PlanCandidate& find_candidate(const Plan& p, ScheduleKind kind, int64_t interval) {
+  for (const auto& c : p.candidates)
+    if (c.kind == kind && c.checkpoint_interval == interval) return c;
+  throw std::logic_error("no such candidate");
+}
+
+static void test_planner() {
+  auto near = [](double a, double b) { return std::fabs(a - b) <= 1e-9 * std::max(1.0, std::fabs(b)); };
+  PlanRequest r = uniform_request(16, 4, 8);
+  Plan p = plan_pipeline(r);
+  // Every training schedule is a candidate (interleaved-1f1b with 2, 3 and 4 chunks), each with each interval.
+  CHECK(p.candidates.size() == (1 + 1 + 3 + 1 + 3) * 4);
+  CHECK(p.best == 0);
+  for (const auto& c : p.candidates) {
+    CHECK(c.unavailable.empty() && c.fits);
+    CHECK(c.step_time >= p.candidates[0].step_time);
+  }
+  // On uniform layers a one-chunk candidate is the simulator's makespan of 4-layer stages.
+  const PlanCandidate one = find_candidate(p, ScheduleKind::Train1F1B, 0);
+  CHECK((one.parts == Boundaries{0, 4, 8, 12, 16}));
+  CHECK(near(one.step_time, 4 * simulate(ScheduleSpec{ScheduleKind::Train1F1B, 8, 4, 1}, OpCosts{}).makespan));
+  // Memory: 1F1B's rank 0 holds 4 micro-batches of 4 layers' activations, the last rank one; with a
+  // checkpoint every layer, only each layer's input (10 bytes) plus one layer recomputed at a time.
+  CHECK(near(one.peak_bytes[0], 4000 + 4 * 400) && near(one.peak_bytes[3], 4000 + 400));
+  const PlanCandidate ckpt = find_candidate(p, ScheduleKind::Train1F1B, 1);
+  CHECK(near(ckpt.peak_bytes[0], 4000 + 4 * 40 + 100));
+  CHECK(ckpt.step_time > one.step_time);  // the recomputation costs a forward
+  // GPipe holds every micro-batch.
+  CHECK(near(find_candidate(p, ScheduleKind::GPipe, 0).peak_bytes[0], 4000 + 8 * 400));
+  // zb-v holds 1F1B's first stage at most; v-half and v-min less.
+  const double zbv = find_candidate(p, ScheduleKind::ZeroBubbleV, 0).peak_bytes[0];
+  CHECK(zbv <= one.peak_bytes[0] + 1e-9 && find_candidate(p, ScheduleKind::VMin, 0).peak_bytes[0] < zbv);
+  // A cap: every candidate's `fits` says whether each rank is within it, and the pick is the fastest that fits.
+  r.memory_per_rank = 4500;
+  p = plan_pipeline(r);
+  CHECK(p.best >= 0 && p.candidates[p.best].fits);
+  for (int64_t i = 0; i < static_cast<int64_t>(p.candidates.size()); ++i) {
+    const PlanCandidate& c = p.candidates[i];
+    bool within = true;
+    for (double b : c.peak_bytes) within = within && b <= 4500;
+    CHECK(c.fits == within);
+    if (i < p.best) CHECK(!c.fits);
+  }
+  CHECK(!find_candidate(p, ScheduleKind::Train1F1B, 0).fits && find_candidate(p, ScheduleKind::Train1F1B, 1).fits);
+  // A cap nothing meets: no pick.
+  r.memory_per_rank = 100;
+  CHECK(plan_pipeline(r).best == -1);
+  // An embedding-heavy first layer: under a cap, the memory-bounded partition gives rank 0 fewer layers
+  // than balancing time alone would, and the rest share the others.
+  PlanRequest e = uniform_request(16, 4, 8);
+  e.layers[0].state_bytes = 20000;
+  e.kinds = {ScheduleKind::Train1F1B};
+  e.checkpoint_intervals = {0};
+  CHECK(plan_pipeline(e).candidates[0].parts[1] == 4);
+  e.memory_per_rank = 23000;
+  const Plan embedded = plan_pipeline(e);
+  CHECK(embedded.best == 0 && embedded.candidates[0].parts[1] == 2 && embedded.candidates[0].fits);
+  CHECK((embedded.candidates[0].parts == Boundaries{0, 2, 7, 12, 16}));
+  // Too few layers for a schedule's parts: that candidate says so.
+  PlanRequest few = uniform_request(4, 4, 8);
+  const Plan short_plan = plan_pipeline(few);
+  CHECK(!find_candidate(short_plan, ScheduleKind::ZeroBubbleV, 0).unavailable.empty());
+  CHECK(find_candidate(short_plan, ScheduleKind::Train1F1B, 0).unavailable.empty());
+  // A given partition is evaluated as it is; a wrong one is refused.
+  CHECK(near(evaluate_candidate(r, ScheduleKind::Train1F1B, 1, 0, 8, {0, 4, 8, 12, 16}).step_time, one.step_time));
+  CHECK(throws_invalid([&] { evaluate_candidate(r, ScheduleKind::Train1F1B, 1, 0, 8, {0, 4, 16}); }));
+  CHECK(throws_invalid([] {
+    PlanRequest bad = uniform_request(4, 2, 2);
+    bad.layers[1].forward = -1;
+    plan_pipeline(bad);
+  }));
+  // Runtime costs: a transfer's own time and latency slow a two-stage pipeline, not a one-stage one.
+  PlanRequest slow = uniform_request(8, 2, 4);
+  slow.kinds = {ScheduleKind::Train1F1B};
+  slow.checkpoint_intervals = {0};
+  const double before = plan_pipeline(slow).candidates[0].step_time;
+  slow.runtime.transfer_overhead = 0.5;
+  slow.runtime.latency = 1;
+  CHECK(plan_pipeline(slow).candidates[0].step_time > before + 1);
+  // The search is fast at 128 layers and 16 stages.
+  PlanRequest big = uniform_request(128, 16, 64);
+  for (int64_t i = 0; i < 128; ++i) big.layers[i].forward = 1 + (i % 7) * 0.1;
+  big.memory_per_rank = 1e9;
+  const auto start = std::chrono::steady_clock::now();
+  const Plan large = plan_pipeline(big);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(large.best >= 0);
+  std::printf(
+      "planner: %zu candidates for 128 layers, 16 stages, 64 micro-batches in %.2f s (sanitized build); "
+      "picked %s\n",
+      large.candidates.size(), seconds, large.candidates[large.best].name().c_str());
+}
+
 int main() {
+  test_planner();
+  test_controlled_memory_v();
   test_stage_programs();
   test_partition();
   test_zero_bubble_v();

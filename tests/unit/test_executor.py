@@ -125,8 +125,9 @@ def test_schedule_facts_come_from_cpp():
         (_C.ScheduleKind.ZeroBubbleV, "zb-v", _C.ChunkLayout.V, 2, 2, True, True)
     assert not _C.ScheduleKind.Inference.trains
     assert _engine_checks.RUNNABLE_SCHEDULES == {"1f1b", "gpipe", "zb-h1"}
-    assert _engine_checks.VIRTUAL_STAGE_SCHEDULES == {"interleaved-1f1b": "interleaved", "zb-v": "v"}
-    assert _engine_checks.SPLIT_BACKWARD_SCHEDULES == {"zb-h1", "zb-v"}
+    assert _engine_checks.VIRTUAL_STAGE_SCHEDULES == {"interleaved-1f1b": "interleaved", "zb-v": "v", "v-half": "v",
+                                                      "v-min": "v"}
+    assert _engine_checks.SPLIT_BACKWARD_SCHEDULES == {"zb-h1", "zb-v", "v-half", "v-min"}
     assert [op.letter for op in schedule.OPS if op.is_compute] == ["F", "B", "I", "W"]
     assert [op.name for op in schedule.OPS if op.is_transfer] == ["SendActivation", "RecvActivation", "SendGrad",
                                                                   "RecvGrad"]
