@@ -143,6 +143,29 @@ def test_zb_v_matches_deepspeed(world_size, num_stages, micro_batches, shared_re
         assert torch.allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-7), key
 
 
+@pytest.mark.parametrize("schedule,world_size,num_stages,micro_batches", [("v-half", 2, 2, 6), ("v-min", 4, 4, 8)])
+@shared_ranks(lambda schedule, world_size, num_stages, micro_batches: on_ranks(
+    engine_cases.train_interleaved, world_size, num_stages, 2, 6, micro_batches, 3, None, False, schedule,
+    timeout=600))
+def test_v_half_and_v_min_match_deepspeed_within_their_activation_bound(schedule, world_size, num_stages,
+                                                                         micro_batches, shared_results):
+    """V-Half and V-Min: zb-v's V under a lower bound on the chunk
+    micro-batches a rank holds between F and W; DeepSpeed's 1F1B numbers, and
+    each rank's passes as they ran never hold more than the bound."""
+    from deepspeed_pipe_ext._native import _C
+    limit = _C.v_activation_limit(schedule, num_stages)
+    assert limit < 2 * num_stages  # less than zb-v's (1F1B's first stage)
+    results = shared_results
+    for rank, (theirs, ours) in enumerate(results):
+        assert_trains_like_deepspeed(rank, theirs, ours)
+        held = peak = 0
+        for p in ours["passes"]:
+            held += {"F": 1, "W": -1}.get(p[0], 0)
+            peak = max(peak, held)
+        assert held == 0 and 2 <= peak <= limit, (peak, limit, ours["passes"])
+    assert len(results) == world_size
+
+
 ZB_V_MODELS = (("transformer", True), ("tied", False))  # (model, activation checkpointing)
 
 
