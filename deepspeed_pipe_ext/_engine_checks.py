@@ -19,8 +19,37 @@ VIRTUAL_STAGE_SCHEDULES = {name: kind.layout.config_name for name, kind in _TRAI
 SPLIT_BACKWARD_SCHEDULES = frozenset(name for name, kind in _TRAINING_KINDS.items() if kind.splits_backward)
 
 
+def resolve_auto_schedule(config, module):
+    """"schedule": "auto" runs what the module's planner picked
+    (partition_method='auto'): its schedule and checkpoint interval go into
+    the config, once the plan was made for this config's micro-batches and
+    memory cap."""
+    pipeline = config.pipeline
+    if pipeline.get("schedule") != "auto":
+        return
+    plan = getattr(module, "plan", None)
+    if plan is None or plan.best is None:
+        raise ValueError("\"schedule\": \"auto\" runs the plan of a PipelineModule built with "
+                         "partition_method='auto' (and planner={'micro_batches': ..., 'memory_per_rank': ...}); "
+                         "this module was partitioned otherwise: build it that way, or name a schedule")
+    from .planner import parse_bytes
+    best = plan.best
+    if best.micro_batches != config.gradient_accumulation_steps:
+        raise ValueError(f"the module's plan is for {best.micro_batches} micro-batches, the config's "
+                         f"gradient_accumulation_steps is {config.gradient_accumulation_steps}: plan with "
+                         f"planner={{'micro_batches': {config.gradient_accumulation_steps}}} or change the config")
+    cap = pipeline.get("memory_per_rank")
+    if cap is not None and parse_bytes(cap) != plan.memory_per_rank:
+        raise ValueError(f"the config's memory_per_rank ({cap}) is not the cap the module was planned under "
+                         f"({plan.memory_per_rank:.0f} bytes): give PipelineModule planner={{'memory_per_rank': "
+                         f"{cap!r}}}")
+    pipeline["schedule"] = best.schedule
+    pipeline["activation_checkpoint_interval"] = best.checkpoint_interval
+
+
 def check_supported(config, module):
     """Clear errors for configurations this engine cannot run (yet)."""
+    resolve_auto_schedule(config, module)
     stage = config.zero_optimization_stage
     if stage >= ZeroStageEnum.gradients:
         raise ValueError(f"ZeRO stage {int(stage)} partitions gradients, which pipeline parallelism cannot use: "

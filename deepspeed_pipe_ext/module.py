@@ -94,8 +94,12 @@ class PipelineModule(ds_module.PipelineModule):
     'parameters', 'uniform' and 'type:REGEX' (same layouts as DeepSpeed), and
     also 'parameters-minmax' (the partition whose heaviest stage has the fewest
     parameters), 'profile' (measured forward+backward time per layer on
-    `profile_inputs`, a sample micro-batch, then the min-max partition), or an
-    explicit list of num_stages + 1 layer boundaries.
+    `profile_inputs`, a sample micro-batch, then the min-max partition), an
+    explicit list of num_stages + 1 layer boundaries, or 'auto': the planner
+    (deepspeed_pipe_ext.plan) measures the layers on `profile_inputs` and picks
+    the partition, the model chunks and the checkpoint interval, with the
+    options in `planner` (micro_batches, memory_per_rank, ...); run it with
+    "pipeline": {"schedule": "auto"}. The plan is kept as `.plan`.
     """
     virtual_stages = 1  # model chunks per rank, and where they sit ("interleaved" or "v")
     virtual_layout = "interleaved"
@@ -117,7 +121,8 @@ class PipelineModule(ds_module.PipelineModule):
                  profile_inputs: Any = None,
                  profile_repeats: int = 3,
                  virtual_stages: int = 1,
-                 virtual_layout: str = "interleaved") -> None:
+                 virtual_layout: str = "interleaved",
+                 planner: dict[str, Any] | None = None) -> None:
         # DeepSpeed's __init__ is not called: everything it sets is set here,
         # with our topology, grid and partition solver.
         nn.Module.__init__(self)
@@ -176,6 +181,14 @@ class PipelineModule(ds_module.PipelineModule):
         self._num_layers = len(self._layer_specs)
         self._local_start = 0
         self._local_stop = None
+        self.plan = None
+        if isinstance(partition_method, str) and partition_method.lower() == "auto":
+            self.plan = self._make_plan(planner)
+            best = self.plan.best
+            partition_method, activation_checkpoint_interval = list(best.parts), best.checkpoint_interval
+            self.virtual_stages, self.virtual_layout = best.chunks, best.layout
+        elif planner is not None:
+            raise ValueError("planner options are for partition_method='auto'")
         self._partition_layers(method=partition_method)
 
         self.forward_funcs: list[Callable[..., Any]] = []
@@ -343,6 +356,23 @@ class PipelineModule(ds_module.PipelineModule):
         dist.broadcast_object_list(costs, src=0)
         self.layer_costs = costs[0]
         return self.layer_costs
+
+    def _make_plan(self, options):
+        """partition_method='auto': the planner over this module's layers,
+        measured on profile_inputs on rank 0 (every rank plans the same)."""
+        from .planner import plan
+        if self.profile_inputs is None:
+            raise ValueError("partition_method='auto' needs profile_inputs=<a sample micro-batch, (inputs, labels) "
+                             "as the data iterator yields it> to measure the layers on")
+        options = dict(options or {})
+        if "micro_batches" not in options:
+            raise ValueError("partition_method='auto' needs planner={'micro_batches': N, ...}: the config's "
+                             "gradient_accumulation_steps, which the schedule's bubble and memory depend on")
+        for given in ("layers", "num_stages", "sample", "loss_fn", "cost_profile"):
+            if given in options:
+                raise ValueError(f"planner={{{given!r}: ...}}: the module gives the planner its {given}; remove it")
+        options.setdefault("repeats", self.profile_repeats)
+        return plan(self._layer_specs, self.num_stages, sample=self.profile_inputs, loss_fn=self.loss_fn, **options)
 
     def describe_partition(self) -> str:
         """A text table of the partition: each stage's layers (each chunk's, with

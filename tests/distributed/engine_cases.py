@@ -672,10 +672,10 @@ def train_interleaved(rank, world_size, num_stages, chunks, steps=10, micro_batc
                                    loss_fn=nn.MSELoss(), seed_layers=True, partition_method="uniform")
             pipeline = {}
         else:
+            layout = layout or dpe.schedule.ScheduleKind.parse(schedule).layout.config_name
             net = dpe.PipelineModule(layers=deep_mlp_specs(dpe.LayerSpec), num_stages=num_stages,
                                      virtual_stages=chunks, loss_fn=nn.MSELoss(), seed_layers=True,
-                                     partition_method="uniform",
-                                     virtual_layout=layout or dpe.schedule.ScheduleKind.parse(schedule).layout.config_name)
+                                     partition_method="uniform", virtual_layout=layout)
             pipeline = {"schedule": schedule}
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": micro_batches,
                   "steps_per_print": 10**9, "pipeline": pipeline, **(extra_config or {})}
