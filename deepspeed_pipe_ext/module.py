@@ -4,11 +4,8 @@ The classes subclass DeepSpeed's, so `deepspeed.initialize` and code written
 against `deepspeed.pipe` accept them; the partitioning is solved in C++ and the
 process groups come from the C++ topology.
 """
-import math
 import os
 import re
-import statistics
-import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -23,6 +20,7 @@ from deepspeed.runtime.pipe import module as ds_module
 from . import activation_checkpointing
 from . import partition as _partition
 from ._native import _C
+from ._profile import measure_layers
 from .topology import PipeDataParallelTopology, PipelineParallelGrid, _require_dist, as_topology
 
 __all__ = ["PipelineModule", "LayerSpec", "TiedLayerSpec", "PipelineError"]
@@ -352,7 +350,9 @@ class PipelineModule(ds_module.PipelineModule):
         if self.global_rank == 0:
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=devices):
-                costs[0] = _time_layers(self._layer_specs, self.profile_inputs, self._device(), self.profile_repeats)
+                layers, _ = measure_layers(self._layer_specs, self.profile_inputs, device=self._device(),
+                                           repeats=self.profile_repeats)
+            costs[0] = [layer.forward + layer.backward_input + layer.backward_weight for layer in layers]
         dist.broadcast_object_list(costs, src=0)
         self.layer_costs = costs[0]
         return self.layer_costs
@@ -564,55 +564,3 @@ class PipelineModule(ds_module.PipelineModule):
             for attr_name in comm['weight_attr']:
                 weight = self._recursive_getattr(self.tied_modules[key], attr_name)
                 dist.all_reduce(weight.grad, group=comm['group'])
-
-
-def _time_layers(specs, sample, device, repeats):
-    """Median seconds of forward+backward for each layer, run in sequence on `sample`."""
-    def to_device(x):
-        if torch.is_tensor(x):
-            x = x.detach().to(device)
-            return x.requires_grad_() if x.is_floating_point() else x
-        if isinstance(x, (tuple, list)):
-            return type(x)(to_device(v) for v in x)
-        return x
-
-    def sync():
-        if str(device).startswith('cuda'):
-            torch.cuda.synchronize()
-
-    def run(fn, inputs):
-        out = fn(inputs)
-        flat = list(out) if isinstance(out, (tuple, list)) else [out]
-        grads = [t for t in flat if torch.is_tensor(t) and t.requires_grad]
-        if grads:
-            torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
-        return out
-
-    costs = []
-    x = to_device(sample)
-    built = {}
-    for idx, layer in enumerate(specs):
-        if isinstance(layer, ds_module.TiedLayerSpec):
-            if layer.key not in built:
-                built[layer.key] = layer.build().to(device)
-            module = built[layer.key]
-            fn = module if layer.forward_fn is None else partial(layer.forward_fn, module)
-        elif isinstance(layer, ds_module.LayerSpec):
-            fn = layer.build().to(device)
-        else:
-            fn = layer
-        try:
-            out = run(fn, x)  # warm-up
-            times = []
-            for _ in range(max(1, repeats)):
-                sync()
-                start = time.perf_counter()
-                run(fn, x)
-                sync()
-                times.append(time.perf_counter() - start)
-        except Exception as err:
-            raise RuntimeError(f"profiling layer {idx} ({_layer_name(layer)}) on profile_inputs failed: {err}") from err
-        cost = statistics.median(times)
-        costs.append(cost if math.isfinite(cost) else 0.0)
-        x = to_device(out)
-    return costs

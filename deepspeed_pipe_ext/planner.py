@@ -255,23 +255,26 @@ def profile(layers: Sequence[Any], sample: Any, loss_fn: Callable | None = None,
             optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
             runtime: RuntimeProfile | None = None) -> CostProfile:
     """Measures the layers on `sample` (one micro-batch, (inputs, labels) with
-    a loss_fn) on one rank, and the runtime's costs (measure_runtime; pass
-    `runtime` to skip). Under torch.distributed, every rank must call it: rank
-    0 measures the layers and broadcasts them, so every rank plans from the
-    same numbers."""
+    a loss_fn), and the runtime's costs (measure_runtime; pass `runtime` to
+    skip). Under torch.distributed every rank must call it: every rank
+    measures at once, as the stages will run (ranks that share a machine slow
+    each other down), and every rank takes the mean of their times, so all
+    plan from the same numbers."""
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     per_parameter = _state_bytes_per_parameter(config)
-    distributed = dist.is_available() and dist.is_initialized()
-    measured = [None]
-    if not distributed or dist.get_rank() == 0:
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):  # building the layers must not move the user's RNG
-            measured[0] = measure_layers(layers, sample, loss_fn, device=device, repeats=repeats, optimizer=optimizer,
-                                         state_bytes_per_parameter=per_parameter)
-    if distributed:
-        dist.broadcast_object_list(measured, src=0)
-    layer_profiles, input_bytes = measured[0]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # building the layers must not move the user's RNG
+        layer_profiles, input_bytes = measure_layers(layers, sample, loss_fn, device=device, repeats=repeats,
+                                                     optimizer=optimizer, state_bytes_per_parameter=per_parameter)
+    if dist.is_available() and dist.is_initialized():
+        fields = ("forward", "backward_input", "backward_weight", "optimizer")
+        times = torch.tensor([[getattr(p, f) for f in fields] for p in layer_profiles], dtype=torch.float64)
+        dist.all_reduce(times)
+        times /= dist.get_world_size()
+        for p, row in zip(layer_profiles, times.tolist()):
+            for f, value in zip(fields, row):
+                setattr(p, f, value)
     if runtime is None:
         runtime = measure_runtime()
     return CostProfile(layers=layer_profiles, input_bytes=input_bytes, runtime=runtime, device=str(device))

@@ -14,6 +14,9 @@ struct PartCost {
   double activation_bytes = 0;  // held from its forward until its last backward pass
   double transient_bytes = 0;   // a checkpointed group's recomputed activations, during its backward
   double state_bytes = 0, optimizer = 0, output_bytes = 0;
+  // The runtime's own: a receive posted ahead and a send in flight, of an
+  // activation and of a gradient (the part's input and output sizes).
+  double transfer_bytes = 0;
 };
 
 // DeepSpeed's checkpointing: layers go in groups of `interval` from the
@@ -50,6 +53,7 @@ PartCost part_cost(const PlanRequest& r, int64_t first, int64_t end, int64_t int
     }
   }
   p.output_bytes = L[end - 1].output_bytes;
+  p.transfer_bytes = 2 * ((first == 0 ? r.input_bytes : L[first - 1].output_bytes) + p.output_bytes);
   return p;
 }
 
@@ -96,7 +100,8 @@ Boundaries memory_bounded_partition(const PlanRequest& r, const std::vector<doub
   for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + weights[i];
   auto memory = [&](int64_t rank, int64_t first, int64_t end) {
     const PartCost p = part_cost(r, first, end, interval, split);
-    return r.base_bytes + p.state_bytes + static_cast<double>(in_flight[rank]) * p.activation_bytes + p.transient_bytes;
+    return r.base_bytes + p.state_bytes + p.transfer_bytes +
+           static_cast<double>(in_flight[rank]) * p.activation_bytes + p.transient_bytes;
   };
   auto fits = [&](double bound, Boundaries* parts) {
     Boundaries b{0};
@@ -220,7 +225,7 @@ PlanCandidate evaluate_candidate(const PlanRequest& r, ScheduleKind kind, int64_
     for (const auto& op : sim.timeline[rank]) finish = std::max(finish, op.end);
     for (const auto& p : part[rank]) {
       optimizer += p.optimizer;
-      state += p.state_bytes;
+      state += p.state_bytes + p.transfer_bytes;
     }
     c.step_time = std::max(c.step_time, finish + optimizer);
     // Activations live from a chunk's forward to the pass that frees them;

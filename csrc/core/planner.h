@@ -59,7 +59,9 @@ struct PlanCandidate {
   Boundaries parts;                   // stages * chunks + 1 layer boundaries; part p is virtual stage p
   double step_time = 0;               // predicted seconds of one step, optimizer included
   double bubble = 0;                  // the largest idle fraction of a rank
-  std::vector<double> peak_bytes;     // predicted peak memory per rank
+  // Predicted peak memory per rank: its layers' state, the runtime's transfer
+  // buffers, and the activations of the micro-batches in flight at the fullest.
+  std::vector<double> peak_bytes;
   std::vector<double> stage_compute;  // seconds of compute per rank, all micro-batches
   bool fits = true;                   // every rank within memory_per_rank
   std::string unavailable;            // why the candidate cannot run (then nothing else is set)
