@@ -14,6 +14,7 @@ fullest, less the layers' state that exists before the step, plus the
 gradients the step allocates.
 
     .venv/bin/python benchmarks/bench_planner.py [--repeats 5] [--models mlp,tight,embedding,wide]
+    .venv/bin/python benchmarks/bench_planner.py --search   # the search alone, 128 layers on 16 stages
 """
 import argparse
 import os
@@ -150,12 +151,38 @@ def _activation_peak(plan, c, rank):
     return c.peak_bytes[rank] - state
 
 
+def search_seconds(layers=128, stages=16, micro_batches=64):
+    """How long the search takes on a synthetic profile (no measuring): every
+    schedule and interval, a memory cap, median of 3."""
+    import time
+
+    from deepspeed_pipe_ext import planner
+    profile = planner.CostProfile(
+        layers=[planner.LayerProfile(name="Block", forward=1e-3 * (1 + (i % 7) / 10), backward_input=1e-3,
+                                     backward_weight=1e-3, saved_bytes=2**20, output_bytes=2**18,
+                                     parameter_bytes=2**22, state_bytes=2**24, has_parameters=True)
+                for i in range(layers)], input_bytes=2**18)
+    samples, plan = [], None
+    for _ in range(3):
+        start = time.perf_counter()
+        plan = planner.plan(cost_profile=profile, num_stages=stages, micro_batches=micro_batches,
+                            memory_per_rank="1GiB")
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), len(plan.candidates), plan.best.name
+
+
 def main():
     from distributed import run_ranks
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="mlp,tight,embedding,wide")
+    parser.add_argument("--search", action="store_true", help="only time the search at 128 layers, 16 stages")
     args = parser.parse_args()
+    if args.search:
+        seconds, count, best = search_seconds()
+        print(f"search: 128 layers, 16 stages, 64 micro-batches, {count} candidates in {seconds:.2f} s "
+              f"(one core); picked {best}")
+        return
     rows = []
     for name in args.models.split(","):
         per_rank = run_ranks(measure, 2, name, args.repeats, timeout=3000)

@@ -164,6 +164,7 @@ class LayerCost:
     state_bytes: float
     optimizer: float
     has_parameters: bool
+    differentiable_input: bool
     def __init__(self) -> None: ...
 
 class RuntimeCost:

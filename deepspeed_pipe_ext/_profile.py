@@ -33,6 +33,7 @@ class LayerProfile:
     state_bytes: int
     optimizer: float = 0.0
     has_parameters: bool = False
+    differentiable_input: bool = True  # a floating-point input (not token ids)
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ class CostProfile:
         for layer in self.layers:
             cost = _C.LayerCost()
             for field in ("forward", "backward_input", "backward_weight", "saved_bytes", "output_bytes",
-                          "state_bytes", "optimizer", "has_parameters"):
+                          "state_bytes", "optimizer", "has_parameters", "differentiable_input"):
                 setattr(cost, field, getattr(layer, field))
             layers.append(cost)
         request.layers = layers
@@ -239,7 +240,8 @@ def _measure_layer(fn, params, x, device, repeats, state_bytes_per_parameter, na
                            backward_weight=median(backward_weight), saved_bytes=saved.total,
                            output_bytes=nbytes(out), parameter_bytes=parameter_bytes,
                            state_bytes=int(2 * parameter_bytes + state_bytes_per_parameter * numel),
-                           has_parameters=bool(params))
+                           has_parameters=bool(params),
+                           differentiable_input=any(t.is_floating_point() for t in tensors_of(x)))
     for field in ("forward", "backward_input", "backward_weight"):
         if not math.isfinite(getattr(profile, field)):
             setattr(profile, field, 0.0)

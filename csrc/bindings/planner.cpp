@@ -15,7 +15,8 @@ void bind_planner(py::module_& m) {
       .def_readwrite("output_bytes", &core::LayerCost::output_bytes)
       .def_readwrite("state_bytes", &core::LayerCost::state_bytes)
       .def_readwrite("optimizer", &core::LayerCost::optimizer)
-      .def_readwrite("has_parameters", &core::LayerCost::has_parameters);
+      .def_readwrite("has_parameters", &core::LayerCost::has_parameters)
+      .def_readwrite("differentiable_input", &core::LayerCost::differentiable_input);
 
   py::class_<core::RuntimeCost>(m, "RuntimeCost", "What the runtime itself costs between stage ranks.")
       .def(py::init<>())

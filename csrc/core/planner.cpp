@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <stdexcept>
 
 namespace dpe::core {
@@ -100,8 +101,8 @@ Boundaries memory_bounded_partition(const PlanRequest& r, const std::vector<doub
   for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + weights[i];
   auto memory = [&](int64_t rank, int64_t first, int64_t end) {
     const PartCost p = part_cost(r, first, end, interval, split);
-    return r.base_bytes + p.state_bytes + p.transfer_bytes +
-           static_cast<double>(in_flight[rank]) * p.activation_bytes + p.transient_bytes;
+    return r.base_bytes + p.state_bytes + p.transfer_bytes + static_cast<double>(in_flight[rank]) * p.activation_bytes +
+           p.transient_bytes;
   };
   auto fits = [&](double bound, Boundaries* parts) {
     Boundaries b{0};
@@ -168,9 +169,31 @@ std::string PlanCandidate::name() const {
   return s;
 }
 
-PlanCandidate evaluate_candidate(const PlanRequest& r, ScheduleKind kind, int64_t chunks, int64_t interval,
-                                 int64_t micro_batches, const Boundaries& parts) {
-  check_request(r);
+namespace {
+
+// A schedule's streams for one shape (kind, chunks, micro-batches), built
+// once and shared by every partition and interval the search tries.
+struct ScheduleShape {
+  std::vector<Steps> streams;
+  std::vector<int64_t> buffers;
+  std::vector<ComputeOrder> orders;
+  std::string error;  // why no such schedule exists
+};
+
+ScheduleShape shape_of(ScheduleKind kind, int64_t chunks, int64_t stages, int64_t micro_batches) {
+  ScheduleShape shape;
+  try {
+    shape.streams =
+        generate_all_steps(ScheduleSpec{kind, micro_batches, stages, chunks, layout_of(kind)}, &shape.buffers);
+    shape.orders = compute_orders_of(shape.streams);
+  } catch (const std::invalid_argument& e) {
+    shape.error = e.what();
+  }
+  return shape;
+}
+
+PlanCandidate evaluate(const PlanRequest& r, const ScheduleShape& shape, ScheduleKind kind, int64_t chunks,
+                       int64_t interval, int64_t micro_batches, const Boundaries& parts) {
   PlanCandidate c;
   c.kind = kind;
   c.chunks = chunks;
@@ -189,16 +212,21 @@ PlanCandidate evaluate_candidate(const PlanRequest& r, ScheduleKind kind, int64_
       c.unavailable = "part " + std::to_string(p) + " has no layers";
       return c;
     }
+    const int64_t first = parts[p], group_end = std::min(parts[p + 1], first + std::max<int64_t>(interval, 1));
+    bool checkpointed = false;
+    for (int64_t l = first; l < group_end; ++l) checkpointed = checkpointed || r.layers[l].has_parameters;
+    if (interval > 0 && checkpointed && !r.layers[first].differentiable_input) {
+      c.unavailable = "checkpointing from layer " + std::to_string(first) +
+                      ", whose input cannot carry a gradient (token ids), would stop its gradients";
+      return c;
+    }
   }
-  const ScheduleSpec spec{kind, micro_batches, S, V, c.layout};
-  std::vector<Steps> streams;
-  std::vector<int64_t> buffers;
-  try {
-    streams = generate_all_steps(spec, &buffers);
-  } catch (const std::invalid_argument& e) {
-    c.unavailable = e.what();
+  if (!shape.error.empty()) {
+    c.unavailable = shape.error;
     return c;
   }
+  const std::vector<Steps>& streams = shape.streams;
+  const std::vector<int64_t>& buffers = shape.buffers;
   const bool split = schedule_kind_info(kind).splits_backward;
   const RuntimeCost& rt = r.runtime;
   std::vector<std::vector<OpCosts>> costs(S, std::vector<OpCosts>(V));
@@ -217,7 +245,7 @@ PlanCandidate evaluate_candidate(const PlanRequest& r, ScheduleKind kind, int64_
     }
   }
   const SimulationResult sim = simulate(streams, micro_batches, V, buffers, costs, c.layout);
-  const std::vector<ComputeOrder> orders = compute_orders_of(streams);
+  const std::vector<ComputeOrder>& orders = shape.orders;
   c.bubble = sim.bubble_fraction();
   c.stage_compute = sim.busy;
   for (int64_t rank = 0; rank < S; ++rank) {
@@ -248,6 +276,78 @@ PlanCandidate evaluate_candidate(const PlanRequest& r, ScheduleKind kind, int64_
   return c;
 }
 
+// Whether `a` is the better of two evaluated candidates: one that fits before
+// one that does not, then the faster.
+bool better(const PlanCandidate& a, const PlanCandidate& b) {
+  if (!a.unavailable.empty()) return false;
+  if (!b.unavailable.empty()) return true;
+  if (a.fits != b.fits) return a.fits;
+  return a.step_time < b.step_time * (1 - 1e-12);
+}
+
+// Partitions of n layers into P non-empty parts: C(n - 1, P - 1), capped.
+double count_partitions(int64_t n, int64_t P, double cap) {
+  double count = 1;
+  for (int64_t i = 1; i < P && count <= cap; ++i)
+    count = count * static_cast<double>(n - P + i) / static_cast<double>(i);
+  return count;
+}
+
+// Min-max balances what each part costs per micro-batch, which bounds the
+// steady state but not the fill, the drain or the transfers. Where there are
+// few partitions (kExhaustive at most) every one is simulated; otherwise each
+// boundary moves by a layer while the simulated step gets faster (and the
+// memory still fits), within kMoves evaluations.
+PlanCandidate refine(const PlanRequest& r, const ScheduleShape& shape, PlanCandidate c) {
+  constexpr double kExhaustive = 4096;
+  constexpr int kMoves = 256;
+  if (!c.unavailable.empty()) return c;
+  const int64_t n = static_cast<int64_t>(r.layers.size()), P = static_cast<int64_t>(c.parts.size()) - 1;
+  if (count_partitions(n, P, kExhaustive) <= kExhaustive) {
+    Boundaries parts(P + 1, 0);
+    parts[P] = n;
+    std::function<void(int64_t)> place = [&](int64_t b) {
+      if (b == P) {
+        PlanCandidate next = evaluate(r, shape, c.kind, c.chunks, c.checkpoint_interval, c.micro_batches, parts);
+        if (better(next, c)) c = std::move(next);
+        return;
+      }
+      for (int64_t at = parts[b - 1] + 1; at <= n - (P - b); ++at) {
+        parts[b] = at;
+        place(b + 1);
+      }
+    };
+    place(1);
+    return c;
+  }
+  int moves = 0;
+  for (bool improved = true; improved && moves < kMoves;) {
+    improved = false;
+    for (int64_t b = 1; b < P && moves < kMoves; ++b) {
+      for (int64_t delta : {-1, 1}) {
+        Boundaries moved = c.parts;
+        moved[b] += delta;
+        if (moved[b] <= moved[b - 1] || moved[b] >= moved[b + 1]) continue;
+        ++moves;
+        PlanCandidate next = evaluate(r, shape, c.kind, c.chunks, c.checkpoint_interval, c.micro_batches, moved);
+        if (better(next, c)) {
+          c = std::move(next);
+          improved = true;
+        }
+      }
+    }
+  }
+  return c;
+}
+
+}  // namespace
+
+PlanCandidate evaluate_candidate(const PlanRequest& r, ScheduleKind kind, int64_t chunks, int64_t interval,
+                                 int64_t micro_batches, const Boundaries& parts) {
+  check_request(r);
+  return evaluate(r, shape_of(kind, chunks, r.stages, micro_batches), kind, chunks, interval, micro_batches, parts);
+}
+
 Plan plan_pipeline(const PlanRequest& r) {
   check_request(r);
   std::vector<std::pair<ScheduleKind, int64_t>> shapes;
@@ -274,6 +374,7 @@ Plan plan_pipeline(const PlanRequest& r) {
   Plan plan;
   for (int64_t m : r.micro_batches) {
     for (const auto& [kind, chunks] : shapes) {
+      const ScheduleShape shape = shape_of(kind, chunks, r.stages, m);
       for (int64_t interval : r.checkpoint_intervals) {
         const int64_t num_parts = r.stages * chunks;
         if (layout_of(kind) == ChunkLayout::V && r.stages < 2) continue;
@@ -291,17 +392,11 @@ Plan plan_pipeline(const PlanRequest& r) {
         const bool split = schedule_kind_info(kind).splits_backward;
         const std::vector<double> weights = time_weights(r, interval);
         Boundaries parts;
-        if (chunks == 1 && r.memory_per_rank > 0) {
-          try {
-            const ScheduleSpec spec{kind, m, r.stages, 1, ChunkLayout::Interleaved};
-            parts = memory_bounded_partition(
-                r, weights, in_flight_per_rank(compute_orders_of(generate_all_steps(spec))), interval, split);
-          } catch (const std::invalid_argument&) {
-            parts.clear();  // no such schedule: evaluate_candidate says why
-          }
+        if (chunks == 1 && r.memory_per_rank > 0 && shape.error.empty()) {
+          parts = memory_bounded_partition(r, weights, in_flight_per_rank(shape.orders), interval, split);
         }
         if (parts.empty()) parts = partition_minmax(weights, num_parts);
-        plan.candidates.push_back(evaluate_candidate(r, kind, chunks, interval, m, parts));
+        plan.candidates.push_back(refine(r, shape, evaluate(r, shape, kind, chunks, interval, m, parts)));
       }
     }
   }

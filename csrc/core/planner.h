@@ -25,6 +25,10 @@ struct LayerCost {
   double state_bytes = 0;       // parameters, gradients and optimizer state, held all step
   double optimizer = 0;         // seconds of its share of the optimizer step
   bool has_parameters = false;  // DeepSpeed checkpoints only layer groups with parameters
+  // Its input can carry a gradient (a floating-point tensor; not token ids). A
+  // reentrant checkpoint over a group whose input cannot returns an output
+  // without a gradient, and the stage before it would stop learning.
+  bool differentiable_input = true;
 };
 
 // What the runtime itself costs, measured between the stage ranks.
@@ -56,9 +60,9 @@ struct PlanCandidate {
   ChunkLayout layout = ChunkLayout::Interleaved;
   int64_t checkpoint_interval = 0;
   int64_t micro_batches = 1;
-  Boundaries parts;                   // stages * chunks + 1 layer boundaries; part p is virtual stage p
-  double step_time = 0;               // predicted seconds of one step, optimizer included
-  double bubble = 0;                  // the largest idle fraction of a rank
+  Boundaries parts;      // stages * chunks + 1 layer boundaries; part p is virtual stage p
+  double step_time = 0;  // predicted seconds of one step, optimizer included
+  double bubble = 0;     // the largest idle fraction of a rank
   // Predicted peak memory per rank: its layers' state, the runtime's transfer
   // buffers, and the activations of the micro-batches in flight at the fullest.
   std::vector<double> peak_bytes;

@@ -55,6 +55,12 @@ def test_an_embedding_first_layer_has_no_input_gradient():
                                          ids, repeats=1)
     assert input_bytes == ids.numel() * 8
     assert layers[0].backward_weight > 0 and layers[0].output_bytes == 4 * 3 * 8 * 4
+    assert not layers[0].differentiable_input and layers[1].differentiable_input
+    # Checkpointing a stage that starts at the embedding would stop its gradients: never planned.
+    profile = planner.CostProfile(layers=layers * 2, input_bytes=input_bytes)
+    plan = planner.plan(cost_profile=profile, num_stages=2, micro_batches=4, schedules=["1f1b"])
+    assert all(c.unavailable for c in plan.candidates if c.checkpoint_interval > 0 and c.parts[0] == 0)
+    assert "whose input cannot carry a gradient (token ids)" in plan.candidates[-1].unavailable
 
 
 def test_a_failing_layer_is_named():
