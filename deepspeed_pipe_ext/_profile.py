@@ -286,7 +286,7 @@ def _share_optimizer_time(profiles, layers, optimizer, device, repeats):
         profile.optimizer = total * sum(p.numel() for p in ps) / numel
 
 
-def measure_runtime(group: Any = None, message_bytes: int = 1 << 20, repeats: int = 20) -> RuntimeProfile:
+def measure_runtime(group: Any = None, message_bytes: int = 1 << 20, repeats: int = 50) -> RuntimeProfile:
     """The runtime's own costs on this machine. Per pass: the executor's time
     per compute pass with callbacks that do almost nothing (one stage, no
     transfers). Per message, when torch.distributed runs with two or more
@@ -297,9 +297,10 @@ def measure_runtime(group: Any = None, message_bytes: int = 1 << 20, repeats: in
     runtime = RuntimeProfile(pass_overhead=_pass_overhead(repeats))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) >= 2:
         small = _half_round_trip(torch.zeros(1), group, repeats)
-        large = _half_round_trip(torch.zeros(max(1, message_bytes // 4)), group, max(3, repeats // 4))
+        large = _half_round_trip(torch.zeros(max(1, message_bytes // 4)), group, max(5, repeats // 5))
         runtime.latency = small
-        runtime.bandwidth = message_bytes / max(large - small, 1e-9)
+        # A large message no slower than a small one (noise): the bytes cost nothing measurable.
+        runtime.bandwidth = message_bytes / (large - small) if large > small else 0.0
         cpu = dist.get_backend(group) == "gloo"
         runtime.transfer_overhead = small if cpu else 0.0
         values = torch.tensor([runtime.pass_overhead, runtime.transfer_overhead, runtime.latency,
