@@ -162,6 +162,7 @@ class LayerCost:
     saved_bytes: float
     output_bytes: float
     state_bytes: float
+    parameter_bytes: float
     optimizer: float
     has_parameters: bool
     differentiable_input: bool

@@ -76,7 +76,7 @@ class CostProfile:
         for layer in self.layers:
             cost = _C.LayerCost()
             for field in ("forward", "backward_input", "backward_weight", "saved_bytes", "output_bytes",
-                          "state_bytes", "optimizer", "has_parameters", "differentiable_input"):
+                          "state_bytes", "parameter_bytes", "optimizer", "has_parameters", "differentiable_input"):
                 setattr(cost, field, getattr(layer, field))
             layers.append(cost)
         request.layers = layers

@@ -14,6 +14,7 @@ void bind_planner(py::module_& m) {
       .def_readwrite("saved_bytes", &core::LayerCost::saved_bytes)
       .def_readwrite("output_bytes", &core::LayerCost::output_bytes)
       .def_readwrite("state_bytes", &core::LayerCost::state_bytes)
+      .def_readwrite("parameter_bytes", &core::LayerCost::parameter_bytes)
       .def_readwrite("optimizer", &core::LayerCost::optimizer)
       .def_readwrite("has_parameters", &core::LayerCost::has_parameters)
       .def_readwrite("differentiable_input", &core::LayerCost::differentiable_input);

@@ -14,6 +14,7 @@ struct PartCost {
   double forward = 0, backward_input = 0, backward_weight = 0;
   double activation_bytes = 0;  // held from its forward until its last backward pass
   double transient_bytes = 0;   // a checkpointed group's recomputed activations, during its backward
+  double gradient_bytes = 0;    // its largest layer's new weight gradient, before it is accumulated
   double state_bytes = 0, optimizer = 0, output_bytes = 0;
   // The runtime's own: a receive posted ahead and a send in flight, of an
   // activation and of a gradient (the part's input and output sizes).
@@ -38,6 +39,7 @@ PartCost part_cost(const PlanRequest& r, int64_t first, int64_t end, int64_t int
       bw += L[l].backward_weight;
       saved += L[l].saved_bytes;
       has_parameters = has_parameters || L[l].has_parameters;
+      p.gradient_bytes = std::max(p.gradient_bytes, L[l].parameter_bytes);
       p.state_bytes += L[l].state_bytes;
       p.optimizer += L[l].optimizer;
     }
@@ -102,7 +104,7 @@ Boundaries memory_bounded_partition(const PlanRequest& r, const std::vector<doub
   auto memory = [&](int64_t rank, int64_t first, int64_t end) {
     const PartCost p = part_cost(r, first, end, interval, split);
     return r.base_bytes + p.state_bytes + p.transfer_bytes + static_cast<double>(in_flight[rank]) * p.activation_bytes +
-           p.transient_bytes;
+           p.transient_bytes + p.gradient_bytes;
   };
   auto fits = [&](double bound, Boundaries* parts) {
     Boundaries b{0};
@@ -257,15 +259,16 @@ PlanCandidate evaluate(const PlanRequest& r, const ScheduleShape& shape, Schedul
     }
     c.step_time = std::max(c.step_time, finish + optimizer);
     // Activations live from a chunk's forward to the pass that frees them;
-    // a checkpointed group's recomputation adds its own during a backward.
+    // a checkpointed group's recomputation adds its own during a backward,
+    // and a weight gradient is computed whole before it is added to .grad.
     double held = 0, peak = 0;
     for (const auto& op : orders[rank]) {
       const PartCost& p = part[rank][op.chunk];
       if (op.what == Compute::F) {
         held += p.activation_bytes;
         peak = std::max(peak, held);
-      } else if (op.what == Compute::B || op.what == Compute::BInput) {
-        peak = std::max(peak, held + p.transient_bytes);
+      } else {
+        peak = std::max(peak, held + p.transient_bytes + (op.what == Compute::BInput ? 0.0 : p.gradient_bytes));
       }
       if (op.what == Compute::B || op.what == Compute::W) held -= p.activation_bytes;
     }

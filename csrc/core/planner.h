@@ -23,6 +23,7 @@ struct LayerCost {
   double saved_bytes = 0;       // what its forward keeps for the backward
   double output_bytes = 0;      // its output: what crosses to the next stage when a stage ends here
   double state_bytes = 0;       // parameters, gradients and optimizer state, held all step
+  double parameter_bytes = 0;   // its parameters alone: the gradient its backward makes before adding it to .grad
   double optimizer = 0;         // seconds of its share of the optimizer step
   bool has_parameters = false;  // DeepSpeed checkpoints only layer groups with parameters
   // Its input can carry a gradient (a floating-point tensor; not token ids). A
