@@ -194,14 +194,20 @@ ScheduleShape shape_of(ScheduleKind kind, int64_t chunks, int64_t stages, int64_
   return shape;
 }
 
-PlanCandidate evaluate(const PlanRequest& r, const ScheduleShape& shape, ScheduleKind kind, int64_t chunks,
-                       int64_t interval, int64_t micro_batches, const Boundaries& parts) {
+// A candidate's identity, before anything is predicted for it.
+PlanCandidate candidate_of(ScheduleKind kind, int64_t chunks, int64_t interval, int64_t micro_batches) {
   PlanCandidate c;
   c.kind = kind;
   c.chunks = chunks;
   c.layout = layout_of(kind);
   c.checkpoint_interval = interval;
   c.micro_batches = micro_batches;
+  return c;
+}
+
+PlanCandidate evaluate(const PlanRequest& r, const ScheduleShape& shape, ScheduleKind kind, int64_t chunks,
+                       int64_t interval, int64_t micro_batches, const Boundaries& parts) {
+  PlanCandidate c = candidate_of(kind, chunks, interval, micro_batches);
   c.parts = parts;
   const int64_t S = r.stages, V = chunks, n = static_cast<int64_t>(r.layers.size());
   if (static_cast<int64_t>(parts.size()) != S * V + 1 || parts.front() != 0 || parts.back() != n) {
@@ -382,12 +388,7 @@ Plan plan_pipeline(const PlanRequest& r) {
         const int64_t num_parts = r.stages * chunks;
         if (layout_of(kind) == ChunkLayout::V && r.stages < 2) continue;
         if (n < num_parts) {
-          PlanCandidate c;
-          c.kind = kind;
-          c.chunks = chunks;
-          c.layout = layout_of(kind);
-          c.checkpoint_interval = interval;
-          c.micro_batches = m;
+          PlanCandidate c = candidate_of(kind, chunks, interval, m);
           c.unavailable = "needs at least " + std::to_string(num_parts) + " layers, the model has " + std::to_string(n);
           plan.candidates.push_back(c);
           continue;
