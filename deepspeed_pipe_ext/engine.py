@@ -419,7 +419,8 @@ class PipelineEngine(DSPipelineEngine):
         run = StageRun(self, self._program(kind, micro_batches), compute_loss=compute_loss,
                        return_logits=return_logits)
         options = _C.RunOptions(release_sent_outputs=self.deallocate_outputs, split=self._tp_split,
-                                split_activations=self.is_pipe_partitioned, split_grads=self.is_grad_partitioned)
+                                split_activations=self.is_pipe_partitioned, split_grads=self.is_grad_partitioned,
+                                failure_wait_s=self.p2p_timeout)
         self._stage_run = run
         try:
             with _deepspeed_compat.engine_backward_running(self):

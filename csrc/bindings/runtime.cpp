@@ -60,13 +60,15 @@ void bind_errors(py::module_& m) {
 void bind_p2p(py::module_& m) {
   using runtime::P2P;
   py::class_<P2P>(m, "P2P")
-      .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, double timeout_s, std::string self_name,
-                       bool dynamic_shapes, const std::string& device, std::string peer_label) {
-             return std::make_unique<P2P>(std::move(group), milliseconds(timeout_s), std::move(self_name),
-                                          dynamic_shapes, at::Device(device), std::move(peer_label));
-           }),
-           py::arg("group"), py::arg("timeout_s"), py::arg("self_name"), py::arg("dynamic_shapes") = false,
-           py::arg("device") = "cpu", py::arg("peer_label") = "rank")
+      .def(
+          py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, double timeout_s, std::string self_name,
+                      bool dynamic_shapes, const std::string& device, std::string peer_label, bool stage_through_host) {
+            return std::make_unique<P2P>(std::move(group), milliseconds(timeout_s), std::move(self_name),
+                                         dynamic_shapes, at::Device(device), std::move(peer_label), stage_through_host);
+          }),
+          py::arg("group"), py::arg("timeout_s"), py::arg("self_name"), py::arg("dynamic_shapes") = false,
+          py::arg("device") = "cpu", py::arg("peer_label") = "rank", py::arg("stage_through_host") = false,
+          "stage_through_host (tests): CPU tensors take the host-staged path CUDA tensors take over gloo.")
       .def(
           "send",
           [](P2P& self, py::object value, int peer, int tag, const std::string& what) {
@@ -304,17 +306,23 @@ void mark_position(py::error_already_set& err, int64_t stage, const std::string&
 void bind_run_stage(py::module_& m) {
   py::class_<runtime::RunOptions>(m, "RunOptions", "How run_stage treats transfers beyond what the program says.")
       .def(py::init([](bool release_sent_outputs, const runtime::TensorParallelSplit* split, bool split_activations,
-                       bool split_grads) {
-             return runtime::RunOptions{release_sent_outputs, split, split_activations, split_grads};
+                       bool split_grads, double failure_wait_s) {
+             TORCH_CHECK(failure_wait_s >= 0, "failure_wait_s must not be negative, got ", failure_wait_s);
+             return runtime::RunOptions{release_sent_outputs, split, split_activations, split_grads,
+                                        milliseconds(failure_wait_s)};
            }),
            py::arg("release_sent_outputs") = true, py::arg("split") = nullptr, py::arg("split_activations") = false,
-           py::arg("split_grads") = false, py::keep_alive<1, 3>(),
+           py::arg("split_grads") = false, py::arg("failure_wait_s") = 300.0, py::keep_alive<1, 3>(),
            "release_sent_outputs: free a sent stage output's storage (its graph stays for the backward); split: "
            "a TensorParallelSplit for DeepSpeed's pipe_partitioned (split_activations) and grad_partitioned "
-           "(split_grads).")
+           "(split_grads); failure_wait_s: how long a failed batch on a CUDA stage waits for the device work it "
+           "queued before freeing its buffers (kept forever if it does not finish).")
       .def_readonly("release_sent_outputs", &runtime::RunOptions::release_sent_outputs)
       .def_readonly("split_activations", &runtime::RunOptions::split_activations)
-      .def_readonly("split_grads", &runtime::RunOptions::split_grads);
+      .def_readonly("split_grads", &runtime::RunOptions::split_grads)
+      .def_property_readonly("failure_wait_s", [](const runtime::RunOptions& o) {
+        return std::chrono::duration<double>(o.failure_wait).count();
+      });
 
   m.def(
       "run_stage",

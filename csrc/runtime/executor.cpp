@@ -5,10 +5,16 @@
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
 
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
 
 namespace dpe::runtime {
 
@@ -43,6 +49,24 @@ void backward_from(const std::vector<at::Tensor>& outputs, const std::vector<at:
                                                         /*create_graph=*/false, /*accumulate_grad=*/true);
 }
 
+// Whether the work queued so far on this thread's current stream of `device`
+// finishes within `limit` (device-generic c10 events: no CUDA headers).
+bool device_idle_within(const at::Device& device, std::chrono::milliseconds limit) {
+  try {
+    const auto* impl = c10::impl::getDeviceGuardImpl(device.type());
+    c10::Event done(device.type());
+    done.record(impl->getStream(device));
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (!done.query()) {
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return true;
+  } catch (const std::exception&) {  // a device already in error: its work will not run on
+    return true;
+  }
+}
+
 // Received tensors become this stage's leaves: float ones collect the
 // gradient to send back (as DeepSpeed's engine does).
 Activation as_stage_inputs(const Activation& received) {
@@ -69,6 +93,7 @@ Executor::Executor(P2P* p2p, const core::StageProgram& program, RunOptions optio
       chunks_(program.chunks),
       layout_(program.layout),
       release_sent_outputs_(options.release_sent_outputs),
+      failure_wait_(options.failure_wait),
       wrapper_references_(wrapper_references) {
   TORCH_CHECK(num_stages_ == 1 || p2p != nullptr, "a pipeline of ", num_stages_, " stages needs p2p");
   TORCH_CHECK(chunks_ >= 1 && (chunks_ == 1 || num_stages_ >= 2), "virtual stages (", chunks_,
@@ -96,8 +121,43 @@ void Executor::run(const StageCallbacks& cb) {
     run_steps(cb);
   } catch (P2PError& err) {
     if (err.position().empty()) err.set_position(position());
+    abandon_batch();
+    throw;
+  } catch (...) {
+    abandon_batch();
     throw;
   }
+}
+
+void Executor::abandon_batch() {
+  // A CUDA stage's kernels may still use what the buffers hold: wait (bounded:
+  // the compute stream may be queued behind a transfer or collective that a
+  // failed peer will never match) for the work queued so far on this thread's
+  // stream, before anything is freed and before the error reaches Python.
+  std::optional<at::Device> cuda;
+  auto note = [&cuda](const at::Tensor& t) {
+    if (!cuda && t.defined() && t.is_cuda()) cuda = t.device();
+  };
+  for (const auto* buffers : {&inputs_, &outputs_}) {
+    for (const auto& value : *buffers) {
+      for (const auto& t : value.tensors) note(t);
+    }
+  }
+  for (const auto& grads : output_grads_) {
+    for (const auto& t : grads) note(t);
+  }
+  if (!cuda && p2p_ != nullptr && p2p_->device().is_cuda()) cuda = p2p_->device();
+  if (cuda && !device_idle_within(*cuda, failure_wait_)) {
+    // Still running: freeing now could hand its memory to new work. Kept for the life of the process.
+    static std::mutex mutex;
+    static auto* kept = new std::vector<std::unique_ptr<Executor::Buffers>>();
+    std::lock_guard<std::mutex> lock(mutex);
+    kept->push_back(std::make_unique<Buffers>(take_buffers()));
+    return;
+  }
+  // Freed here, as a batch that succeeds frees them (end of run_steps): on
+  // the calling thread, with the GIL released, and not later in ~Executor.
+  clear_buffers();
 }
 
 void Executor::run_steps(const StageCallbacks& cb) {
@@ -147,6 +207,18 @@ void Executor::clear_buffers() {
   losses_.clear();
   output_grads_.clear();
   deferred_weight_grads_.clear();
+}
+
+Executor::Buffers Executor::take_buffers() {
+  Buffers taken{std::move(handed_over_),
+                std::move(inputs_),
+                std::move(outputs_),
+                std::move(labels_),
+                std::move(losses_),
+                std::move(output_grads_),
+                std::move(deferred_weight_grads_)};
+  clear_buffers();  // moved-from containers: make them empty for sure
+  return taken;
 }
 
 std::string Executor::position() const {

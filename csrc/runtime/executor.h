@@ -6,6 +6,7 @@
 // as callbacks.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -91,6 +92,9 @@ struct RunOptions {
   const TensorParallelSplit* split = nullptr;
   bool split_activations = false;
   bool split_grads = false;
+  // A failed batch on a CUDA stage waits at most this long for the stage's
+  // queued device work before freeing its buffers (the engine's p2p_timeout).
+  std::chrono::milliseconds failure_wait{300000};
 };
 
 class Executor {
@@ -107,7 +111,8 @@ class Executor {
 
   // Executes every step, issuing transfers as the program's plan orders
   // them; throws (naming stage, step and instruction) on error. A P2PError
-  // leaves with the position the schedule stood at.
+  // leaves with the position the schedule stood at. Success or failure, the
+  // buffers are freed before run() returns, on the calling thread.
   void run(const StageCallbacks& callbacks);
   // The forward and backward passes of the last run, in order.
   const std::vector<TimedInstruction>& timeline() const { return timeline_; }
@@ -127,6 +132,18 @@ class Executor {
   bool held_only_here(const at::Tensor& t) const;
   void account_buffers();
   void clear_buffers();
+  // A run that throws: waits (bounded) for the stage's device, then frees the buffers as a run that succeeds does.
+  void abandon_batch();
+  // Everything a batch holds, moved out (a failed batch whose device work does not finish keeps it forever).
+  struct Buffers {
+    std::map<std::tuple<bool, int64_t, int32_t>, Activation> handed_over;
+    std::vector<Activation> inputs, outputs;
+    std::map<int32_t, Held> labels;
+    std::vector<Held> losses;
+    std::vector<std::vector<at::Tensor>> output_grads;
+    std::vector<DeferredWeightGrads> deferred_weight_grads;
+  };
+  Buffers take_buffers();
   // The floating-point outputs of `buffer` that require grad, paired with their received gradients.
   void backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs, std::vector<at::Tensor>* grads) const;
   std::string where(const core::Instruction& in) const;
@@ -153,6 +170,7 @@ class Executor {
   int64_t stage_id_, num_stages_, chunks_;
   core::ChunkLayout layout_;
   bool release_sent_outputs_;
+  std::chrono::milliseconds failure_wait_;
   int64_t wrapper_references_;
   int64_t step_ = 0;
   // The flat stream of the current run.

@@ -83,7 +83,7 @@ std::string describe(const std::vector<TensorMeta>& meta) {
 }
 
 P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds timeout, std::string self_name,
-         bool dynamic_shapes, at::Device device, std::string peer_label)
+         bool dynamic_shapes, at::Device device, std::string peer_label, bool stage_through_host)
     : group_(std::move(group)),
       timeout_(timeout),
       self_name_(std::move(self_name)),
@@ -93,41 +93,62 @@ P2P::P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds
       wire_device_(device) {
   TORCH_CHECK(group_, "P2P needs a process group");
   nccl_ = group_->getBackendName() == "nccl";
-  through_host_ = device_.is_cuda() && !nccl_;
+  through_host_ = (device_.is_cuda() && !nccl_) || stage_through_host;
+  TORCH_CHECK(!(stage_through_host && nccl_), self_name_,
+              ": transfers over NCCL cannot be staged through host memory (stage_through_host is for gloo)");
   if (through_host_) wire_device_ = at::Device(at::kCPU);
 }
 
+void P2P::keep_unwaited(const std::vector<Started>& works, size_t from) {
+  for (size_t i = from; i < works.size(); ++i) {
+    if (works[i].work && !works[i].work->isCompleted()) keep_forever(works[i].work);
+  }
+}
+
 P2P::~P2P() {
-  auto unfinished = [](const Started& s) { return s.work && !s.work->isCompleted(); };
   for (auto& [channel, queue] : posted_)
-    for (auto& posted : queue)
-      for (auto& s : posted.works)
-        if (unfinished(s)) keep_forever(s.work);
+    for (auto& posted : queue) keep_unwaited(posted.works, 0);
   for (auto& p : pending_)
-    if (unfinished(p.work)) keep_forever(p.work.work);
+    if (p.work.work && !p.work.work->isCompleted()) keep_forever(p.work.work);
 }
 
 void P2P::abort(const std::string& reason) {
-  std::lock_guard<std::mutex> lock(abort_mutex_);
-  if (!abort_reason_.empty()) return;
-  abort_reason_ = reason.empty() ? std::string("aborted") : reason;
-  if (waiting_) waiting_->abort();  // gloo: the blocked wait returns false at once
+  {
+    std::lock_guard<std::mutex> lock(abort_mutex_);
+    if (!abort_reason_.empty()) return;
+    abort_reason_ = reason.empty() ? std::string("aborted") : reason;
+    if (!nccl_) {
+      if (waiting_) waiting_->abort();  // gloo: the blocked wait returns false at once
+      return;
+    }
+  }
+  // NCCL: a wait only orders streams, so the host is rarely blocked in one;
+  // what hangs is a receive already on the device that its peer will never
+  // match, and whatever the host later synchronizes on behind it. Aborting
+  // the group's communicators ends those kernels (outside the lock: it may
+  // take a while).
+  try {
+    group_->abort();
+  } catch (const std::exception&) {  // a communicator already torn down: nothing left to stop
+  }
 }
 
 at::Tensor P2P::empty_wire(const TensorMeta& m) const {
-  return at::empty(m.shape, at::TensorOptions().dtype(m.dtype).device(wire_device_).pinned_memory(through_host_));
+  const bool pinned = through_host_ && device_.is_cuda();
+  return at::empty(m.shape, at::TensorOptions().dtype(m.dtype).device(wire_device_).pinned_memory(pinned));
 }
 
 at::Tensor P2P::to_wire(const at::Tensor& t) const {
   at::Tensor flat = t.detach().contiguous();
-  if (!through_host_ || !flat.is_cuda()) return flat;
-  at::Tensor host = at::empty(flat.sizes(), flat.options().device(at::kCPU).pinned_memory(true));
+  if (!through_host_) return flat;
+  at::Tensor host = at::empty(flat.sizes(), flat.options().device(at::kCPU).pinned_memory(flat.is_cuda()));
   host.copy_(flat);  // synchronous: the send may start as soon as it returns
   return host;
 }
 
 at::Tensor P2P::from_wire(const at::Tensor& t) const {
   if (!through_host_) return t;
+  if (!device_.is_cuda()) return t.clone();  // staged on a CPU stage (tests): the copy in, without streams
   // The copy in runs on a stream of its own; the compute stream waits for it
   // on the device (not the host), so kernels queued before it keep running.
   // Device-generic c10 streams and events: no CUDA headers needed.
@@ -179,6 +200,17 @@ P2P::Started P2P::start(std::vector<at::Tensor>& tensors, int peer, int tag, con
     trace_.push_back(core::issued(sending ? core::CommKind::Send : core::CommKind::Recv, peer,
                                   static_cast<int64_t>(tensors[0].nbytes()), what() + part));
     started.op = issued_++;
+  }
+  std::string aborted;
+  {
+    std::lock_guard<std::mutex> lock(abort_mutex_);
+    aborted = abort_reason_;
+  }
+  // After an abort nothing new goes out: a peer still running would take it as a later transfer.
+  if (!aborted.empty()) {
+    if (sending) stopped(aborted, peer, what, part, sending);
+    started.start_error = "stopped: " + aborted;  // the wait for it reports the abort
+    return started;
   }
   try {
     started.work = sending ? group_->send(tensors, peer, tag) : group_->recv(tensors, peer, tag);
@@ -264,13 +296,21 @@ void P2P::send(const Activation& value, int peer, int tag, const Describe& what)
                 core::kMetaWords,
                 " words of meta; pass fewer tensors between stages (concatenate "
                 "them, or keep constants inside the stage)");
-    std::vector<at::Tensor> body{wire->to(wire_device_)};
-    pending_.push_back({start(body, peer, meta_tag(tag), what, " (meta)", true), body, peer, tag, what, " (meta)"});
+    start_send({wire->to(wire_device_)}, peer, tag, meta_tag(tag), what, " (meta)");
     sent_meta_[channel] = std::move(meta);
   }
-  for (const auto& t : tensors) {
-    std::vector<at::Tensor> one{to_wire(t)};
-    pending_.push_back({start(one, peer, data_tag(tag), what, "", true), one, peer, tag, what, ""});
+  for (const auto& t : tensors) start_send({to_wire(t)}, peer, tag, data_tag(tag), what, "");
+}
+
+void P2P::start_send(std::vector<at::Tensor> tensors, int peer, int tag, int wire_tag, const Describe& what,
+                     const char* part) {
+  // The entry first, the send second: once started, a send is never without the entry that keeps it alive.
+  pending_.push_back({Started{}, std::move(tensors), peer, tag, what, part});
+  try {
+    pending_.back().work = start(pending_.back().keep_alive, peer, wire_tag, what, part, true);
+  } catch (...) {  // not started (the backend refused, or this P2P was aborted)
+    pending_.pop_back();
+    throw;
   }
 }
 
@@ -285,14 +325,20 @@ bool P2P::post_recv(int peer, int tag) {
 void P2P::post_data(const Channel& channel, const ChannelMeta& meta) {
   PostedRecv posted;
   posted.is_tuple = meta.is_tuple;
+  posted.works.reserve(meta.tensors.size());
   // A failure to start is reported by the recv() that waits for it, which knows what it receives.
   const Describe posted_ahead = [] { return std::string("a receive posted ahead"); };
-  for (const auto& m : meta.tensors) {
-    posted.tensors.push_back(empty_wire(m));
-    std::vector<at::Tensor> one{posted.tensors.back()};
-    posted.works.push_back(start(one, channel.first, data_tag(channel.second), posted_ahead, "", false));
+  try {
+    for (const auto& m : meta.tensors) {
+      posted.tensors.push_back(empty_wire(m));
+      std::vector<at::Tensor> one{posted.tensors.back()};
+      posted.works.push_back(start(one, channel.first, data_tag(channel.second), posted_ahead, "", false));
+    }
+    posted_[channel].push_back(std::move(posted));
+  } catch (...) {  // e.g. out of memory for the next buffer: the receives already posted keep theirs
+    keep_unwaited(posted.works, 0);
+    throw;
   }
-  posted_[channel].push_back(std::move(posted));
 }
 
 void P2P::post_recv_after_meta(int peer, int tag, const Describe& what) {
@@ -323,8 +369,13 @@ Activation P2P::recv(int peer, int tag, const Describe& what) {
     PostedRecv mine = std::move(posted->second.front());
     posted->second.pop_front();
     for (size_t i = 0; i < mine.tensors.size(); ++i) {
-      wait(mine.works[i], peer, what, "", false);
-      mine.tensors[i] = from_wire(mine.tensors[i]);
+      try {
+        wait(mine.works[i], peer, what, "", false);
+        mine.tensors[i] = from_wire(mine.tensors[i]);
+      } catch (...) {  // the tuple's later tensors are still posted: the backend may yet write into them
+        keep_unwaited(mine.works, i + 1);
+        throw;
+      }
     }
     return Activation{std::move(mine.tensors), mine.is_tuple, /*owned=*/true};
   }
@@ -342,23 +393,37 @@ Activation P2P::recv(int peer, int tag, const Describe& what) {
   return out;
 }
 
+// A send leaves pending_ only once waited for. When a wait throws, the failed
+// send is already kept alive (wait() keeps it) and the ones not yet waited for
+// stay pending, so ~P2P keeps them: the backend may still read their buffers.
 void P2P::finish_channel_sends(int peer, int tag) {
-  std::vector<PendingSend> still;
-  still.reserve(pending_.size());
-  for (auto& p : pending_) {
-    if (p.peer == peer && p.tag == tag) {
-      wait(p.work, p.peer, p.what, p.part, true);
-    } else {
-      still.push_back(std::move(p));
+  for (size_t i = 0; i < pending_.size();) {
+    if (pending_[i].peer != peer || pending_[i].tag != tag) {
+      ++i;
+      continue;
     }
+    try {
+      wait(pending_[i].work, peer, pending_[i].what, pending_[i].part, true);
+    } catch (...) {
+      pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(i));
+      throw;
+    }
+    pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(i));
   }
-  pending_.swap(still);
 }
 
 void P2P::wait_sends() {
-  std::vector<PendingSend> pending;
-  pending.swap(pending_);
-  for (auto& p : pending) wait(p.work, p.peer, p.what, p.part, true);
+  size_t waited = 0;
+  try {
+    for (; waited < pending_.size(); ++waited) {
+      const PendingSend& p = pending_[waited];
+      wait(p.work, p.peer, p.what, p.part, true);
+    }
+  } catch (...) {
+    pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(waited) + 1);
+    throw;
+  }
+  pending_.clear();
 }
 
 void P2P::reap_sends() {

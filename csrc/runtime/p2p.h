@@ -68,8 +68,11 @@ class P2P {
   // `self_name` (e.g. "stage 1") prefixes error messages.
   // Receive buffers (and meta, which NCCL needs on the GPU) live on `device`.
   // Errors call peers "<peer_label> <group rank>" (e.g. "stage 1").
+  // `stage_through_host` (tests): CPU tensors take the path CUDA tensors take
+  // over gloo (fresh host buffers per receive, copies out and in).
   P2P(c10::intrusive_ptr<c10d::ProcessGroup> group, std::chrono::milliseconds timeout, std::string self_name,
-      bool dynamic_shapes, at::Device device = at::kCPU, std::string peer_label = "rank");
+      bool dynamic_shapes, at::Device device = at::kCPU, std::string peer_label = "rank",
+      bool stage_through_host = false);
   // Transfers never completed (a failed batch) stay alive for the life of
   // the process: the backend may still write into their buffers.
   ~P2P();
@@ -103,7 +106,8 @@ class P2P {
   // Forgets cached meta and buffers: the next transfers send meta again.
   void reset();
   // Stops the wait in progress, and every later one, with an error that
-  // gives `reason` (another rank's failure). Callable from any thread: the
+  // gives `reason` (another rank's failure); nothing new is sent or posted
+  // after it. Callable from any thread: the
   // engine's failure watcher calls it while this rank waits for a transfer
   // that will never come. There is no way back: the group's transfers are
   // no longer aligned.
@@ -125,6 +129,7 @@ class P2P {
   // backend other than NCCL).
   bool stages_through_host() const { return through_host_; }
   int rank() const { return group_->getRank(); }
+  const at::Device& device() const { return device_; }
   int size() const { return group_->getSize(); }
 
  private:
@@ -140,6 +145,8 @@ class P2P {
   Started start(std::vector<at::Tensor>& tensors, int peer, int tag, const Describe& what, const char* part,
                 bool sending);
   void wait(const Started& started, int peer, const Describe& what, const char* part, bool sending);
+  // Keeps works[from...] alive for the life of the process if the backend may still use them.
+  static void keep_unwaited(const std::vector<Started>& works, size_t from);
   [[noreturn]] void fail(const std::exception& err, int peer, const Describe& what, const char* part,
                          bool sending) const;
   [[noreturn]] void stopped(const std::string& reason, int peer, const Describe& what, const char* part,
@@ -182,6 +189,9 @@ class P2P {
   std::map<Channel, std::deque<PostedRecv>> posted_;
   // Waits for the sends still pending on (peer, tag).
   void finish_channel_sends(int peer, int tag);
+  // Starts sending `tensors` (one piece of a transfer on `wire_tag`) and keeps it pending.
+  void start_send(std::vector<at::Tensor> tensors, int peer, int tag, int wire_tag, const Describe& what,
+                  const char* part);
   struct PendingSend {
     Started work;
     std::vector<at::Tensor> keep_alive;

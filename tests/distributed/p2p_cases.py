@@ -132,3 +132,104 @@ def abort_wakes_a_blocked_receive(rank, world_size):
     waited = time.monotonic() - start
     dist.barrier()
     return messages, waited
+
+
+def _p2p(rank, staged):
+    return _C.P2P(dist.group.WORLD, 30.0, f"stage {rank}", peer_label="stage", stage_through_host=staged)
+
+
+def abort_during_a_posted_tuple_receive(rank, staged, tag):
+    """Rank 1 posts a tuple receive ahead, and is aborted while waiting for
+    its first tensor; rank 0 then sends that tuple after all. Its later
+    tensors land in buffers the aborted receive still owns: rank 1 must
+    neither crash (gloo aborts the process when a message arrives for a
+    buffer that is gone) nor hand them to anyone. With `staged`, CPU tensors
+    take the path CUDA tensors take over gloo."""
+    import threading
+    p2p = _p2p(rank, staged)
+    value = (torch.randn(2, 3), torch.tensor([1, 2]), torch.ones(4, dtype=torch.float16))
+    out = {}
+    if rank == 0:
+        p2p.send(value, 1, tag, "activation 0")
+        p2p.wait_sends()
+        dist.barrier()  # rank 1 was aborted
+        p2p.send(value, 1, tag, "activation 1")  # arrives in the aborted receive's buffers
+        p2p.wait_sends()
+        out["late_send_completed"] = True
+    else:
+        first = p2p.recv(0, tag, "activation 0")
+        out["first"] = [t.tolist() for t in first]
+        out["posted"] = p2p.post_recv(0, tag)
+        threading.Timer(0.3, p2p.abort, args=("global rank 0 failed: ValueError: boom", )).start()
+        try:
+            p2p.recv(0, tag, "activation 1")
+            out["error"] = None
+        except RuntimeError as err:
+            out["error"] = (type(err).__name__, str(err))
+        try:  # nothing new goes out after an abort
+            p2p.send(value, 0, tag + 1, "gradient 0")
+            out["send_after_abort"] = None
+        except RuntimeError as err:
+            out["send_after_abort"] = (type(err).__name__, str(err))
+        out["pending_after_abort"] = p2p.pending_sends
+        dist.barrier()
+    dist.barrier()  # after the late send has landed
+    del p2p  # the aborted receive's buffers must outlive it
+    dist.barrier()
+    return out
+
+
+def abort_during_pending_sends_on_two_channels(rank, staged, waits_in, tag):
+    """Rank 0 sends on two channels; nobody receives yet, so the sends stay
+    pending, and rank 0 is aborted while it waits for the first of them (in
+    wait_sends, or in a second send on the first channel, which waits for the
+    channel's previous one). Every send not yet waited for must stay owned:
+    once rank 1 receives, the data of both channels arrives intact, and
+    neither rank crashes."""
+    import threading
+    p2p = _p2p(rank, staged)
+    first = (torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.tensor([7, 8]))
+    second = torch.full((5, ), 3.5)
+    out = {}
+    if rank == 0:
+        # The second channel first: a wait on the first channel then has the second's sends behind it and before.
+        p2p.send(second, 1, tag + 1, "gradient 0")
+        p2p.send(first, 1, tag, "activation 0")
+        out["pending"] = p2p.pending_sends
+        threading.Timer(0.3, p2p.abort, args=("global rank 1 failed: ValueError: boom", )).start()
+        try:
+            if waits_in == "wait_sends":
+                p2p.wait_sends()
+            else:
+                p2p.send(first, 1, tag, "activation 1")
+            out["error"] = None
+        except RuntimeError as err:
+            out["error"] = (type(err).__name__, str(err))
+        out["pending_after_abort"] = p2p.pending_sends
+        dist.barrier()  # now rank 1 receives what rank 0 sent before the abort
+        dist.barrier()
+    else:
+        dist.barrier()
+        got_first = p2p.recv(0, tag, "activation 0")
+        got_second = p2p.recv(0, tag + 1, "gradient 0")
+        out["first"] = [t.tolist() for t in got_first]
+        out["second"] = got_second.tolist()
+        out["expected"] = ([t.tolist() for t in first], second.tolist())
+        dist.barrier()
+    del p2p
+    dist.barrier()
+    return out
+
+
+def aborts_leave_no_transfer_unowned(rank, world_size):
+    """Every abort case, plain and host-staged, each on channels of its own
+    (a transfer that outlives its case must not land in the next one's)."""
+    out = {}
+    tag = 0
+    for staged in (False, True):
+        out[("tuple receive", staged)] = abort_during_a_posted_tuple_receive(rank, staged, tag)
+        for waits_in in ("wait_sends", "a second send"):
+            tag += 2
+            out[(waits_in, staged)] = abort_during_pending_sends_on_two_channels(rank, staged, waits_in, tag)
+        tag += 2
+    return out

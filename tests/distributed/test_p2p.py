@@ -41,3 +41,27 @@ def test_abort_from_another_thread_ends_the_wait_in_progress_and_every_later_one
                            "global rank 1 failed: ValueError: boom"), messages[0]
     assert messages[1].startswith("stage 0: stopped receiving RecvActivation(micro-batch 1)"), messages[1]
     assert waited < 10  # the receive's own timeout is 30 s
+
+
+def test_an_abort_keeps_every_transfer_not_yet_waited_for_owned():
+    """An abort during a posted tuple receive, and during pending sends on two
+    channels: the data that arrives later lands in buffers still owned (no
+    crash, no message in the wrong buffer), plain and staged through host."""
+    sender, receiver = run_ranks(p2p_cases.aborts_leave_no_transfer_unowned, 2)
+    for staged in (False, True):
+        tuple_case = receiver[("tuple receive", staged)]
+        assert tuple_case["posted"] is True
+        assert tuple_case["error"][0] == "P2PAborted", tuple_case
+        assert "stopped receiving activation 1 from stage 0: global rank 0 failed" in tuple_case["error"][1]
+        assert tuple_case["send_after_abort"][0] == "P2PAborted", tuple_case
+        assert "stopped sending gradient 0 (meta) to stage 0" in tuple_case["send_after_abort"][1]
+        assert tuple_case["pending_after_abort"] == 0
+        assert sender[("tuple receive", staged)]["late_send_completed"]
+        for waits_in in ("wait_sends", "a second send"):
+            sent, received = sender[(waits_in, staged)], receiver[(waits_in, staged)]
+            assert sent["pending"] == 5  # meta + 2 tensors, meta + 1 tensor
+            first_waited = "gradient 0 (meta)" if waits_in == "wait_sends" else "activation 0 (meta)"
+            assert sent["error"][0] == "P2PAborted", sent
+            assert f"stopped sending {first_waited} to stage 1: global rank 1 failed" in sent["error"][1], sent
+            assert sent["pending_after_abort"] == 4  # all but the one whose wait was aborted
+            assert (received["first"], received["second"]) == received["expected"], received

@@ -139,3 +139,25 @@ def test_schedule_facts_come_from_cpp():
     # Both names of a kind or layout are accepted where C++ takes one.
     assert _C.StageProgram(_C.ScheduleKind.ZeroBubbleV, 4, 2, 0, False, 2, _C.ChunkLayout.V).layout == \
         _C.ChunkLayout.V
+
+
+def test_a_failed_run_frees_what_it_held_before_the_error_reaches_python():
+    """A batch that fails frees the executor's buffers where a batch that
+    succeeds frees them (in the run, with the GIL released), so the losses it
+    held for their backward are gone when Python sees the error."""
+    import weakref
+    callbacks = Recorder(3)
+    held = []
+
+    def forward_loss(inputs, labels):
+        if labels["micro_batch"] == 2:
+            raise KeyError("no such label")
+        loss = (inputs * callbacks.weight).sum()
+        held.append(weakref.ref(loss))
+        return loss
+
+    callbacks.forward_loss = forward_loss
+    with pytest.raises(KeyError) as raised:
+        _C.run_stage(_C.StageProgram("gpipe", 3, 1, 0, False), None, callbacks)
+    assert raised.value.pipeline_position.endswith("ForwardPass (micro-batch 2)")
+    assert len(held) == 2 and all(ref() is None for ref in held)  # gpipe holds both losses for the backward
