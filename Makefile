@@ -9,7 +9,7 @@ BUILD_STAMP := $(VENV)/.build-stamp
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 CXX ?= g++
 
-.PHONY: all deps build test test-fast test-core lint demo bench clean cuda-build gpu-check package-check
+.PHONY: all deps build test test-fast test-core lint demo bench clean cuda-build gpu-check nccl gpu-wheels package-check test-asan
 
 all: build
 
@@ -50,6 +50,19 @@ lint: $(DEPS_STAMP)
 # well under a minute (about 20 s on a 2-core machine; `make test` runs pytest for about 10 min).
 test-fast: build
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/unit
+
+# The transfer and failure tests against an AddressSanitizer build of the extension (not part of `make test`:
+# the build alone takes about 6 minutes here). The package's Python files and the sanitized _C go to
+# build/asan/pkg, first on PYTHONPATH, so the tests' spawned ranks load them too.
+ASAN_TESTS ?= tests/distributed/test_p2p.py tests/unit/test_executor.py tests/distributed/test_faults.py
+test-asan: $(DEPS_STAMP)
+	DPE_SANITIZE=address DPE_WERROR=1 MAX_JOBS=2 $(PY) setup.py -q build_ext --build-temp build/asan/temp \
+		--build-lib build/asan/lib
+	rm -rf build/asan/pkg && mkdir -p build/asan/pkg
+	cp -r deepspeed_pipe_ext build/asan/pkg/ && rm -f build/asan/pkg/deepspeed_pipe_ext/_C*.so
+	cp build/asan/lib/deepspeed_pipe_ext/_C*.so build/asan/pkg/deepspeed_pipe_ext/
+	PYTHONPATH=$(CURDIR)/build/asan/pkg LD_PRELOAD=$$($(CXX) -print-file-name=libasan.so) \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(ASAN_TESTS)
 
 demo: build
 	OMP_NUM_THREADS=1 $(PY) examples/demo.py
@@ -98,9 +111,19 @@ cuda-build: $(CUDA_VENV)/.deps-stamp
 	$(CUDA_VENV)/bin/python -c "import sys; sys.path.insert(0, 'build/cuda/lib'); import glob; \
 		print('built', glob.glob('build/cuda/lib/deepspeed_pipe_ext/_C*.so'))"
 
-# The GPU check (benchmarks/gpu_check.sh): run on a machine with one NVIDIA GPU.
+# The GPU check (benchmarks/gpu_check.sh): run on a machine with one NVIDIA GPU. It preloads
+# build/nccl/libnccl.so.2.xz when `make nccl` built it.
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# NCCL 2.30+ for sm_90 only (H100/H200), for the GPU check's sections with several ranks on one GPU:
+# about 18 minutes on 2 cores, reused once built; NCCL_REPO=<a clone> where GitHub is out of reach.
+nccl:
+	bash benchmarks/nccl/build_nccl.sh
+
+# What the GPU machine lacks for the GPU check (deepspeed and its dependencies, as CPython 3.12 wheels) in .whl/.
+gpu-wheels: $(DEPS_STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu_wheels.sh
 
 clean:
 	rm -rf build $(VENV) deepspeed_pipe_ext/*.so *.egg-info

@@ -7,6 +7,7 @@ DPE_WITH_CUDA) only when there are CUDA kernels, torch has CUDA and nvcc is
 found; there are none so far (none has yet been measured to pay).
 Build with `pip install --no-build-isolation -e .` so the installed torch is
 used. Warnings are on (-Wall); DPE_WERROR=1 makes them errors (make build, make cuda-build).
+DPE_SANITIZE=address builds under AddressSanitizer (make test-asan).
 """
 import glob
 import os
@@ -34,6 +35,10 @@ nvcc_flags = ["-O3"]
 if os.environ.get("DPE_WERROR", "0") == "1":  # make build, make cuda-build and CI
     cxx_flags += ["-Werror"]
     nvcc_flags += ["-Werror", "all-warnings"]
+extra_link_args = []
+if os.environ.get("DPE_SANITIZE"):  # make test-asan: an AddressSanitizer build of the whole extension
+    cxx_flags += [f"-fsanitize={os.environ['DPE_SANITIZE']}", "-fno-omit-frame-pointer"]
+    extra_link_args += [f"-fsanitize={os.environ['DPE_SANITIZE']}"]
 define_macros = []
 if use_cuda and cuda_sources:
     define_macros.append(("DPE_WITH_CUDA", "1"))
@@ -43,6 +48,7 @@ if use_cuda and cuda_sources:
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=extra_link_args,
     )
 else:
     extension = CppExtension(
@@ -51,6 +57,7 @@ else:
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=extra_link_args,
     )
 
 setup(

@@ -20,9 +20,13 @@ figure printed in one summary (and written to <out>/gpu_check.json).
 6. A failed batch at S=2 on the one GPU: a forward, a loss and a data
    iterator raising on one rank; every rank stops at once, no weight moves,
    the next batch refuses (the host-staged transfers are aborted).
-
-NCCL refuses two ranks on one device, so point-to-point over NCCL is not run
-here; its ordering is proven by the checker (test_nccl_order.py in tests/unit and tests/distributed).
+7. Several ranks on the one GPU over NCCL (benchmarks/gpu_check_nccl.py; needs
+   NCCL 2.30+, which `make nccl` builds and gpu_check.sh preloads): S=2 under
+   1f1b, gpipe and zb-h1 in fp32, bf16 and fp16; interleaved-1f1b and zb-v with
+   fixed and dynamic shapes; S=4; PP=2 x TP=2; a failed batch; each rank's
+   recorded transfers replayed through the NCCL-order checker; a profiled
+   compute-bound step (transfer time hidden behind compute); overhead-bound
+   train_batch at S=2 against DeepSpeed.
 """
 import argparse
 import json
@@ -56,6 +60,7 @@ def section(name):
             RESULTS[name]["seconds"] = round(time.perf_counter() - start, 1)
             print(f"[{name}] {json.dumps(RESULTS[name], default=str)[:1500]}", flush=True)
         run.section_name = name
+        run.__wrapped__ = fn  # the body alone, for a section that reruns another's on another backend
         return run
     return wrap
 
@@ -194,8 +199,9 @@ def checkpoint_dropout():
             "rng_state_after_equal": torch.equal(plain_rng, re_rng) and torch.equal(plain_rng, nr_rng)}
 
 
-def _worker(rank, world_size, port, queue, device, body):
-    """A spawned rank: joins a gloo group on the one GPU, runs body(rank, world_size), reports."""
+def _worker(rank, world_size, port, queue, device, body, backend="gloo"):
+    """A spawned rank: joins a group (gloo, or NCCL where it admits several ranks on one GPU) on the one GPU,
+    runs body(rank, world_size), reports."""
     global DEVICE
     DEVICE = device
     import faulthandler
@@ -204,7 +210,7 @@ def _worker(rank, world_size, port, queue, device, body):
     _C.print_native_stack_on_crash()  # ... after the native one
     try:
         dry_run_patches()
-        join(rank, world_size, port, "gloo")
+        join(rank, world_size, port, backend)
         result = body(rank, world_size)
         result.pop("weights", None)
         queue.put((rank, result))
@@ -337,7 +343,7 @@ TP_CONFIGS = {"split": {}, "unsplit": {"pipe_partitioned": False, "grad_partitio
               "split gpipe": {"schedule": "gpipe"}, "split zb-h1": {"schedule": "zb-h1"}}
 
 
-def _tp_worker(rank, world_size, port, out_dir, queue, device):
+def _tp_worker(rank, world_size, port, out_dir, queue, device, backend="gloo"):
     def body(rank, world_size):
         _tests_on_path()
         import tensor_parallel_cases as cases
@@ -347,12 +353,13 @@ def _tp_worker(rank, world_size, port, out_dir, queue, device):
             out[name] = {"losses": run["losses"], "eval": run["eval"], "sent": run["sent"], "flags": run["flags"],
                          "weights_on": sorted({str(w.device) for w in run["weights"].values()})}
         return out
-    _worker(rank, world_size, port, queue, device, body)
+    _worker(rank, world_size, port, queue, device, body, backend)
 
 
 @section("PP=2 x TP=2 in four processes on one GPU over gloo: split transfers, every schedule")
-def tensor_parallel_split(out_dir):
-    runs = spawn(_tp_worker, 4, out_dir)
+def tensor_parallel_split(out_dir, backend="gloo"):
+    import functools
+    runs = spawn(functools.partial(_tp_worker, backend=backend), 4, out_dir)
     assert len(runs) == 4 and all("error" not in r for r in runs.values()), runs
     last = runs[3]  # a last-stage rank: it holds the losses
     split, unsplit = last["split"]["losses"], last["unsplit"]["losses"]
@@ -369,7 +376,7 @@ def tensor_parallel_split(out_dir):
 FAULT_CASES = {"forward": (0, 0), "loss": (1, 0), "load": (0, 0)}  # case: the victim's (stage, data-parallel rank)
 
 
-def _fault_worker(case, rank, world_size, port, out_dir, queue, device):
+def _fault_worker(case, rank, world_size, port, out_dir, queue, device, backend="gloo"):
     def body(rank, world_size):
         import faulthandler
         faulthandler.dump_traceback_later(45, exit=True)  # a hang shows every thread's stack, then ends the rank
@@ -380,16 +387,16 @@ def _fault_worker(case, rank, world_size, port, out_dir, queue, device):
         print(f"[fault case {case}] rank {rank} done: {result}", file=sys.stderr, flush=True)
         faulthandler.cancel_dump_traceback_later()
         return result
-    _worker(rank, world_size, port, queue, device, body)
+    _worker(rank, world_size, port, queue, device, body, backend)
 
 
 @section("a failed batch at S=2 on one GPU over gloo: every rank stops, nothing steps")
-def failed_batch(out_dir):
+def failed_batch(out_dir, backend="gloo"):
     import functools
     out = {}
     cases = os.environ.get("GPU_CHECK_FAULT_CASES", ",".join(FAULT_CASES)).split(",")
     for case in cases:  # one job per case, so that a hang in one leaves the others' figures
-        runs = spawn(functools.partial(_fault_worker, case), 2, out_dir, timeout=75)
+        runs = spawn(functools.partial(_fault_worker, case, backend=backend), 2, out_dir, timeout=75)
         if len(runs) < 2 or any("error" in r for r in runs.values()):
             out[case] = {"failed": {rank: r.get("error", "")[-600:] for rank, r in runs.items()}, "ranks_reported":
                          sorted(runs)}
@@ -429,7 +436,8 @@ def environment():
         nccl = f"unknown ({err})"
     return {"gpu": torch.cuda.get_device_name(0), "nvidia_smi": smi, "torch": torch.__version__,
             "cuda": torch.version.cuda, "nccl": nccl, "deepspeed": deepspeed.__version__,
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
 
 
 def main():
@@ -447,8 +455,11 @@ def main():
     RESULTS["environment"] = environment()
     print(f"[environment] {RESULTS['environment']}", flush=True)
     join(0, 1, free_port(), BACKEND)
+    sys.modules.setdefault("gpu_check", sys.modules[__name__])  # one module for the NCCL sections' `import gpu_check`
+    import gpu_check_nccl
     sections = [(parity_s1, ()), (checkpoint_dropout, ()), (overhead_s1, ()), (host_staged_s2, (args.out, )),
                 (tensor_parallel_split, (args.out, )), (failed_batch, (args.out, ))]
+    sections += [(run, (args.out, )) for run in gpu_check_nccl.SECTIONS]
     for run, run_args in sections:
         if args.only is None or any(word in run.section_name for word in args.only):
             run(*run_args)
@@ -462,7 +473,7 @@ def main():
         if name == "environment":
             continue
         long = {"losses_ours", "losses_deepspeed", "losses_s1", "losses_s2", "error", "losses_split", "losses_unsplit",
-                "errors"}
+                "errors", "report"}
         shown = {k: ({kk: vv for kk, vv in v.items() if kk not in long} if isinstance(v, dict) else v)
                  for k, v in r.items() if k not in long}
         print(f"{'PASS' if r.get('ok') else 'FAIL'}  {name}: {json.dumps(shown, default=str)[:900]}")

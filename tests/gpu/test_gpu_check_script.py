@@ -15,7 +15,7 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = {k: v for k, v in results.items() if k != "environment"}
-    assert len(sections) == 6
+    assert len(sections) == 13
     failed = {k: v.get("error") for k, v in sections.items() if not v["ok"]}
     assert not failed, failed
     s1 = next(v for k, v in sections.items() if k.startswith("S=1"))
@@ -32,3 +32,27 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     assert any("send activation" in n for n in s2["profiled_labels"]["0"])
     assert (tmp_path / "s2_stage0_trace.json").stat().st_size > 1000
     assert "==== summary ====" in done.stdout and "FAIL" not in done.stdout
+    # The sections with several ranks on one GPU over NCCL (over gloo in the dry run).
+    by_start = lambda prefix: next(v for k, v in sections.items() if k.startswith(prefix))  # noqa: E731
+    schedules = by_start("S=2 over NCCL")
+    assert schedules["all_equal"] and schedules["fp16_overflow_step_skipped"]
+    assert set(schedules["fp32"]) >= {"1f1b", "gpipe", "zb-h1"} and set(schedules["bf16"]) >= {"1f1b", "gpipe"}
+    virtual = by_start("virtual stages at S=2")
+    assert virtual["all_ok"] and virtual["zb-v/transformer dynamic"]["replay_ok"]
+    assert virtual["interleaved-1f1b/transformer dynamic"]["operations"] > 0
+    four = by_start("S=4 over NCCL")
+    assert four["admitted"] and four["all_ok"]
+    assert by_start("PP=2 x TP=2 over NCCL")["split_equals_unsplit"]
+    assert by_start("a failed batch at S=2 over NCCL")["all_stopped_within_5s"]
+    overlap = by_start("a compute-bound S=2 step")
+    assert set(overlap["by_rank"]) == {"0", "1"} and overlap["trace_bytes"] > 1000
+    assert by_start("overhead-bound train_batch at S=2")["speedup_rank0"] > 0
+
+
+def test_hidden_fraction_counts_transfer_time_under_any_compute_kernel():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check_nccl
+    # Compute [2, 6] (two overlapping kernels, counted once) and [8, 20] cover 4 + 2 of the transfer's 10.
+    assert gpu_check_nccl.hidden_fraction([(0, 10)], [(2, 4), (3, 6), (8, 20)]) == (0.6, 10)
+    assert gpu_check_nccl.hidden_fraction([(0, 4), (10, 12)], [(11, 30)]) == (1 / 6, 6)
+    assert gpu_check_nccl.hidden_fraction([], [(0, 1)]) == (None, 0)
