@@ -53,7 +53,8 @@ test-fast: build
 
 # The transfer and failure tests against an AddressSanitizer build of the extension (not part of `make test`:
 # the build alone takes about 6 minutes here). The package's Python files and the sanitized _C go to
-# build/asan/pkg, first on PYTHONPATH, so the tests' spawned ranks load them too.
+# build/asan/pkg, first on PYTHONPATH, so the tests' spawned ranks load them too. libstdc++ is preloaded
+# with the ASan runtime: python does not link it, and ASan's interceptor of C++ throws needs it at start.
 ASAN_TESTS ?= tests/distributed/test_p2p.py tests/unit/test_executor.py tests/distributed/test_faults.py
 test-asan: $(DEPS_STAMP)
 	DPE_SANITIZE=address DPE_WERROR=1 MAX_JOBS=2 $(PY) setup.py -q build_ext --build-temp build/asan/temp \
@@ -61,8 +62,8 @@ test-asan: $(DEPS_STAMP)
 	rm -rf build/asan/pkg && mkdir -p build/asan/pkg
 	cp -r deepspeed_pipe_ext build/asan/pkg/ && rm -f build/asan/pkg/deepspeed_pipe_ext/_C*.so
 	cp build/asan/lib/deepspeed_pipe_ext/_C*.so build/asan/pkg/deepspeed_pipe_ext/
-	PYTHONPATH=$(CURDIR)/build/asan/pkg LD_PRELOAD=$$($(CXX) -print-file-name=libasan.so) \
-		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(ASAN_TESTS)
+	PYTHONPATH=$(CURDIR)/build/asan/pkg LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider --import-mode=append $(ASAN_TESTS)
 
 demo: build
 	OMP_NUM_THREADS=1 $(PY) examples/demo.py

@@ -13,9 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- tests/distributed/test_faults.py tests/distributed/test_p2p.py tests/unit/test_executor.py
-: "${VENV:?set VENV to the other Python's virtual environment}"
+: "${VENV:?set VENV to the virtual environment of the other Python}"
 PY=$VENV/bin/python
-DEST=build/other-python/$($PY -c "import sys, torch; print(f'py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}')")
+TAG=$($PY -c 'import sys, torch; print("py%d%d-torch%s" % (sys.version_info[0], sys.version_info[1], torch.__version__))')
+DEST=build/other-python/$TAG
 DPE_NO_CUDA=1 DPE_WERROR=1 MAX_JOBS=${MAX_JOBS:-2} $PY setup.py -q build_ext --build-temp "$DEST/temp" --build-lib "$DEST/lib"
 rm -rf "$DEST/pkg" && mkdir -p "$DEST/pkg"
 cp -r deepspeed_pipe_ext "$DEST/pkg/" && rm -f "$DEST"/pkg/deepspeed_pipe_ext/_C*.so
@@ -23,4 +24,4 @@ cp "$DEST"/lib/deepspeed_pipe_ext/_C*.so "$DEST/pkg/deepspeed_pipe_ext/"
 $PY -c "import sys, torch; print('Python', sys.version.split()[0], 'torch', torch.__version__)"
 # CUDA_VISIBLE_DEVICES="": DeepSpeed picks its CPU accelerator, as on the CPU machine.
 PYTHONPATH=$PWD/$DEST/pkg:$PWD PYTHONMALLOC=debug PYTHONFAULTHANDLER=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 \
-  $PY -m pytest -q -p no:cacheprovider "$@"
+  "$VENV/bin/pytest" -q -p no:cacheprovider --import-mode=append "$@"

@@ -457,9 +457,11 @@ def main():
     join(0, 1, free_port(), BACKEND)
     sys.modules.setdefault("gpu_check", sys.modules[__name__])  # one module for the NCCL sections' `import gpu_check`
     import gpu_check_nccl
-    sections = [(parity_s1, ()), (checkpoint_dropout, ()), (overhead_s1, ()), (host_staged_s2, (args.out, )),
-                (tensor_parallel_split, (args.out, )), (failed_batch, (args.out, ))]
-    sections += [(run, (args.out, )) for run in gpu_check_nccl.SECTIONS]
+    # The failed batches first: if a rank still crashes, its native stack is the first thing the run prints.
+    sections = [(failed_batch, (args.out, )), (gpu_check_nccl.failed_batch_nccl, (args.out, )), (parity_s1, ()),
+                (checkpoint_dropout, ()), (overhead_s1, ()), (host_staged_s2, (args.out, )),
+                (tensor_parallel_split, (args.out, ))]
+    sections += [(run, (args.out, )) for run in gpu_check_nccl.SECTIONS if run is not gpu_check_nccl.failed_batch_nccl]
     for run, run_args in sections:
         if args.only is None or any(word in run.section_name for word in args.only):
             run(*run_args)

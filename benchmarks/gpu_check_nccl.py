@@ -320,4 +320,67 @@ def overhead_s2(out_dir):
     return {"by_rank": {r: runs[r] for r in sorted(runs)}, "speedup_rank0": runs[0]["speedup"]}
 
 
-SECTIONS = [schedules_s2, virtual_s2, four_stages, tensor_parallel_nccl, failed_batch_nccl, overlap_s2, overhead_s2]
+# --- Does packing a tuple into one message pay? (the measurement a CUDA packing kernel would need first) --------
+
+def _tuple_body(rank, world_size, out_dir):
+    """A (hidden, mask, positions) activation, as GPT-style stages pass it, sent by our P2P as three messages
+    (as the executor does) and as one: the three packed into one byte buffer on the device, unpacked on arrival
+    (torch.cat and views: what a packing kernel would have to beat). Median seconds per transfer, both ways."""
+    import torch
+    import torch.distributed as dist
+
+    from deepspeed_pipe_ext import _C
+    device = "cuda:0" if base.DEVICE == "cuda" else "cpu"
+    p2p = _C.P2P(dist.group.WORLD, 60.0, f"rank {rank}", device=device)
+    repeats = 50 if base.DEVICE == "cuda" else 5
+    out = {}
+    for batch, seq, hidden in ((1, 128, 1024), (4, 2048, 4096)) if base.DEVICE == "cuda" else ((1, 8, 16), ):
+        hid = torch.randn(batch, seq, hidden, device=device, dtype=torch.bfloat16)
+        mask = torch.ones(batch, seq, device=device, dtype=torch.bool)
+        pos = torch.arange(seq, device=device).expand(batch, seq).contiguous()
+        parts = (hid, mask, pos)
+
+        def pack():
+            return torch.cat([t.reshape(-1).view(torch.uint8) for t in parts])
+
+        def unpack(flat):
+            views, at = [], 0
+            for t in parts:
+                n = t.numel() * t.element_size()
+                views.append(flat[at:at + n].view(t.dtype).view(t.shape))
+                at += n
+            return views
+
+        times = {"three messages": [], "one packed message": []}
+        for rep in range(repeats + 3):
+            for how in times:
+                dist.barrier()
+                base.sync()
+                start = time.perf_counter()
+                if rank == 0:
+                    p2p.send(parts if how == "three messages" else pack(), 1, 0 if how == "three messages" else 2,
+                             "activation")
+                    p2p.wait_sends()
+                else:
+                    got = p2p.recv(0, 0 if how == "three messages" else 2, "activation")
+                    if how == "one packed message":
+                        got = unpack(got)
+                base.sync()
+                if rep >= 3:
+                    times[how].append(time.perf_counter() - start)
+        med = {how: statistics.median(t) * 1e6 for how, t in times.items()}
+        out[f"{batch}x{seq}x{hidden} bf16 + mask + positions"] = {
+            "three_us": round(med["three messages"], 1), "packed_us": round(med["one packed message"], 1),
+            "packed_speedup": round(med["three messages"] / med["one packed message"], 3)}
+    return out
+
+
+@base.section("a tuple activation over NCCL: three messages vs one packed message (does a packing kernel pay?)")
+def tuple_packing(out_dir):
+    runs = spawn(_tuple_body, 2, out_dir)
+    assert not _failed(runs, 2), _errors(runs)
+    return {"receiver": runs[1], "sender": runs[0]}
+
+
+SECTIONS = [schedules_s2, virtual_s2, four_stages, tensor_parallel_nccl, failed_batch_nccl, overlap_s2, overhead_s2,
+            tuple_packing]

@@ -15,7 +15,7 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = {k: v for k, v in results.items() if k != "environment"}
-    assert len(sections) == 13
+    assert len(sections) == 14
     failed = {k: v.get("error") for k, v in sections.items() if not v["ok"]}
     assert not failed, failed
     s1 = next(v for k, v in sections.items() if k.startswith("S=1"))
@@ -47,6 +47,8 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     overlap = by_start("a compute-bound S=2 step")
     assert set(overlap["by_rank"]) == {"0", "1"} and overlap["trace_bytes"] > 1000
     assert by_start("overhead-bound train_batch at S=2")["speedup_rank0"] > 0
+    packing = by_start("a tuple activation over NCCL")["receiver"]
+    assert packing and all(row["three_us"] > 0 and row["packed_us"] > 0 for row in packing.values())
 
 
 def test_hidden_fraction_counts_transfer_time_under_any_compute_kernel():
