@@ -255,6 +255,7 @@ static void test_schedule_transfers_under_nccl() {
     }
   }
   CHECK(checked > 2 * 4 * 16 * 64);
+  std::printf("one chunk per rank: %lld transfer plans NCCL-checked\n", (long long)checked);
   // Several model chunks per rank (virtual stages): interleaved 1F1B and its
   // inference schedule. A shape with no agreed pair order is refused by
   // plan_transfers (the runtime refuses it before the first step); every
@@ -836,18 +837,25 @@ static void test_planner() {
       large.candidates.size(), seconds, large.candidates[large.best].name().c_str());
 }
 
+// Runs one test and prints its time: the core tests are a fixed part of CI's budget.
+static void timed(const char* name, void (*test)()) {
+  const auto start = std::chrono::steady_clock::now();
+  test();
+  std::printf("%s: %.1f s\n", name, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+}
+
 int main() {
-  test_planner();
-  test_controlled_memory_v();
-  test_stage_programs();
-  test_partition();
-  test_zero_bubble_v();
-  test_compute_orders();
-  test_topology();
-  test_schedules_property();
-  test_schedule_errors();
-  test_nccl_order_checker();
-  test_schedule_transfers_under_nccl();
+  timed("planner", test_planner);
+  timed("controlled-memory V", test_controlled_memory_v);
+  timed("stage programs", test_stage_programs);
+  timed("partition", test_partition);
+  timed("zero-bubble V", test_zero_bubble_v);
+  timed("compute orders", test_compute_orders);
+  timed("topology", test_topology);
+  timed("schedule properties", test_schedules_property);
+  timed("schedule errors", test_schedule_errors);
+  timed("NCCL-order checker", test_nccl_order_checker);
+  timed("schedule transfers under NCCL", test_schedule_transfers_under_nccl);
   std::printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;
 }
