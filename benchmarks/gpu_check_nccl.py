@@ -68,7 +68,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 def _schedules_body(rank, world_size, out_dir):
     import torch
     steps = 4 if base.DEVICE == "cuda" else 3
-    out = {"backend": _backend_name()}
+    out = {"backend": _backend_name(), "nccl_loaded": _nccl_loaded()}
     for precision in PRECISIONS:
         overflow = 1 if precision == "fp16" else None
         theirs = base.train("deepspeed", 2, precision, steps, overflow_step=overflow)
@@ -88,6 +88,14 @@ def _schedules_body(rank, world_size, out_dir):
     return out
 
 
+def _nccl_loaded():
+    """The NCCL this process really loaded (the preloaded one, if the preload took)."""
+    import torch
+    if base.DEVICE != "cuda":
+        return None
+    return ".".join(map(str, torch.cuda.nccl.version()))
+
+
 def _backend_name():
     import torch.distributed as dist
     return dist.get_backend()
@@ -97,7 +105,7 @@ def _backend_name():
 def schedules_s2(out_dir):
     runs = spawn(_schedules_body, 2, out_dir)
     assert not _failed(runs, 2), _errors(runs)
-    out = {"backend": runs[0]["backend"]}
+    out = {"backend": runs[0]["backend"], "nccl_loaded_by_rank": [runs[r]["nccl_loaded"] for r in sorted(runs)]}
     every = True
     for precision in PRECISIONS:
         tolerance = 1e-2 if precision == "bf16" else 1e-6
