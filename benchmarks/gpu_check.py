@@ -115,6 +115,8 @@ def train(engine_kind, num_stages, precision, steps, micro_batches=4, overflow_s
               "steps_per_print": 10**9}
     if schedule is not None:
         config["pipeline"] = {"schedule": schedule}
+    if ours:  # a hung transfer fails well within the check's own per-section limits
+        config.setdefault("pipeline", {})["p2p_timeout"] = 60
     dtype = torch.float32
     if precision.startswith("bf16"):
         config["bf16"], dtype = {"enabled": True}, torch.bfloat16
@@ -167,6 +169,7 @@ def parity_s1():
     fp16 = out["fp16"]
     out["fp16_overflow_skipped"] = (fp16["losses_ours"][2] == float("inf") and fp16["losses_ours"][3] < 10
                                     and fp16["loss_scale_ours"] == fp16["loss_scale_deepspeed"])
+    assert out["all_equal"] and out["fp16_overflow_skipped"], out
     return out
 
 
@@ -194,9 +197,11 @@ def checkpoint_dropout():
     plain, plain_rng = grads(lambda: model(x))
     reentrant, re_rng = grads(lambda: ac.checkpoint(model, x))
     non_reentrant, nr_rng = grads(lambda: ac.non_reentrant_checkpoint(model, x, params=params))
-    return {"reentrant_bitwise_equal": all(torch.equal(a, b) for a, b in zip(plain, reentrant)),
-            "non_reentrant_bitwise_equal": all(torch.equal(a, b) for a, b in zip(plain, non_reentrant)),
-            "rng_state_after_equal": torch.equal(plain_rng, re_rng) and torch.equal(plain_rng, nr_rng)}
+    out = {"reentrant_bitwise_equal": all(torch.equal(a, b) for a, b in zip(plain, reentrant)),
+           "non_reentrant_bitwise_equal": all(torch.equal(a, b) for a, b in zip(plain, non_reentrant)),
+           "rng_state_after_equal": torch.equal(plain_rng, re_rng) and torch.equal(plain_rng, nr_rng)}
+    assert all(out.values()), out
+    return out
 
 
 def _worker(rank, world_size, port, queue, device, body, backend="gloo"):
@@ -208,14 +213,16 @@ def _worker(rank, world_size, port, queue, device, body, backend="gloo"):
     faulthandler.enable(all_threads=True)  # a crash shows every thread's Python stack
     from deepspeed_pipe_ext._native import _C
     _C.print_native_stack_on_crash()  # ... after the native one
+    phase = "join"  # whether a failure came while joining the group (NCCL refusing ranks) or in the body
     try:
         dry_run_patches()
         join(rank, world_size, port, backend)
+        phase = "body"
         result = body(rank, world_size)
         result.pop("weights", None)
         queue.put((rank, result))
     except Exception:
-        queue.put((rank, {"error": traceback.format_exc()[-3000:]}))
+        queue.put((rank, {"error": traceback.format_exc()[-3000:], "phase": phase}))
 
 
 def _s2_body(rank, world_size, out_dir):
@@ -287,6 +294,8 @@ def host_staged_s2(out_dir):
     s2 = spawn(_s2_worker, 2, out_dir)
     s1 = spawn(_s1_gloo_worker, 1, out_dir)
     assert all("error" not in r for r in list(s2.values()) + list(s1.values())), (s2, s1)
+    assert same_losses(s2[0]["losses"], s1[0]["losses"]), (s2[0]["losses"], s1[0]["losses"])
+    assert all(same_losses(losses, s1[0]["losses"]) for losses in s2[0]["losses_by_schedule"].values())
     return {"losses_s2": s2[0]["losses"], "losses_s1": s1[0]["losses"],
             "losses_equal": same_losses(s2[0]["losses"], s1[0]["losses"]),
             "loss_falls": s2[0]["losses"][-1] < s2[0]["losses"][0],
@@ -364,6 +373,8 @@ def tensor_parallel_split(out_dir, backend="gloo"):
     last = runs[3]  # a last-stage rank: it holds the losses
     split, unsplit = last["split"]["losses"], last["unsplit"]["losses"]
     sent = {name: runs[0][name]["sent"] for name in ("split", "unsplit")}
+    assert same_losses(split, unsplit) and split[-1] < split[0], (split, unsplit)
+    assert all(same_losses(last[name]["losses"], split) for name in ("split gpipe", "split zb-h1"))
     return {"losses_split": split, "losses_unsplit": unsplit,
             "split_equals_unsplit": same_losses(split, unsplit),
             "gpipe_zbh1_equal": {name: same_losses(last[name]["losses"], split)
@@ -465,6 +476,8 @@ def main():
     for run, run_args in sections:
         if args.only is None or any(word in run.section_name for word in args.only):
             run(*run_args)
+            with open(os.path.join(args.out, "gpu_check.json"), "w") as f:  # after each: a cut-off run keeps its part
+                json.dump(RESULTS, f, indent=1, default=str)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
     print("\n==== summary ====")
@@ -481,6 +494,8 @@ def main():
         print(f"{'PASS' if r.get('ok') else 'FAIL'}  {name}: {json.dumps(shown, default=str)[:900]}")
         if not r.get("ok"):
             print("      " + r["error"].strip().splitlines()[-1])
+    failed = [name for name, r in RESULTS.items() if name != "environment" and not r.get("ok")]
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

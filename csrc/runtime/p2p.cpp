@@ -122,11 +122,11 @@ void P2P::abort(const std::string& reason) {
       return;
     }
   }
-  // NCCL: a wait only orders streams, so the host is rarely blocked in one;
-  // what hangs is a receive already on the device that its peer will never
-  // match, and whatever the host later synchronizes on behind it. Aborting
-  // the group's communicators ends those kernels (outside the lock: it may
-  // take a while).
+  // NCCL: a receive already on the device that its peer will never match
+  // hangs its stream, a wait for it (torch's wait with a timeout polls on the
+  // host), and whatever the host later synchronizes on behind it; sends are
+  // never waited for. Aborting the group's communicators ends those kernels
+  // (outside the lock: it may take a while).
   try {
     group_->abort();
   } catch (const std::exception&) {  // a communicator already torn down: nothing left to stop
@@ -253,8 +253,9 @@ void P2P::wait(const Started& started, int peer, const Describe& what, const cha
     waiting_.reset();
     aborted = abort_reason_;
   }
-  if (!completed) {
-    keep_forever(started.work);
+  // An aborted NCCL communicator ends its kernels and reports the work complete: what it left is no transfer.
+  if (!completed || !aborted.empty()) {
+    if (!completed) keep_forever(started.work);
     stopped(aborted.empty() ? std::string("the backend reported the transfer aborted") : aborted, peer, what, part,
             sending);
   }

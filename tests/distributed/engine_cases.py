@@ -119,7 +119,7 @@ class Embed(nn.Module):
 
     def forward(self, inputs):
         ids, mask = inputs
-        positions = torch.arange(ids.shape[1], dtype=torch.int64).expand_as(ids).contiguous()
+        positions = torch.arange(ids.shape[1], dtype=torch.int64, device=ids.device).expand_as(ids).contiguous()
         return self.emb(ids), mask, positions
 
 
