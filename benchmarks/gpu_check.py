@@ -305,19 +305,20 @@ def host_staged_s2(out_dir):
             "profiled_labels": {r: [n for n in s2[r]["profiled_pipe_labels"] if "mb 1" in n] for r in sorted(s2)}}
 
 
-@section("overhead-bound train_batch at S=1 on CUDA: DeepSpeed vs ours")
-def overhead_s1(repeats=15):
+def overhead_side_by_side(num_stages, repeats, micro_batches=32, layers=32):
+    """DeepSpeed's engine and ours on many tiny layers (the runtime's own cost dominates), alternating
+    train_batch calls after two warm-up rounds; medians in ms. Every rank of the job calls it."""
     import deepspeed
     import torch
     import torch.nn as nn
     from deepspeed.pipe import PipelineModule as DSPipelineModule
 
     import deepspeed_pipe_ext as dpe
-    micro_batches, layers = 32, 32
 
     def build(module_cls, spec):
         torch.manual_seed(0)
-        net = module_cls(layers=[spec(nn.Linear, 8, 8) for _ in range(layers)], num_stages=1, loss_fn=nn.MSELoss())
+        net = module_cls(layers=[spec(nn.Linear, 8, 8) for _ in range(layers)], num_stages=num_stages,
+                         loss_fn=nn.MSELoss(), partition_method="uniform")
         engine, _, _, _ = deepspeed.initialize(model=net, config={"train_micro_batch_size_per_gpu": 1,
                                                                   "gradient_accumulation_steps": micro_batches,
                                                                   "steps_per_print": 10**9},
@@ -325,8 +326,8 @@ def overhead_s1(repeats=15):
                                                optimizer=torch.optim.SGD(net.parameters(), lr=1e-4))
         return engine
 
-    engines = {"deepspeed": build(DSPipelineModule, deepspeed.pipe.LayerSpec), "ours": build(dpe.PipelineModule,
-                                                                                              dpe.LayerSpec)}
+    engines = {"deepspeed": build(DSPipelineModule, deepspeed.pipe.LayerSpec),
+               "ours": build(dpe.PipelineModule, dpe.LayerSpec)}
     batch = (torch.randn(1, 8), torch.randn(1, 8))
     times = {name: [] for name in engines}
     for rep in range(repeats + 2):
@@ -340,6 +341,11 @@ def overhead_s1(repeats=15):
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return {"layers": layers, "micro_batches": micro_batches, "deepspeed_ms": round(med["deepspeed"], 2),
             "ours_ms": round(med["ours"], 2), "speedup": round(med["deepspeed"] / med["ours"], 2)}
+
+
+@section("overhead-bound train_batch at S=1 on CUDA: DeepSpeed vs ours")
+def overhead_s1(repeats=15):
+    return overhead_side_by_side(1, repeats)
 
 
 def _tests_on_path():

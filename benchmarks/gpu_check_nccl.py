@@ -296,42 +296,8 @@ def overlap_s2(out_dir):
 # --- Overhead-bound train_batch at S=2 over NCCL: ours vs DeepSpeed, side by side ---------------------------------
 
 def _overhead_body(rank, world_size, out_dir):
-    import deepspeed
-    import torch
-    import torch.nn as nn
-    from deepspeed.pipe import PipelineModule as DSPipelineModule
-
-    import deepspeed_pipe_ext as dpe
-    micro_batches, layers = 32, 32
     repeats = 15 if base.DEVICE == "cuda" else 3
-
-    def build(module_cls, spec):
-        torch.manual_seed(0)
-        net = module_cls(layers=[spec(nn.Linear, 8, 8) for _ in range(layers)], num_stages=2, loss_fn=nn.MSELoss(),
-                         partition_method="uniform")
-        engine, _, _, _ = deepspeed.initialize(model=net, config={"train_micro_batch_size_per_gpu": 1,
-                                                                  "gradient_accumulation_steps": micro_batches,
-                                                                  "steps_per_print": 10**9},
-                                               model_parameters=net.parameters(),
-                                               optimizer=torch.optim.SGD(net.parameters(), lr=1e-4))
-        return engine
-
-    engines = {"deepspeed": build(DSPipelineModule, deepspeed.pipe.LayerSpec),
-               "ours": build(dpe.PipelineModule, dpe.LayerSpec)}
-    batch = (torch.randn(1, 8), torch.randn(1, 8))
-    times = {name: [] for name in engines}
-    for rep in range(repeats + 2):
-        for name, engine in engines.items():  # alternating, both ranks in step
-            base.sync()
-            start = time.perf_counter()
-            engine.train_batch(data_iter=iter([batch] * micro_batches))
-            base.sync()
-            if rep >= 2:
-                times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    return {"deepspeed_ms": round(med["deepspeed"], 2), "ours_ms": round(med["ours"], 2),
-            "speedup": round(med["deepspeed"] / med["ours"], 2), "layers": layers, "micro_batches": micro_batches,
-            "repeats": repeats}
+    return {**base.overhead_side_by_side(2, repeats), "repeats": repeats}
 
 
 @base.section("overhead-bound train_batch at S=2 over NCCL: DeepSpeed vs ours, side by side")
