@@ -123,8 +123,8 @@ void P2P::abort(const std::string& reason) {
     }
   }
   // NCCL: a receive already on the device that its peer will never match
-  // hangs its stream, a wait for it (torch's wait with a timeout polls on the
-  // host), and whatever the host later synchronizes on behind it; sends are
+  // hangs its stream, a wait for it (where torch's wait with a timeout polls
+  // on the host), and whatever the host later synchronizes on behind it; sends are
   // never waited for. Aborting the group's communicators ends those kernels
   // (outside the lock: it may take a while).
   try {
