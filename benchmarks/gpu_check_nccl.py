@@ -25,7 +25,8 @@ MULTI_RANK_NCCL = (2, 30, 0)
 
 
 def multi_rank_backend():
-    """'nccl' where NCCL admits several ranks on one GPU; 'gloo' in a CPU dry run."""
+    """'nccl' where NCCL admits several ranks on one GPU; 'gloo' in a CPU dry run. The parent asks too, before
+    spawning, so that a missing NCCL is one clear error, not one per rank."""
     if base.DEVICE == "cpu":
         return "gloo"
     import torch
@@ -192,7 +193,7 @@ def four_stages(out_dir):
 
 @base.section("PP=2 x TP=2 over NCCL, four ranks on one GPU: split transfers and tensor-parallel all-reduces")
 def tensor_parallel_nccl(out_dir):
-    backend = multi_rank_backend_in_parent()
+    backend = multi_rank_backend()
     previous = os.environ.get("NCCL_MAX_CTAS")
     os.environ["NCCL_MAX_CTAS"] = "1"  # four ranks' communicators on one GPU, as at S=4 (the workers inherit it)
     try:
@@ -206,14 +207,7 @@ def tensor_parallel_nccl(out_dir):
 
 @base.section("a failed batch at S=2 over NCCL: every rank raises within 5 s, nobody steps, the next batch refuses")
 def failed_batch_nccl(out_dir):
-    return base.failed_batch.__wrapped__(out_dir, backend=multi_rank_backend_in_parent())
-
-
-def multi_rank_backend_in_parent():
-    """The parent checks what its workers will find, so a missing NCCL is one clear error, not four."""
-    if base.DEVICE == "cpu":
-        return "gloo"
-    return multi_rank_backend()
+    return base.failed_batch.__wrapped__(out_dir, backend=multi_rank_backend())
 
 
 # --- A compute-bound step under torch.profiler: do transfers hide behind compute? ---------------------------------
