@@ -8,7 +8,9 @@ hosted by global rank 0), over connections of the engine's own:
 
 - Each rank has an inbox (a store queue). A watcher thread per engine blocks
   on it; when a failure arrives it stops this rank's transfers (P2P.abort)
-  and wakes the collectives this rank is waiting for.
+  and wakes the collectives this rank is waiting for. A failure in a later
+  batch than the one this rank is finishing (a peer of another data-parallel
+  replica ran ahead) waits for this rank's next batch to start, and raises there.
 - The rank where a batch fails posts a description of the failure to every
   inbox, and under a key the others read when their own error is only a
   consequence (a closed connection, a timeout); it raises once every other
@@ -85,6 +87,12 @@ class FailureBoard:
         self.name = name
         self.timeout_s = timeout_s
         self.remote = None  # the failure another rank posted, once the watcher has it
+        # Batches (train and eval) counted from 1 in the same order on every rank: the one this rank runs now,
+        # and the one the posted failure stopped. A failure from a later batch than this rank's does not cut
+        # this rank's batch short: every rank got past that batch's barrier, so its collectives complete,
+        # and the next batch raises at its start.
+        self._batch = 0
+        self._remote_batch = None
         self._prefix = f"deepspeed_pipe_ext/engine{next(_engine_numbers)}"
         shared = store if store is not None else _deepspeed_compat.default_store()
         # Connections of our own: a timed-out wait never disturbs the store
@@ -109,11 +117,13 @@ class FailureBoard:
         with self._lock:
             self._listeners.append(listener)
 
-    def _deliver(self, description):
+    def _deliver(self, description, batch):
         with self._lock:
             if self.remote is not None:
                 return
-            self.remote = description
+            self.remote, self._remote_batch = description, batch
+            if batch > self._batch:  # this rank is still finishing an earlier batch: begin_batch raises it
+                return
             listeners, wakers = list(self._listeners), list(self._wakers)
         for listener in listeners:
             listener(description)
@@ -128,6 +138,7 @@ class FailureBoard:
         host died) peers learn through their own connections. Returns whether
         ours was the first."""
         value = description.encode()
+        message = b"%d|%s" % (self._batch, value)  # an inbox message names the batch that failed
         try:
             if self._store.compare_set(self._key("failure"), "", value) != value:
                 return False  # another rank's failure came first: it is the cause
@@ -135,7 +146,7 @@ class FailureBoard:
                 self._store.compare_set(self._key(f"go/{go}"), "", value)
             for rank in range(self.world_size):
                 if rank != self.rank:
-                    self._store.queue_push(self._key(f"inbox/{rank}"), value)
+                    self._store.queue_push(self._key(f"inbox/{rank}"), message)
         except Exception:
             return False
         # This process may exit as soon as it raises, taking the store with it when it is global rank 0: wait
@@ -178,9 +189,19 @@ class FailureBoard:
         return RemoteFailure(f"{self.name}: stopped because the batch failed on {description.rstrip('. ')}. "
                              f"No rank takes an optimizer step for it. {_RECOVERY}")
 
-    def raise_if_failed(self):
-        if self.remote is not None:
-            raise self.error(self.remote)
+    def begin_batch(self, batch):
+        """This rank starts batch `batch` (train or eval, counted from 1);
+        raises when another rank's failure arrived since this rank's last batch."""
+        with self._lock:
+            self._batch = batch
+            remote = self.remote
+        if remote is not None:
+            raise self.error(remote)
+
+    def _failure_of_this_batch(self):
+        """The posted failure, when it stops the batch this rank runs now."""
+        with self._lock:
+            return self.remote if self.remote is not None and self._remote_batch <= self._batch else None
 
     # ------------------------------------------------------------------ every rank
     def _barrier(self, name, on_open=None):
@@ -261,12 +282,14 @@ class FailureBoard:
         with self._lock:
             self._wakers.add(done)
         try:
-            if self.remote is None:
+            if self._failure_of_this_batch() is None:
                 done.wait(self.timeout_s)
         finally:
             with self._lock:
                 self._wakers.discard(done)
-        self.raise_if_failed()
+        remote = self._failure_of_this_batch()
+        if remote is not None:
+            raise self.error(remote)
         # The future's callbacks run as it completes, before the work itself
         # reads as completed: the event is the answer, not is_completed().
         if not done.is_set():
@@ -346,7 +369,8 @@ def _watch(board, store, inbox):
             return  # the store is gone: transfers and collectives still fail on their own
         if message == _STOP:
             return
-        board._deliver(message.decode(errors="replace"))
+        batch, _, description = message.partition(b"|")
+        board._deliver(description.decode(errors="replace"), int(batch))
         try:  # the last watcher to hold the failure tells the announcing rank
             if store.add(board._key("delivered/count"), 1) == board.world_size - 1:
                 store.set(board._key("delivered"), _OK)

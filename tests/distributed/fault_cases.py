@@ -95,17 +95,40 @@ def _is_victim(engine, victim):
     return (engine.stage_id, engine.grid.get_data_parallel_rank()) == victim
 
 
-def callback_failures(rank, world_size, victims, zb_v=False):
+def _hold_back_until_told(engine):
+    """Makes this rank finish its next batch only once another rank's failure
+    in the batch after has reached it: the failing replica ran ahead while this
+    one still reduced its loss. Returns a list that gets whether it arrived."""
+    board, aggregate, told = engine._guard.board, engine._aggregate_total_loss, []
+
+    def held_back():
+        deadline = time.monotonic() + 30
+        while board.remote is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        told.append(board.remote is not None)
+        engine._aggregate_total_loss = aggregate
+        return aggregate()
+
+    engine._aggregate_total_loss = held_back
+    return told
+
+
+def callback_failures(rank, world_size, victims, zb_v=False, hold_back=None):
     """Each case: one good batch, then a batch that fails on the victim
     only; every rank records the error, the seconds from the start of that
-    batch, whether its weights moved, and what the next batch says."""
+    batch, whether its weights moved, and what the next batch says. The rank
+    at `hold_back` (stage, data-parallel rank), in another replica than the
+    victim, ends its good batch only after the victim's failure reached it."""
     out = {}
     for case, victim in victims.items():
         engine, net, boom, loss = build(world_size, p2p_timeout=30, zb_v=zb_v)
+        told = _hold_back_until_told(engine) if hold_back is not None and _is_victim(engine, hold_back) else None
         engine.train_batch(data_iter=iter(data(1)))
         before = [p.detach().clone() for p in net.parameters()]
         batches = iter(data(2))
         mine = _is_victim(engine, victim)
+        if mine and told is not None:
+            raise AssertionError(f"case {case}: the victim {victim} cannot be held back")
         if mine and case == "forward":
             boom.fail_on = boom.calls + 3  # the third micro-batch's forward
         if mine and case == "loss":
@@ -125,7 +148,7 @@ def callback_failures(rank, world_size, victims, zb_v=False):
 
             engine.set_batch_fn(batch_fn)
         start = time.monotonic()
-        result = {"victim": mine}
+        result = {"victim": mine, "held_back_until_told": None if told is None else told == [True]}
         try:
             engine.train_batch(data_iter=batches)
             result["error"] = None
