@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,3 +59,22 @@ def test_hidden_fraction_counts_transfer_time_under_any_compute_kernel():
     assert gpu_check_nccl.hidden_fraction([(0, 10)], [(2, 4), (3, 6), (8, 20)]) == (0.6, 10)
     assert gpu_check_nccl.hidden_fraction([(0, 4), (10, 12)], [(11, 30)]) == (1 / 6, 6)
     assert gpu_check_nccl.hidden_fraction([], [(0, 1)]) == (None, 0)
+
+
+def test_a_section_past_the_budget_is_skipped_and_reported_as_not_passed(monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+    ran = []
+
+    @gpu_check.section("a section for the test")
+    def body():
+        ran.append(1)
+        return {"figure": 1}
+
+    monkeypatch.setattr(gpu_check, "DEADLINE", time.monotonic() + 60)
+    body()
+    assert ran == [1] and gpu_check.RESULTS["a section for the test"]["ok"]
+    monkeypatch.setattr(gpu_check, "DEADLINE", time.monotonic() - 1)
+    body()
+    result = gpu_check.RESULTS.pop("a section for the test")
+    assert ran == [1] and not result["ok"] and "--budget-s" in result["error"]
