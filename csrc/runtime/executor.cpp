@@ -15,6 +15,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <utility>
 
 namespace dpe::runtime {
 
@@ -138,12 +139,12 @@ void Executor::abandon_batch() {
   auto note = [&cuda](const at::Tensor& t) {
     if (!cuda && t.defined() && t.is_cuda()) cuda = t.device();
   };
-  for (const auto* buffers : {&inputs_, &outputs_}) {
-    for (const auto& value : *buffers) {
+  for (const auto* values : {&buffers_.inputs, &buffers_.outputs}) {
+    for (const auto& value : *values) {
       for (const auto& t : value.tensors) note(t);
     }
   }
-  for (const auto& grads : output_grads_) {
+  for (const auto& grads : buffers_.output_grads) {
     for (const auto& t : grads) note(t);
   }
   if (!cuda && p2p_ != nullptr && p2p_->device().is_cuda()) cuda = p2p_->device();
@@ -152,7 +153,7 @@ void Executor::abandon_batch() {
     static std::mutex mutex;
     static auto* kept = new std::vector<std::unique_ptr<Executor::Buffers>>();
     std::lock_guard<std::mutex> lock(mutex);
-    kept->push_back(std::make_unique<Buffers>(take_buffers()));
+    kept->push_back(std::make_unique<Buffers>(std::exchange(buffers_, Buffers{})));
     return;
   }
   // Freed here, as a batch that succeeds frees them (end of run_steps): on
@@ -165,11 +166,11 @@ void Executor::run_steps(const StageCallbacks& cb) {
   const core::TransferPlan& plan = program_.plan;
   const int64_t num_buffers = program_.num_buffers;
   clear_buffers();
-  inputs_.resize(num_buffers);
-  outputs_.resize(num_buffers);
-  losses_.resize(num_buffers);
-  output_grads_.resize(num_buffers);
-  deferred_weight_grads_.resize(num_buffers);
+  buffers_.inputs.resize(num_buffers);
+  buffers_.outputs.resize(num_buffers);
+  buffers_.losses.resize(num_buffers);
+  buffers_.output_grads.resize(num_buffers);
+  buffers_.deferred_weight_grads.resize(num_buffers);
   step_ = 0;
   timeline_.clear();
   usage_ = BufferUsage{};
@@ -199,27 +200,7 @@ void Executor::run_steps(const StageCallbacks& cb) {
   flat_.clear();
 }
 
-void Executor::clear_buffers() {
-  handed_over_.clear();
-  inputs_.clear();
-  outputs_.clear();
-  labels_.clear();
-  losses_.clear();
-  output_grads_.clear();
-  deferred_weight_grads_.clear();
-}
-
-Executor::Buffers Executor::take_buffers() {
-  Buffers taken{std::move(handed_over_),
-                std::move(inputs_),
-                std::move(outputs_),
-                std::move(labels_),
-                std::move(losses_),
-                std::move(output_grads_),
-                std::move(deferred_weight_grads_)};
-  clear_buffers();  // moved-from containers: make them empty for sure
-  return taken;
-}
+void Executor::clear_buffers() { buffers_ = Buffers{}; }
 
 std::string Executor::position() const {
   if (position_ < 0 || position_ >= static_cast<int32_t>(flat_.size())) return "outside the schedule";
@@ -244,16 +225,18 @@ void Executor::hand_over(const core::Instruction& in, Activation value) {
   // Detached aliases, as a receiver gets them: the receiving chunk's leaves are its own.
   for (auto& t : value.tensors) t = t.detach();
   value.owned = true;
-  handed_over_[{in.op == core::Op::SendGrad, program_.receiving_virtual_stage(in), in.micro_batch}] = std::move(value);
+  buffers_.handed_over[{in.op == core::Op::SendGrad, program_.receiving_virtual_stage(in), in.micro_batch}] =
+      std::move(value);
 }
 
 Activation Executor::take_over(const core::Instruction& in) {
   const bool grad = in.op == core::Op::RecvGrad;
-  auto found = handed_over_.find({grad, virtual_stage(in), in.micro_batch});
-  TORCH_CHECK(found != handed_over_.end(), "stage ", stage_id_, ", ", where(in), ": nothing was handed over from ",
-              "this rank's other chunk (virtual stage ", virtual_stage(in) + (grad ? 1 : -1), ") for this micro-batch");
+  auto found = buffers_.handed_over.find({grad, virtual_stage(in), in.micro_batch});
+  TORCH_CHECK(found != buffers_.handed_over.end(), "stage ", stage_id_, ", ", where(in),
+              ": nothing was handed over from ", "this rank's other chunk (virtual stage ",
+              virtual_stage(in) + (grad ? 1 : -1), ") for this micro-batch");
   Activation value = std::move(found->second);
-  handed_over_.erase(found);
+  buffers_.handed_over.erase(found);
   return value;
 }
 
@@ -264,9 +247,9 @@ void Executor::send(const core::Instruction& in, Activation value) {
 
 void Executor::account_buffers() {
   int64_t live = 0, bytes = 0;
-  for (size_t b = 0; b < inputs_.size(); ++b) {
-    bool used = !deferred_weight_grads_[b].empty() || losses_[b] != nullptr;
-    for (const auto* tensors : {&inputs_[b].tensors, &outputs_[b].tensors, &output_grads_[b]}) {
+  for (size_t b = 0; b < buffers_.inputs.size(); ++b) {
+    bool used = !buffers_.deferred_weight_grads[b].empty() || buffers_.losses[b] != nullptr;
+    for (const auto* tensors : {&buffers_.inputs[b].tensors, &buffers_.outputs[b].tensors, &buffers_.output_grads[b]}) {
       for (const auto& t : *tensors) {
         bytes += static_cast<int64_t>(t.nbytes());
         used = true;
@@ -285,7 +268,7 @@ bool Executor::held_only_here(const at::Tensor& t) const {
 }
 
 void Executor::release_sent_outputs(int64_t buffer) {
-  for (auto& t : outputs_[buffer].tensors) {
+  for (auto& t : buffers_.outputs[buffer].tensors) {
     // Only a tensor that autograd produced, that nothing views and nothing
     // else holds (a graph node saving it as an input, or Python code, would
     // read the released storage): its own node keeps what the backward needs,
@@ -301,11 +284,11 @@ void Executor::backward_seeds(const core::Instruction& in, std::vector<at::Tenso
   const int64_t b = in.buffer_id;
   // Floating-point outputs pair with the received gradients, in order.
   size_t next_grad = 0;
-  for (const auto& t : outputs_[b].tensors) {
+  for (const auto& t : buffers_.outputs[b].tensors) {
     if (!t.is_floating_point()) continue;
-    TORCH_CHECK(next_grad < output_grads_[b].size(), "stage ", stage_id_, ", ", where(in),
+    TORCH_CHECK(next_grad < buffers_.output_grads[b].size(), "stage ", stage_id_, ", ", where(in),
                 ": no gradient received for an output");
-    const at::Tensor& g = output_grads_[b][next_grad++];
+    const at::Tensor& g = buffers_.output_grads[b][next_grad++];
     if (t.requires_grad()) {
       outs->push_back(t);
       grads->push_back(g);
@@ -319,39 +302,39 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
   switch (in.op) {
     case Op::LoadMicroBatch: {
       LoadedMicroBatch loaded = cb.load();
-      if (first_virtual(in)) inputs_[b] = std::move(loaded.inputs);
-      if (holds_last_virtual()) labels_[in.micro_batch] = std::move(loaded.labels);
+      if (first_virtual(in)) buffers_.inputs[b] = std::move(loaded.inputs);
+      if (holds_last_virtual()) buffers_.labels[in.micro_batch] = std::move(loaded.labels);
       break;
     }
     case Op::RecvActivation: {
       if (is_local(in)) {
-        inputs_[b] = as_stage_inputs(take_over(in));
+        buffers_.inputs[b] = as_stage_inputs(take_over(in));
         break;
       }
       Activation received = p2p_->recv(peer_of(in), tag_of(in), lazily(step_, in));
       if (split_activations_) received = split_->gather(received, where(in));
-      inputs_[b] = as_stage_inputs(received);
+      buffers_.inputs[b] = as_stage_inputs(received);
       break;
     }
     case Op::ForwardPass: {
       // Forward on clones so the buffer's leaves receive the input gradient.
-      Activation x{{}, inputs_[b].is_tuple};
-      for (const auto& t : inputs_[b].tensors) x.tensors.push_back(t.clone());
+      Activation x{{}, buffers_.inputs[b].is_tuple};
+      for (const auto& t : buffers_.inputs[b].tensors) x.tensors.push_back(t.clone());
       if (last_virtual(in)) {
-        auto labels = labels_.find(in.micro_batch);
-        TORCH_CHECK(labels != labels_.end(), "stage ", stage_id_, ", ", where(in),
+        auto labels = buffers_.labels.find(in.micro_batch);
+        TORCH_CHECK(labels != buffers_.labels.end(), "stage ", stage_id_, ", ", where(in),
                     ": the loss stage has no labels for "
                     "this micro-batch (no LoadMicroBatch before it)");
         Held loss = cb.forward_loss(x, labels->second);
-        labels_.erase(labels);
-        if (program_.traffic == core::Traffic::Train) losses_[b] = std::move(loss);  // for its backward
+        buffers_.labels.erase(labels);
+        if (program_.traffic == core::Traffic::Train) buffers_.losses[b] = std::move(loss);  // for its backward
       } else {
-        outputs_[b] = cb.forward(x, in.chunk);
+        buffers_.outputs[b] = cb.forward(x, in.chunk);
       }
       break;
     }
     case Op::SendActivation:
-      send(in, split_activations_ && !is_local(in) ? split_->split(outputs_[b]) : outputs_[b]);
+      send(in, split_activations_ && !is_local(in) ? split_->split(buffers_.outputs[b]) : buffers_.outputs[b]);
       if (release_sent_outputs_) release_sent_outputs(b);
       break;
     case Op::RecvGrad: {
@@ -359,20 +342,20 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       Activation grads = local ? take_over(in) : p2p_->recv(peer_of(in), tag_of(in), lazily(step_, in));
       if (split_grads_ && !local) grads = split_->gather(grads, where(in));
       std::vector<at::Tensor> outs, grad_tensors;
-      for (const auto& t : outputs_[b].tensors) {
+      for (const auto& t : buffers_.outputs[b].tensors) {
         if (t.is_floating_point()) outs.push_back(t);
       }
       TORCH_CHECK(outs.size() == grads.tensors.size(), "stage ", stage_id_, ", ", where(in), ": received ",
                   grads.tensors.size(), " gradients for ", outs.size(), " floating-point outputs");
       // Copied unless they are ours: p2p reuses its receive buffers on the next receive.
       for (auto& g : grads.tensors) grad_tensors.push_back(grads.owned ? std::move(g) : g.clone());
-      output_grads_[b] = std::move(grad_tensors);
+      buffers_.output_grads[b] = std::move(grad_tensors);
       break;
     }
     case Op::BackwardPass:
       if (last_virtual(in)) {
-        cb.backward_loss(losses_[b]);
-        losses_[b].reset();
+        cb.backward_loss(buffers_.losses[b]);
+        buffers_.losses[b].reset();
       } else {
         std::vector<at::Tensor> outs, grads;
         backward_seeds(in, &outs, &grads);
@@ -380,8 +363,8 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
         if (!outs.empty()) backward_from(outs, grads);
         if (cb.after_backward) cb.after_backward();
       }
-      outputs_[b] = Activation{};
-      output_grads_[b].clear();
+      buffers_.outputs[b] = Activation{};
+      buffers_.output_grads[b].clear();
       break;
     case Op::BackwardInput: {
       TORCH_CHECK(!cb.before_backward && !cb.after_backward, "stage ", stage_id_, ", ", where(in),
@@ -391,8 +374,8 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       if (last_virtual(in)) {
         TORCH_CHECK(cb.loss_to_differentiate, "stage ", stage_id_, ", ", where(in),
                     ": a split backward on the last stage needs the loss_to_differentiate callback");
-        at::Tensor loss = cb.loss_to_differentiate(losses_[b]);
-        losses_[b].reset();
+        at::Tensor loss = cb.loss_to_differentiate(buffers_.losses[b]);
+        buffers_.losses[b].reset();
         TORCH_CHECK(loss.defined() && loss.numel() == 1, "stage ", stage_id_, ", ", where(in),
                     ": the loss must be a scalar tensor (got shape ", loss.defined() ? loss.sizes() : at::IntArrayRef{},
                     "); give the PipelineModule a loss_fn that reduces to one value");
@@ -404,22 +387,22 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
       // The first stage sends no gradient back, so all of its backward waits for W.
       std::vector<at::Tensor> stage_inputs;
       if (!first_virtual(in)) {
-        for (const auto& t : inputs_[b].tensors) {
+        for (const auto& t : buffers_.inputs[b].tensors) {
           if (t.requires_grad()) stage_inputs.push_back(t);
         }
       }
-      deferred_weight_grads_[b] = backward_input(outs, grads, stage_inputs);
-      outputs_[b] = Activation{};
-      output_grads_[b].clear();
+      buffers_.deferred_weight_grads[b] = backward_input(outs, grads, stage_inputs);
+      buffers_.outputs[b] = Activation{};
+      buffers_.output_grads[b].clear();
       break;
     }
     case Op::BackwardWeight:
-      deferred_weight_grads_[b].run();
-      deferred_weight_grads_[b] = DeferredWeightGrads{};
+      buffers_.deferred_weight_grads[b].run();
+      buffers_.deferred_weight_grads[b] = DeferredWeightGrads{};
       break;
     case Op::SendGrad: {
       Activation grads{{}, true};
-      for (const auto& t : inputs_[b].tensors) {
+      for (const auto& t : buffers_.inputs[b].tensors) {
         if (!t.is_floating_point()) continue;
         TORCH_CHECK(t.grad().defined(), "stage ", stage_id_, ", ", where(in),
                     ": an input activation received no gradient; every "
@@ -428,7 +411,7 @@ void Executor::execute(const core::Instruction& in, const StageCallbacks& cb) {
         grads.tensors.push_back(t.grad());
       }
       send(in, split_grads_ && !is_local(in) ? split_->split(grads) : std::move(grads));
-      inputs_[b] = Activation{};
+      buffers_.inputs[b] = Activation{};
       break;
     }
     case Op::ReduceTiedGrads:

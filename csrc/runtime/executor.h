@@ -134,16 +134,6 @@ class Executor {
   void clear_buffers();
   // A run that throws: waits (bounded) for the stage's device, then frees the buffers as a run that succeeds does.
   void abandon_batch();
-  // Everything a batch holds, moved out (a failed batch whose device work does not finish keeps it forever).
-  struct Buffers {
-    std::map<std::tuple<bool, int64_t, int32_t>, Activation> handed_over;
-    std::vector<Activation> inputs, outputs;
-    std::map<int32_t, Held> labels;
-    std::vector<Held> losses;
-    std::vector<std::vector<at::Tensor>> output_grads;
-    std::vector<DeferredWeightGrads> deferred_weight_grads;
-  };
-  Buffers take_buffers();
   // The floating-point outputs of `buffer` that require grad, paired with their received gradients.
   void backward_seeds(const core::Instruction& in, std::vector<at::Tensor>* outs, std::vector<at::Tensor>* grads) const;
   std::string where(const core::Instruction& in) const;
@@ -175,16 +165,21 @@ class Executor {
   int64_t step_ = 0;
   // The flat stream of the current run.
   std::vector<core::Located> flat_;
-  // Hand-overs between this rank's chunks, by (gradient?, receiving virtual stage, micro-batch).
-  std::map<std::tuple<bool, int64_t, int32_t>, Activation> handed_over_;
+  // Everything a batch holds, freed together when it ends (a failed batch whose device work does not finish
+  // keeps it for the life of the process).
+  struct Buffers {
+    // Hand-overs between this rank's chunks, by (gradient?, receiving virtual stage, micro-batch).
+    std::map<std::tuple<bool, int64_t, int32_t>, Activation> handed_over;
+    std::vector<Activation> inputs, outputs;
+    // Labels by micro-batch, from LoadMicroBatch to the loss (a rank holding both ends of a V loads once, at the
+    // first chunk); losses per buffer, from the loss to its backward.
+    std::map<int32_t, Held> labels;
+    std::vector<Held> losses;
+    std::vector<std::vector<at::Tensor>> output_grads;
+    std::vector<DeferredWeightGrads> deferred_weight_grads;  // between BackwardInput and BackwardWeight
+  };
+  Buffers buffers_;
   int32_t position_ = 0;  // flat index of the instruction running
-  std::vector<Activation> inputs_, outputs_;
-  // Labels by micro-batch, from LoadMicroBatch to the loss (a rank holding both ends of a V loads once, at the
-  // first chunk); losses per buffer, from the loss to its backward.
-  std::map<int32_t, Held> labels_;
-  std::vector<Held> losses_;
-  std::vector<std::vector<at::Tensor>> output_grads_;
-  std::vector<DeferredWeightGrads> deferred_weight_grads_;  // between BackwardInput and BackwardWeight
   std::vector<TimedInstruction> timeline_;
   BufferUsage usage_;
 };
