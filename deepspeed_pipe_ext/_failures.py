@@ -10,7 +10,9 @@ hosted by global rank 0), over connections of the engine's own:
   on it; when a failure arrives it stops this rank's transfers (P2P.abort)
   and wakes the collectives this rank is waiting for. A failure in a later
   batch than the one this rank is finishing (a peer of another data-parallel
-  replica ran ahead) waits for this rank's next batch to start, and raises there.
+  replica ran ahead) waits for this rank's next batch to start, and raises
+  there: the failing rank finished this rank's batch (its sends and
+  collectives), so nothing this rank still waits for depends on it.
 - The rank where a batch fails posts a description of the failure to every
   inbox, and under a key the others read when their own error is only a
   consequence (a closed connection, a timeout); it raises once every other
@@ -89,8 +91,7 @@ class FailureBoard:
         self.remote = None  # the failure another rank posted, once the watcher has it
         # Batches (train and eval) counted from 1 in the same order on every rank: the one this rank runs now,
         # and the one the posted failure stopped. A failure from a later batch than this rank's does not cut
-        # this rank's batch short: every rank got past that batch's barrier, so its collectives complete,
-        # and the next batch raises at its start.
+        # this rank's batch short (its failing rank finished this one); this rank's next batch raises at its start.
         self._batch = 0
         self._remote_batch = None
         self._prefix = f"deepspeed_pipe_ext/engine{next(_engine_numbers)}"
@@ -113,13 +114,17 @@ class FailureBoard:
         return f"{self._prefix}/{name}"
 
     def on_failure(self, listener):
-        """Calls listener(description) when another rank's failure arrives."""
+        """Calls listener(description) when another rank's failure in the
+        batch this rank runs (or an earlier one) arrives."""
         with self._lock:
             self._listeners.append(listener)
 
     def _deliver(self, description, batch):
         with self._lock:
-            if self.remote is not None:
+            # The first failure stands, unless it is from a later batch than this rank's and this one is from an
+            # earlier batch: a rank still finishing that batch failed on its own, and this rank may be waiting for it.
+            held_for_later = self.remote is not None and self._remote_batch > self._batch
+            if self.remote is not None and not (held_for_later and batch < self._remote_batch):
                 return
             self.remote, self._remote_batch = description, batch
             if batch > self._batch:  # this rank is still finishing an earlier batch: begin_batch raises it
@@ -132,16 +137,20 @@ class FailureBoard:
 
     # ------------------------------------------------------------------ the failing rank
     def announce(self, description, batch, wait_for_delivery=True):
-        """Posts this rank's failure (during train batch `batch`) to every
-        rank; with wait_for_delivery, returns once every other rank's watcher
-        holds it (at most a few seconds). Best effort: with the store gone (its
-        host died) peers learn through their own connections. Returns whether
-        ours was the first."""
+        """Posts this rank's failure to every rank; `batch` counts train
+        batches (it names the barrier to open as failed), while the message
+        names the batch among train and eval batches (begin_batch's count).
+        With wait_for_delivery, returns once every other rank's watcher holds
+        it (at most a few seconds). Best effort: with the store gone (its host
+        died) peers learn through their own connections. Returns whether
+        ours was posted: it was the first, or the first came from a later batch."""
         value = description.encode()
-        message = b"%d|%s" % (self._batch, value)  # an inbox message names the batch that failed
+        message = b"%d|%s" % (self._batch, value)  # the batch that failed, then what went wrong
         try:
-            if self._store.compare_set(self._key("failure"), "", value) != value:
-                return False  # another rank's failure came first: it is the cause
+            first = self._store.compare_set(self._key("failure"), "", message)
+            if first != message and _parse(first)[0] <= self._batch:
+                return False  # another rank's failure in this batch (or before) came first: it is the cause
+            # (One from a later batch stops only the ranks already in it; those still in ours need ours.)
             for go in (batch, batch + 1):  # opens the barrier of this batch (and the next) as failed
                 self._store.compare_set(self._key(f"go/{go}"), "", value)
             for rank in range(self.world_size):
@@ -168,7 +177,7 @@ class FailureBoard:
         try:
             key = self._key("failure")
             if self._store.check([key]):
-                return self._store.get(key).decode(errors="replace")
+                return _parse(self._store.get(key))[1]
         except Exception:
             pass
         return None
@@ -273,7 +282,8 @@ class FailureBoard:
 
     def wait_work(self, work, what, group):
         """Waits for a collective `work` on `group` at most the timeout; a
-        failure posted by another rank ends the wait at once."""
+        failure another rank posted in this batch (or an earlier one) ends the
+        wait at once."""
         if dist.get_backend(group) == "nccl":  # waits on the GPU stream, not here
             work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
             return
@@ -359,6 +369,12 @@ def _bounded_clones(store, count, timeout_s, name):
         base.set_timeout(saved)
 
 
+def _parse(message):
+    """(batch, description) of a failure message (b"<batch>|<description>")."""
+    batch, _, description = message.partition(b"|")
+    return int(batch), description.decode(errors="replace")
+
+
 def _watch(board, store, inbox):
     """The watcher thread: blocks on this rank's inbox until a failure or
     the stop message arrives, or the store goes away."""
@@ -369,8 +385,8 @@ def _watch(board, store, inbox):
             return  # the store is gone: transfers and collectives still fail on their own
         if message == _STOP:
             return
-        batch, _, description = message.partition(b"|")
-        board._deliver(description.decode(errors="replace"), int(batch))
+        batch, description = _parse(message)
+        board._deliver(description, batch)
         try:  # the last watcher to hold the failure tells the announcing rank
             if store.add(board._key("delivered/count"), 1) == board.world_size - 1:
                 store.set(board._key("delivered"), _OK)

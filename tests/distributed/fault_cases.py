@@ -95,17 +95,23 @@ def _is_victim(engine, victim):
     return (engine.stage_id, engine.grid.get_data_parallel_rank()) == victim
 
 
+def _until_told(board, seconds=30):
+    """Waits until another rank's failure reached this rank's board (even one
+    it holds for its next batch); returns whether it did."""
+    deadline = time.monotonic() + seconds
+    while board.remote is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return board.remote is not None
+
+
 def _hold_back_until_told(engine):
     """Makes this rank finish its next batch only once another rank's failure
     in the batch after has reached it: the failing replica ran ahead while this
     one still reduced its loss. Returns a list that gets whether it arrived."""
-    board, aggregate, told = engine._guard.board, engine._aggregate_total_loss, []
+    aggregate, told = engine._aggregate_total_loss, []
 
     def held_back():
-        deadline = time.monotonic() + 30
-        while board.remote is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        told.append(board.remote is not None)
+        told.append(_until_told(engine._guard.board))
         engine._aggregate_total_loss = aggregate
         return aggregate()
 
@@ -162,6 +168,38 @@ def callback_failures(rank, world_size, victims, zb_v=False, hold_back=None):
         except BaseException as err:
             result["next"] = _error(err)
         out[case] = result
+    return out
+
+
+def failures_in_two_batches(rank, world_size):
+    """PP=2 x DP=2. Replica 1 finishes its first batch and fails in a forward
+    of its second (global rank 1). Global rank 2, replica 0's last stage, has
+    stepped on the first batch when that failure reaches it, and fails itself
+    before it broadcasts its loss to global rank 0, which waits for it: rank 0
+    must stop at once, naming rank 2, not wait out p2p_timeout. Each rank
+    reports its two batches' errors and the wall-clock time each ended."""
+    engine, _, boom, _ = build(world_size, p2p_timeout=30)
+    board = engine._guard.board
+    where = (engine.stage_id, engine.grid.get_data_parallel_rank())
+    if where == (1, 0):
+        bounded = engine._losses.bounded
+
+        def fail_before_the_loss_broadcast(work, what, group):
+            bounded(work, what, group)  # the loss all-reduce with replica 1, which then goes on to its next batch
+            told = _until_told(board)
+            raise ValueError(f"global rank 2 failed before its loss broadcast (the other failure arrived: {told})")
+
+        engine._losses.bounded = fail_before_the_loss_broadcast
+    out = []
+    for batch in range(2):
+        if batch == 1 and where == (0, 1):
+            boom.fail_on = boom.calls + 3
+        try:
+            engine.train_batch(data_iter=iter(data(batch)))
+            out.append({"error": None})
+        except BaseException as err:
+            out.append({"error": _error(err)})
+        out[-1]["ended_at"] = time.time()
     return out
 
 
@@ -290,6 +328,8 @@ def gone_before_building(rank, world_size, gone, p2p_timeout):
     torch.manual_seed(5)
     net = dpe.PipelineModule(layers=[nn.Linear(8, 8), nn.Linear(8, 4)], num_stages=2, loss_fn=nn.MSELoss(),
                              partition_method="uniform")
+    # The module's groups are built collectively: the other rank must have its module before this one goes.
+    torch.distributed.barrier()
     if rank == gone:
         os._exit(1)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": MICRO_BATCHES,

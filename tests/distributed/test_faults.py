@@ -57,6 +57,28 @@ def test_callback_failures_stop_every_rank_at_once_and_nobody_steps(world_size):
             assert kind == "PipelineError" and "an earlier batch failed here" in message, (case, rank, message)
 
 
+def test_a_failure_in_an_earlier_batch_stops_its_ranks_though_another_replica_failed_in_a_later_one():
+    """Replica 1 fails in batch 2 (global rank 1) while global rank 2, still
+    in batch 1 after its step, fails before its loss broadcast: rank 0, waiting
+    for that broadcast, stops within seconds naming rank 2; replica 1's ranks
+    stop on rank 1's failure; every rank's next batch refuses."""
+    results = run_ranks(fault_cases.failures_in_two_batches, 4, timeout=240)
+    first, second = ([r[b]["error"] for r in results] for b in (0, 1))
+    assert first[1] is None and first[3] is None, first  # replica 1's first batch succeeded
+    assert first[2][0] == "ValueError" and "the other failure arrived: True" in first[2][1], first[2]
+    assert "every other rank was told" in _text(first[2]), first[2]
+    assert first[0][0] == "RemoteFailure" and "failed on global rank 2 (stage 1" in first[0][1], first[0]
+    # p2p_timeout is 30 s: rank 0 heard of rank 2's failure, rather than timing out on its broadcast.
+    assert results[0][0]["ended_at"] - results[2][0]["ended_at"] < 5, (results[0][0], results[2][0])
+    assert second[1][0] == "ValueError" and "boom in forward call" in second[1][1], second[1]
+    # Rank 3 holds whichever failure reached it first: rank 1's (its own pipeline's), or rank 2's if its push
+    # overtook rank 1's to rank 3's inbox.
+    assert second[3][0] == "RemoteFailure" and any(f"failed on global rank {r} (stage" in second[3][1]
+                                                   for r in (1, 2)), second[3]
+    for rank in (0, 2):
+        assert second[rank][0] == "PipelineError" and "an earlier batch failed here" in second[rank][1], second[rank]
+
+
 def test_callback_failures_under_zb_v_stop_every_rank_at_once_and_nobody_steps():
     """Two chunks per rank in a V with dynamic shapes (receives that take
     their meta first, the turn of the V in memory): a failure on either rank
