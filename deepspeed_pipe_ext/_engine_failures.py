@@ -27,6 +27,7 @@ class BatchGuard:
         self.train_batches = 0  # the same count on every rank: names a batch's barrier on the store
         self.batches = 0  # train and eval batches, the same count on every rank
         self.agreed = False
+        self.past_barrier = False
 
     @contextlib.contextmanager
     def batch(self, training):
@@ -44,6 +45,7 @@ class BatchGuard:
             self.train_batches += 1
         self.batches += 1
         self.agreed = False
+        self.past_barrier = False  # every rank finished the batch's passes: ranks may step on it
         board = self.board
         try:
             if board is not None:  # another rank failed since this rank's last batch: latched below too
@@ -74,7 +76,11 @@ class BatchGuard:
         position = err.position if isinstance(err, _C.P2PError) else getattr(err, "pipeline_position", "")
         where = f" at {position.split(' at ', 1)[-1]}" if position else ""
         text = str(err).splitlines()[0] if str(err) else ""
-        return f"{self.who}{where}: {type(err).__name__}{': ' + text if text else ''}"[:4000]
+        what = f"{self.who}{where}: {type(err).__name__}{': ' + text if text else ''}"[:4000].rstrip(". ")
+        if self.past_barrier:  # the reductions and optimizer steps had begun: some ranks may have stepped
+            return (f"{what}. It failed after every rank had finished the batch's passes, so some ranks may have "
+                    "taken their optimizer step on it and others not.")
+        return f"{what}. No rank takes an optimizer step for it."
 
     def agree_before_step(self):
         """Before the first reduction of a train batch: every rank has done its
@@ -82,6 +88,7 @@ class BatchGuard:
         if self.board is not None and not self.agreed:
             self.agreed = True
             self.board.agree(self.train_batches)
+            self.past_barrier = True
 
     def collectives(self, what, *groups):
         """Around DeepSpeed code that runs collectives on `groups`."""

@@ -194,9 +194,9 @@ class FailureBoard:
         return self.posted() if self.is_consequence(err) else None
 
     def error(self, description):
-        """The error a rank raises because of another rank's failure."""
-        return RemoteFailure(f"{self.name}: stopped because the batch failed on {description.rstrip('. ')}. "
-                             f"No rank takes an optimizer step for it. {_RECOVERY}")
+        """The error a rank raises because of another rank's failure
+        (`description`: where it failed, and whether ranks may have stepped)."""
+        return RemoteFailure(f"{self.name}: stopped because the batch failed on {description} {_RECOVERY}")
 
     def begin_batch(self, batch):
         """This rank starts batch `batch` (train or eval, counted from 1);

@@ -68,6 +68,9 @@ def test_a_failure_in_an_earlier_batch_stops_its_ranks_though_another_replica_fa
     assert first[2][0] == "ValueError" and "the other failure arrived: True" in first[2][1], first[2]
     assert "every other rank was told" in _text(first[2]), first[2]
     assert first[0][0] == "RemoteFailure" and "failed on global rank 2 (stage 1" in first[0][1], first[0]
+    # Rank 2 failed after the batch's barrier: every rank may have stepped, and the message must not say otherwise.
+    assert "some ranks may have taken their optimizer step" in first[0][1], first[0]
+    assert "No rank takes an optimizer step" not in first[0][1], first[0]
     # p2p_timeout is 30 s: rank 0 heard of rank 2's failure, rather than timing out on its broadcast.
     assert results[0][0]["ended_at"] - results[2][0]["ended_at"] < 5, (results[0][0], results[2][0])
     assert second[1][0] == "ValueError" and "boom in forward call" in second[1][1], second[1]
