@@ -164,7 +164,8 @@ class FailureBoard:
         if not wait_for_delivery:
             return True
         try:
-            self._store.wait([self._key("delivered")], datetime.timedelta(seconds=min(self.timeout_s, _DELIVERY_S)))
+            self._store.wait([self._key(f"delivered/{self._batch}")],
+                             datetime.timedelta(seconds=min(self.timeout_s, _DELIVERY_S)))
         except Exception:
             pass  # a peer that died or closed its engine: the others still stop through their own connections
         return True
@@ -388,7 +389,8 @@ def _watch(board, store, inbox):
         batch, description = _parse(message)
         board._deliver(description, batch)
         try:  # the last watcher to hold the failure tells the announcing rank
-            if store.add(board._key("delivered/count"), 1) == board.world_size - 1:
-                store.set(board._key("delivered"), _OK)
+            # Counted per failing batch: a second failure, from an earlier batch, waits for its own delivery.
+            if store.add(board._key(f"delivered/{batch}/count"), 1) == board.world_size - 1:
+                store.set(board._key(f"delivered/{batch}"), _OK)
         except Exception:
             return
