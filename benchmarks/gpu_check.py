@@ -465,6 +465,11 @@ def environment():
             "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}}
 
 
+def save_results(out_dir):
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="out/gpu_check")
@@ -483,6 +488,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     RESULTS["environment"] = environment()
     print(f"[environment] {RESULTS['environment']}", flush=True)
+    save_results(args.out)
     join(0, 1, free_port(), BACKEND)
     sys.modules.setdefault("gpu_check", sys.modules[__name__])  # one module for the NCCL sections' `import gpu_check`
     import gpu_check_nccl
@@ -494,10 +500,7 @@ def main():
     for run, run_args in sections:
         if args.only is None or any(word in run.section_name for word in args.only):
             run(*run_args)
-            with open(os.path.join(args.out, "gpu_check.json"), "w") as f:  # after each: a cut-off run keeps its part
-                json.dump(RESULTS, f, indent=1, default=str)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
+            save_results(args.out)  # after each section: a run cut off keeps what finished
     print("\n==== summary ====")
     env = RESULTS["environment"]
     print(f"{env['gpu']} ({env['nvidia_smi']}), torch {env['torch']}, CUDA {env['cuda']}, NCCL {env['nccl']}, "

@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import gpu_check as base
 
@@ -194,15 +195,9 @@ def four_stages(out_dir):
 @base.section("PP=2 x TP=2 over NCCL, four ranks on one GPU: split transfers and tensor-parallel all-reduces")
 def tensor_parallel_nccl(out_dir):
     backend = multi_rank_backend()
-    previous = os.environ.get("NCCL_MAX_CTAS")
-    os.environ["NCCL_MAX_CTAS"] = "1"  # four ranks' communicators on one GPU, as at S=4 (the workers inherit it)
-    try:
+    # Four ranks' communicators on one GPU, as at S=4 (the workers inherit it).
+    with mock.patch.dict(os.environ, {"NCCL_MAX_CTAS": "1"}):
         return base.tensor_parallel_split.__wrapped__(out_dir, backend=backend)
-    finally:
-        if previous is None:
-            os.environ.pop("NCCL_MAX_CTAS")
-        else:
-            os.environ["NCCL_MAX_CTAS"] = previous
 
 
 @base.section("a failed batch at S=2 over NCCL: every rank raises within 5 s, nobody steps, the next batch refuses")

@@ -25,7 +25,6 @@ class BatchGuard:
         self.timeout_s = timeout_s
         self.failed_batch = None  # what made a batch fail: later batches refuse to run
         self.train_batches = 0  # the same count on every rank: names a batch's barrier on the store
-        self.batches = 0  # train and eval batches, the same count on every rank
         self.agreed = False
         self.past_barrier = False
 
@@ -43,13 +42,12 @@ class BatchGuard:
                 "deepspeed.initialize and load the last checkpoint (engine.load_checkpoint) to continue")
         if training:
             self.train_batches += 1
-        self.batches += 1
         self.agreed = False
         self.past_barrier = False  # every rank finished the batch's passes: ranks may step on it
         board = self.board
         try:
             if board is not None:  # another rank failed since this rank's last batch: latched below too
-                board.begin_batch(self.batches)
+                board.begin_batch()
             yield
         except BaseException as err:
             cause = None if isinstance(err, RemoteFailure) or board is None else board.cause_of(err)

@@ -121,11 +121,12 @@ class FailureBoard:
 
     def _deliver(self, description, batch):
         with self._lock:
-            # The first failure stands, unless it is from a later batch than this rank's and this one is from an
-            # earlier batch: a rank still finishing that batch failed on its own, and this rank may be waiting for it.
-            held_for_later = self.remote is not None and self._remote_batch > self._batch
-            if self.remote is not None and not (held_for_later and batch < self._remote_batch):
-                return
+            if self.remote is not None:
+                # The first failure stands, unless it waits for this rank's next batch and this one is from an
+                # earlier batch: a rank still finishing that batch failed on its own, and this rank may wait for it.
+                waiting_for_next = self._remote_batch > self._batch
+                if not (waiting_for_next and batch < self._remote_batch):
+                    return
             self.remote, self._remote_batch = description, batch
             if batch > self._batch:  # this rank is still finishing an earlier batch: begin_batch raises it
                 return
@@ -199,11 +200,11 @@ class FailureBoard:
         (`description`: where it failed, and whether ranks may have stepped)."""
         return RemoteFailure(f"{self.name}: stopped because the batch failed on {description} {_RECOVERY}")
 
-    def begin_batch(self, batch):
-        """This rank starts batch `batch` (train or eval, counted from 1);
-        raises when another rank's failure arrived since this rank's last batch."""
+    def begin_batch(self):
+        """This rank starts its next batch (train or eval); raises when
+        another rank's failure arrived since this rank's last batch."""
         with self._lock:
-            self._batch = batch
+            self._batch += 1
             remote = self.remote
         if remote is not None:
             raise self.error(remote)

@@ -233,7 +233,7 @@ Activation Executor::take_over(const core::Instruction& in) {
   const bool grad = in.op == core::Op::RecvGrad;
   auto found = buffers_.handed_over.find({grad, virtual_stage(in), in.micro_batch});
   TORCH_CHECK(found != buffers_.handed_over.end(), "stage ", stage_id_, ", ", where(in),
-              ": nothing was handed over from ", "this rank's other chunk (virtual stage ",
+              ": nothing was handed over from this rank's other chunk (virtual stage ",
               virtual_stage(in) + (grad ? 1 : -1), ") for this micro-batch");
   Activation value = std::move(found->second);
   buffers_.handed_over.erase(found);
